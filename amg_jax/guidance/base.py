@@ -1,0 +1,78 @@
+"""The guidance protocol: pure ``init`` / ``apply`` over a small pytree state (optax-shaped).
+
+A guidance is a frozen (hashable) dataclass of config fields with two methods::
+
+    init(x_T) -> state            # x_T: [B, *S], gives batch size, shape and dtype
+    apply(state, ctx) -> (eps_hat [B,*S], new_state, trace)
+
+``ctx`` (a ``StepContext``) carries everything about the current step, including a
+handle to call the denoiser, so a guidance may ask for extra forward passes or
+gradients. ``trace`` is a dict of per-sample arrays [B] (floats / ints / bools)
+that the sampler stacks over steps into [B, num_steps]. Being hashable, a guidance
+config is a static argument of the jitted sampling loop: one compilation per config.
+
+Two-pass methods (OG+DTP) set ``first_pass`` to the guidance of the probing pass and
+implement ``after_first_pass(state, trace) -> state``; the sampling loop runs the
+probe from the same noise and hands its stacked trace over before the real pass.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+class StepContext(NamedTuple):
+    """What a guidance sees at one sampling step (all arrays traced).
+
+    x_t:       [B, *S] current noisy sample.
+    t:         [] int32 training timestep of this step (diffusers' convention).
+    step:      [] int32 step index, 0 .. num_steps-1 (0 = noisiest).
+    num_steps: static int, number of sampling steps.
+    alpha_bar: [] float32 alpha-bar at ``t``.
+    cond:      pytree [B, ...] the user's condition.
+    null_cond: pytree [B, ...] the unconditional condition.
+    eps:       ``eps(x [B',*S], cond [B',...]) -> [B',*S]`` the denoiser at this ``t``.
+    key:       [B] per-sample PRNG keys for this step (already folded with the step index).
+    """
+
+    x_t: Array
+    t: Array
+    step: Array
+    num_steps: int
+    alpha_bar: Array
+    cond: Any
+    null_cond: Any
+    eps: Callable[[Array, Any], Array]
+    key: Array
+
+
+class Guidance(Protocol):
+    def init(self, x: Array) -> Any: ...
+
+    def apply(self, state: Any, ctx: StepContext) -> tuple[Array, Any, dict]: ...
+
+
+def concat_conds(a: Any, b: Any) -> Any:
+    """Concatenate two condition pytrees along the batch axis."""
+    return jax.tree.map(lambda u, v: jnp.concatenate([u, v], axis=0), a, b)
+
+
+def eps_uncond_cond(ctx: StepContext) -> tuple[Array, Array]:
+    """(eps_u, eps_c), each [B, *S], from ONE batched denoiser call (as diffusers does)."""
+    b = ctx.x_t.shape[0]
+    eps = ctx.eps(jnp.concatenate([ctx.x_t, ctx.x_t], axis=0), concat_conds(ctx.null_cond, ctx.cond))
+    return eps[:b], eps[b:]
+
+
+def per_sample_norm(x: Array) -> Array:
+    """L2 norm of each sample: [B, ...] -> [B]."""
+    return jnp.sqrt(jnp.sum(jnp.square(x.reshape(x.shape[0], -1)), axis=-1))
+
+
+def x0_from_eps(x_t: Array, eps: Array, alpha_bar: Array) -> Array:
+    """x0_hat = (x_t - sqrt(1 - ab) eps) / sqrt(ab)."""
+    return (x_t - jnp.sqrt(1.0 - alpha_bar) * eps) / jnp.sqrt(alpha_bar)

@@ -1,0 +1,1 @@
+"""Denoisers: the contract (`base.Denoiser`) and the models exposed through it."""
