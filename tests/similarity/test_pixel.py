@@ -1,0 +1,235 @@
+"""Pixel nearest neighbours, nL2, cosine and the pixel detector against a float64 NumPy brute force."""
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from amg_jax.similarity import pixel
+
+SHAPE = (4, 4, 3)
+D = int(np.prod(SHAPE))
+
+
+@functools.lru_cache(maxsize=None)
+def _data():
+    rng = np.random.default_rng(0)
+    ref = rng.uniform(-1, 1, (60,) + SHAPE).astype(np.float32)
+    x = rng.uniform(-1, 1, (6,) + SHAPE).astype(np.float32)
+    x[0] = ref[7] + 1e-2 * rng.normal(size=SHAPE).astype(np.float32)   # a near copy
+    x[1] = ref[11]                                                      # an exact copy
+    # A reference with exact duplicates: rows 0, 3 of a 20-image set repeated.
+    uniq = ref[:20]
+    dup = np.concatenate([uniq, uniq[[0, 0, 3]], uniq[[0]]])
+    perm = rng.permutation(dup.shape[0])
+    return ref, x, uniq, dup[perm]
+
+
+def _dist64(x, ref):
+    xf = np.asarray(x, np.float64).reshape(len(x), -1)
+    rf = np.asarray(ref, np.float64).reshape(len(ref), -1)
+    return np.sqrt(((xf[:, None, :] - rf[None, :, :]) ** 2).sum(-1))
+
+
+def _nl2_64(x, ref, k=50, alpha=0.5):
+    d = _dist64(x, ref)
+    k = min(k, d.shape[1])
+    ds = np.sort(d, axis=1)
+    m = ds[:, :k].mean(axis=1)
+    return ds[:, 0] / np.maximum(alpha * m, 1e-12), np.argmin(d, axis=1), ds[:, 0], m
+
+
+def _cos64(x, ref):
+    xf = np.asarray(x, np.float64).reshape(len(x), -1)
+    rf = np.asarray(ref, np.float64).reshape(len(ref), -1)
+    return (xf @ rf.T) / (np.linalg.norm(xf, axis=1)[:, None] * np.linalg.norm(rf, axis=1)[None])
+
+
+@pytest.mark.parametrize("k", [1, 5, 50, 60, 500])
+def test_nl2_matches_bruteforce(k):
+    ref, x, _, _ = _data()
+    r = pixel.nl2(jnp.asarray(x), jnp.asarray(ref), k=k, alpha=0.5)
+    want, idx, nn, m = _nl2_64(x, ref, k=k)
+    chex.assert_shape([r.nl2, r.index, r.nn_dist, r.knn_mean], (x.shape[0],))
+    np.testing.assert_allclose(np.asarray(r.nl2), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(r.index), idx)
+    np.testing.assert_allclose(np.asarray(r.nn_dist), nn, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(r.knn_mean), m, rtol=1e-5)
+    assert float(r.nl2[1]) == 0.0  # the exact copy
+
+
+def test_knn_sorted_and_direct():
+    ref, x, _, _ = _data()
+    d, i = pixel.knn(jnp.asarray(x), jnp.asarray(ref).reshape(60, -1), 7)  # flattened ref works too
+    full = _dist64(x, ref)
+    np.testing.assert_allclose(np.asarray(d), np.sort(full, axis=1)[:, :7], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(i), np.argsort(full, axis=1)[:, :7])
+    # Direct distances: the exact copy is exactly 0, the near copy accurate far below 0.1.
+    assert float(d[1, 0]) == 0.0
+    np.testing.assert_allclose(float(d[0, 0]), full[0].min(), rtol=1e-5)
+    nd, ni = pixel.nearest_neighbor(jnp.asarray(x), jnp.asarray(ref))
+    np.testing.assert_allclose(np.asarray(nd), full.min(axis=1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(ni), full.argmin(axis=1))
+
+
+def test_dedup_reference():
+    _, _, uniq, dup = _data()
+    u, kept = pixel.dedup_reference(dup)
+    assert u.shape == uniq.shape
+    np.testing.assert_array_equal(u, dup[kept])
+    assert np.all(np.diff(kept) > 0)  # original order, first occurrences
+    # Same set of images as the unique set.
+    np.testing.assert_array_equal(np.sort(u.reshape(20, -1), axis=0), np.sort(uniq.reshape(20, -1), axis=0))
+    u2, kept2 = pixel.dedup_reference(uniq)
+    np.testing.assert_array_equal(kept2, np.arange(20))
+
+
+def test_dedup_on_vs_off():
+    _, _, uniq, dup = _data()
+    rng = np.random.default_rng(1)
+    k = 5
+    # Queries: training image 0 (4 copies in `dup`) itself, a near copy of it, and of image 5 (1 copy).
+    q = np.stack([uniq[0], uniq[0] + 1e-2 * rng.normal(size=SHAPE), uniq[5] + 1e-2 * rng.normal(size=SHAPE)])
+    q = q.astype(np.float32)
+    off = pixel.nl2(jnp.asarray(q), jnp.asarray(dup), k=k)
+    dd, kept = pixel.dedup_reference(dup)
+    on = pixel.nl2(jnp.asarray(q), jnp.asarray(dd), k=k)
+    np.testing.assert_allclose(np.asarray(off.nl2), _nl2_64(q, dup, k)[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(on.nl2), _nl2_64(q, uniq, k)[0], rtol=1e-5, atol=1e-6)
+    # With dedup, a training image itself scores exactly 0 (finite), its k-NN mean is > 0.
+    assert float(on.nl2[0]) == 0.0 and float(on.knn_mean[0]) > 0
+    # Duplicates put near-zero distances into the k-NN mean: the near copy of the duplicated
+    # image gets a much larger nL2 without dedup (here 4 of 5 neighbours are copies) ...
+    assert float(off.nl2[1]) > 3.0 * float(on.nl2[1])
+    # ... while the near copy of an image that is not duplicated is unaffected.
+    np.testing.assert_allclose(float(off.nl2[2]), float(on.nl2[2]), rtol=1e-5)
+
+
+def test_degenerate_single_reference():
+    ref = np.ones((1,) + SHAPE, np.float32)
+    r = pixel.nl2(jnp.asarray(ref), jnp.asarray(ref), k=50)
+    assert np.isfinite(float(r.nl2[0])) and float(r.nl2[0]) == 0.0
+    r = pixel.nl2(jnp.zeros((1,) + SHAPE), jnp.asarray(ref), k=50)
+    np.testing.assert_allclose(float(r.nl2[0]), 2.0, rtol=1e-6)  # k = M = 1: d0 / (alpha * d0)
+
+
+def test_gradient_at_near_copy_points_away():
+    ref, _, _, _ = _data()
+    rng = np.random.default_rng(2)
+    n0 = ref[7]
+    delta = (1e-3 * rng.normal(size=SHAPE)).astype(np.float32)
+    x = jnp.asarray((n0 + delta)[None])
+
+    g_dist = jax.grad(lambda z: pixel.nearest_neighbor(z, jnp.asarray(ref))[0].sum())(x)
+    g_nl2 = jax.grad(lambda z: pixel.nl2(z, jnp.asarray(ref)).nl2.sum())(x)
+    for g in (g_dist, g_nl2):
+        g = np.asarray(g).reshape(-1)
+        assert np.all(np.isfinite(g)) and np.linalg.norm(g) > 0
+        cos = g @ delta.reshape(-1) / (np.linalg.norm(g) * np.linalg.norm(delta))
+        assert cos > 0.99, cos  # increasing distance / nL2 = moving away from n0
+    # d||x - n0|| / dx is the unit vector (x - n0) / ||x - n0||.
+    np.testing.assert_allclose(np.asarray(g_dist).reshape(-1), delta.reshape(-1) / np.linalg.norm(delta),
+                               rtol=2e-3, atol=2e-3)
+    # sigma = -nL2 (the detector) decreases in the same direction.
+    det = pixel.pixel_detector(ref)
+    g_sigma = np.asarray(jax.grad(lambda z: det(z)[0].sum())(x)).reshape(-1)
+    assert g_sigma @ delta.reshape(-1) < 0
+
+
+def test_gradient_at_exact_copy_is_finite():
+    ref, _, _, _ = _data()
+    x = jnp.asarray(ref[3:4])
+    g = jax.grad(lambda z: pixel.nl2(z, jnp.asarray(ref)).nl2.sum())(x)
+    assert np.all(np.isfinite(np.asarray(g)))  # the kink: 0, never NaN
+
+
+@pytest.mark.parametrize("by", ["cosine", "l2"])
+def test_pixel_cosine_matches_bruteforce(by):
+    ref, x, _, _ = _data()
+    cos, idx = pixel.pixel_cosine(jnp.asarray(x), jnp.asarray(ref), by=by)
+    c = _cos64(x, ref)
+    want_idx = c.argmax(axis=1) if by == "cosine" else _dist64(x, ref).argmin(axis=1)
+    np.testing.assert_array_equal(np.asarray(idx), want_idx)
+    np.testing.assert_allclose(np.asarray(cos), c[np.arange(len(x)), want_idx], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(cos[1]), 1.0, rtol=1e-6)  # exact copy
+    np.testing.assert_allclose(np.asarray(pixel.cosine_similarity(jnp.asarray(x), jnp.asarray(ref[:6]))),
+                               np.diag(_cos64(x, ref[:6])), rtol=1e-5, atol=1e-6)
+
+
+def test_detector_nl2_and_cosine():
+    _, _, uniq, dup = _data()
+    rng = np.random.default_rng(3)
+    q = (uniq[[0, 3, 9]] + 1e-2 * rng.normal(size=(3,) + SHAPE)).astype(np.float32)
+    det = pixel.pixel_detector(dup, k=5)
+    assert det.size == 20 and det.config.dedup
+    sigma, idx = det(jnp.asarray(q))
+    chex.assert_shape([sigma, idx], (3,))
+    np.testing.assert_allclose(np.asarray(sigma), -_nl2_64(q, uniq, 5)[0], rtol=1e-5, atol=1e-6)
+    # Indices refer to rows of the reference as passed in (first occurrence).
+    _, kept = pixel.dedup_reference(dup)
+    for j, i in zip([0, 3, 9], np.asarray(idx)):
+        np.testing.assert_array_equal(dup[i], uniq[j])
+        assert i in kept
+    lo, hi = det.config.sigma_range()
+    assert lo == -2.0 and hi == 0.0 and np.all((np.asarray(sigma) >= lo) & (np.asarray(sigma) <= hi))
+
+    det_off = pixel.pixel_detector(dup, k=5, dedup=False)
+    np.testing.assert_allclose(np.asarray(det_off(jnp.asarray(q))[0]), -_nl2_64(q, dup, 5)[0], rtol=1e-5, atol=1e-6)
+
+    cdet = pixel.pixel_detector(dup, kind="cosine")
+    s, i = cdet(jnp.asarray(q))
+    c = _cos64(q, dup)
+    np.testing.assert_allclose(np.asarray(s), c.max(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(_cos64(q, dup[np.asarray(i)]).diagonal(), c.max(axis=1), rtol=1e-5)
+    assert cdet.config.sigma_range() == (-1.0, 1.0)
+
+    # The detector is a pytree: it goes through jit as an argument.
+    s_jit, i_jit = jax.jit(lambda d, z: d(z))(det, jnp.asarray(q))
+    np.testing.assert_allclose(np.asarray(s_jit), np.asarray(sigma), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(i_jit), np.asarray(idx))
+
+
+def test_bad_inputs():
+    ref, x, _, _ = _data()
+    with pytest.raises(ValueError, match="kind"):
+        pixel.PixelDetectorConfig(kind="sscd")
+    with pytest.raises(ValueError, match="k must"):
+        pixel.PixelDetectorConfig(k=0)
+    with pytest.raises(ValueError, match="alpha"):
+        pixel.PixelDetectorConfig(alpha=0.0)
+    with pytest.raises(ValueError, match="non-empty"):
+        pixel.pixel_detector(np.zeros((0,) + SHAPE))
+    with pytest.raises(ValueError, match="NaN"):
+        pixel.pixel_detector(np.full((2,) + SHAPE, np.nan))
+    with pytest.raises(ValueError, match="sizes differ"):
+        pixel.nl2(jnp.asarray(x), jnp.zeros((5, 2, 2, 3)))
+    with pytest.raises(ValueError, match="does not match"):
+        pixel.pixel_detector(ref)(jnp.zeros((2, 2, 2, 3)))
+    with pytest.raises(ValueError, match="by must"):
+        pixel.pixel_cosine(jnp.asarray(x), jnp.asarray(ref), by="dot")
+
+
+class JitTest(chex.TestCase):
+    """jit and no-jit agree."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_nl2_and_cosine(self):
+        ref, x, _, _ = _data()
+        want = _nl2_64(x, ref, k=50)
+        r = self.variant(lambda a, b: pixel.nl2(a, b, k=50, alpha=0.5))(jnp.asarray(x), jnp.asarray(ref))
+        np.testing.assert_allclose(np.asarray(r.nl2), want[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(r.index), want[1])
+        cos, idx = self.variant(pixel.pixel_cosine)(jnp.asarray(x), jnp.asarray(ref))
+        c = _cos64(x, ref)
+        np.testing.assert_allclose(np.asarray(cos), c.max(axis=1), rtol=1e-5)
+        np.testing.assert_array_equal(np.asarray(idx), c.argmax(axis=1))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_detector_grad(self):
+        ref, x, _, _ = _data()
+        det = pixel.pixel_detector(ref)
+        g = self.variant(jax.grad(lambda d, z: d(z)[0].sum(), argnums=1))(det, jnp.asarray(x))
+        chex.assert_tree_all_finite(g)
+        chex.assert_shape(g, x.shape)

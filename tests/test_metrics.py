@@ -1,0 +1,207 @@
+"""Memorization metrics, the calibrated copy criterion and Fréchet distance vs float64 NumPy / SciPy."""
+import json
+
+import numpy as np
+import pytest
+import scipy.linalg
+
+from amg_jax import metrics
+
+SHAPE = (4, 4, 3)
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    train = rng.uniform(-1, 1, (40,) + SHAPE).astype(np.float32)
+    train = np.concatenate([train, train[[2, 2, 5]]])          # exact duplicates
+    x = rng.uniform(-1, 1, (30,) + SHAPE).astype(np.float32)
+    x[0] = train[2]                                             # exact copy (a duplicated image)
+    x[1] = train[9] + 1e-3 * rng.normal(size=SHAPE)             # near copy
+    x[2] = train[5] + 5e-2 * rng.normal(size=SHAPE)
+    x[3] = 1.3 * x[3]                                           # some pixels out of range
+    return train, x
+
+
+def _dist64(x, ref):
+    xf = np.asarray(x, np.float64).reshape(len(x), -1)
+    rf = np.asarray(ref, np.float64).reshape(len(ref), -1)
+    return np.sqrt(((xf[:, None, :] - rf[None, :, :]) ** 2).sum(-1))
+
+
+def _nl2_64(x, ref, k=50, alpha=0.5):
+    ds = np.sort(_dist64(x, ref), axis=1)
+    return ds[:, 0] / (alpha * ds[:, :min(k, ds.shape[1])].mean(axis=1))
+
+
+def _unique(train):
+    _, first = np.unique(train.reshape(len(train), -1), axis=0, return_index=True)
+    return train[np.sort(first)]
+
+
+@pytest.mark.parametrize("dedup", [True, False])
+def test_nl2_values(data, dedup):
+    train, x = data
+    r = metrics.nl2_values(x, train, k=10, dedup=dedup, batch_size=7)  # several chunks
+    ref = _unique(train) if dedup else train
+    with np.errstate(divide="ignore", invalid="ignore"):
+        want = _nl2_64(x, ref, k=10)
+    np.testing.assert_allclose(r["nl2"], want, rtol=1e-5, atol=1e-6)
+    d = _dist64(x, train)
+    np.testing.assert_allclose(r["nn_dist"], d.min(axis=1), rtol=1e-5, atol=1e-6)
+    # index refers to rows of `train` as passed in, and is a nearest image.
+    np.testing.assert_allclose(d[np.arange(len(x)), r["index"]], d.min(axis=1), rtol=1e-5, atol=1e-6)
+
+
+def test_nl2_summary_conventions(data):
+    train, x = data
+    v = metrics.nl2_values(x, train)["nl2"]
+    want64 = _nl2_64(x, _unique(train))
+    s = metrics.nl2_summary(v)
+    np.testing.assert_allclose(s["nl2_top5pct"], np.percentile(want64, 5), rtol=1e-5)
+    np.testing.assert_allclose(s["nl2_top1"], want64.min(), atol=1e-6)
+    np.testing.assert_allclose(s["nl2_median"], np.median(want64), rtol=1e-5)
+    np.testing.assert_allclose(s["nl2_mean"], want64.mean(), rtol=1e-5)
+    assert s["frac_nl2_below_1.4"] == np.mean(want64 < 1.4)
+    assert s["frac_nl2_below_1.6"] == np.mean(want64 < 1.6)
+    assert s["nl2_top1"] == 0.0 and s["nl2_top1"] <= s["nl2_top5pct"] <= s["nl2_median"]
+    # Direction on a hand-made vector: top5pct is the LOW (memorized) end.
+    vals = np.linspace(0.0, 1.9, 101)
+    s = metrics.nl2_summary(vals)
+    assert s["nl2_top5pct"] == pytest.approx(np.percentile(vals, 5)) == pytest.approx(0.095)
+    assert s["frac_nl2_below_1.4"] == pytest.approx(np.mean(vals < 1.4))
+
+
+def test_copy_threshold_and_pair_distances():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(50,) + SHAPE)
+    b = a + rng.normal(size=a.shape) * rng.uniform(0.1, 1.0, (50, 1, 1, 1))
+    d = metrics.pair_distances(a, b)
+    np.testing.assert_allclose(d, np.linalg.norm((a - b).reshape(50, -1), axis=1), rtol=1e-12)
+    assert metrics.copy_threshold(d) == pytest.approx(np.percentile(d, 1.0), rel=1e-12)
+    assert metrics.copy_threshold(d, percentile=10) == pytest.approx(np.percentile(d, 10), rel=1e-12)
+    with pytest.raises(ValueError):
+        metrics.copy_threshold(d, percentile=101)
+    with pytest.raises(ValueError):
+        metrics.copy_threshold([])
+    with pytest.raises(ValueError):
+        metrics.pair_distances(a, b[:3])
+
+
+def test_calibrated_copies(data):
+    train, x = data
+    rng = np.random.default_rng(2)
+    near = train[9] + 1e-2 * rng.normal(size=SHAPE)
+    near_d = float(np.linalg.norm((near - train[9]).astype(np.float64)))
+    q = np.stack([train[2], train[17], near, rng.uniform(-1, 1, SHAPE)]).astype(np.float32)
+    thr = 2.0 * near_d
+    np.testing.assert_array_equal(metrics.calibrated_copies(q, train, thr), [True, True, True, False])
+    np.testing.assert_array_equal(metrics.calibrated_copies(q, train, 0.5 * near_d), [True, True, False, False])
+    assert metrics.frac_copied(q, train, thr) == 0.75
+    d, i = metrics.nearest_distances(q, train)
+    np.testing.assert_allclose(d, _dist64(q, train).min(axis=1), rtol=1e-5, atol=1e-6)
+    assert d[0] == 0.0 and d[1] == 0.0 and i[1] == 17
+    with pytest.raises(ValueError):
+        metrics.calibrated_copies(q, train, -1.0)
+    with pytest.raises(ValueError, match="differ"):
+        metrics.calibrated_copies(q[:, :2], train, 1.0)
+
+
+def test_frac_out_of_range(data):
+    _, x = data
+    want = np.mean((x.astype(np.float64) < -1) | (x > 1))
+    assert want > 0
+    assert metrics.frac_out_of_range(x) == pytest.approx(want, abs=1e-12)
+    assert metrics.frac_out_of_range(x, -2, 2) == 0.0
+    assert metrics.frac_out_of_range(np.array([0.0, np.nan, 2.0, -1.0])) == 0.5
+
+
+def test_memorization_report(data):
+    train, x = data
+    thr = 0.05
+    rep = metrics.memorization_report(x, train, threshold=thr, k=10)
+    json.dumps(rep)
+    assert all(type(v) in (int, float) for v in rep.values())
+    want = _nl2_64(x, _unique(train), k=10)
+    d = _dist64(x, train).min(axis=1)
+    assert rep["n"] == len(x)
+    np.testing.assert_allclose(rep["nl2_median"], np.median(want), rtol=1e-5)
+    np.testing.assert_allclose(rep["nl2_top5pct"], np.percentile(want, 5), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rep["nl2_top1"], want.min(), atol=1e-6)
+    assert rep["frac_nl2_below_1.4"] == np.mean(want < 1.4)
+    assert rep["frac_nl2_below_1.6"] == np.mean(want < 1.6)
+    assert rep["frac_copied"] == np.mean(d < thr) == 2 / 30   # the exact and the 1e-3 near copy
+    np.testing.assert_allclose(rep["nn_dist_median"], np.median(d), rtol=1e-5)
+    assert rep["copy_threshold"] == thr
+    assert rep["frac_out_of_range"] == metrics.frac_out_of_range(x)
+    rep2 = metrics.memorization_report(x, train)
+    assert "frac_copied" not in rep2 and "nn_dist_median" not in rep2
+
+
+def _fd_scipy(a, b):
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    covmean = np.real(covmean)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def test_frechet_matches_scipy_and_properties():
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(200, 6)) @ rng.normal(size=(6, 6))
+    b = rng.normal(size=(150, 6)) @ rng.normal(size=(6, 6)) + 0.5
+    fd = metrics.frechet_distance(a, b)
+    np.testing.assert_allclose(fd, _fd_scipy(a, b), rtol=1e-7)
+    assert fd == pytest.approx(metrics.frechet_distance(b, a), rel=1e-9)
+    assert abs(metrics.frechet_distance(a, a)) < 1e-9
+    # Rank-deficient covariances (N < D) stay finite and non-negative.
+    c = rng.normal(size=(5, 12))
+    assert 0.0 <= metrics.frechet_distance(c, c) < 1e-9
+    assert np.isfinite(metrics.frechet_distance(c, rng.normal(size=(7, 12))))
+    with pytest.raises(ValueError):
+        metrics.frechet_distance(a, b[:, :3])
+    with pytest.raises(ValueError):
+        metrics.frechet_distance(a[:1], b)
+
+
+def _exact_samples(rng, n, mu, cov):
+    """n samples whose sample mean / unbiased covariance are exactly mu / cov."""
+    z = rng.normal(size=(n, len(mu)))
+    z -= z.mean(0)
+    lz = np.linalg.cholesky(np.cov(z, rowvar=False))
+    z = z @ np.linalg.inv(lz).T
+    return z @ np.linalg.cholesky(cov).T + mu
+
+
+def test_frechet_closed_form_gaussians():
+    rng = np.random.default_rng(4)
+    d = 5
+    # Commuting (diagonal) covariances: FD = |dmu|^2 + sum (sqrt(a_i) - sqrt(b_i))^2.
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    va, vb = rng.uniform(0.1, 3.0, d), rng.uniform(0.1, 3.0, d)
+    want = float(np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(va) - np.sqrt(vb)) ** 2))
+    assert metrics.gaussian_frechet(mu1, np.diag(va), mu2, np.diag(vb)) == pytest.approx(want, rel=1e-10)
+    a = _exact_samples(rng, 40, mu1, np.diag(va))
+    b = _exact_samples(rng, 60, mu2, np.diag(vb))
+    assert metrics.frechet_distance(a, b) == pytest.approx(want, rel=1e-8)
+    # Scalar multiples of one covariance: FD = |dmu|^2 + (sqrt(s1) - sqrt(s2))^2 tr(S).
+    m = rng.normal(size=(d, d))
+    s = m @ m.T + 0.1 * np.eye(d)
+    want = float(np.sum((mu1 - mu2) ** 2) + (np.sqrt(2.0) - np.sqrt(0.5)) ** 2 * np.trace(s))
+    assert metrics.gaussian_frechet(mu1, 2.0 * s, mu2, 0.5 * s) == pytest.approx(want, rel=1e-9)
+
+
+def test_pixel_features():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(3, 8, 8, 2))
+    f = metrics.pixel_features(x, pool=4)
+    assert f.shape == (3, 2 * 2 * 2)
+    want = np.stack([[x[n, 4 * i:4 * i + 4, 4 * j:4 * j + 4, c].mean() for i in range(2) for j in range(2)
+                      for c in range(2)] for n in range(3)])
+    np.testing.assert_allclose(f, want, rtol=1e-12)
+    np.testing.assert_array_equal(metrics.pixel_features(x), x.reshape(3, -1))
+    y = rng.normal(size=(6, 8, 8, 2))
+    assert metrics.pixel_frechet(x, y, pool=4) == pytest.approx(
+        metrics.frechet_distance(metrics.pixel_features(x, 4), metrics.pixel_features(y, 4)))
+    with pytest.raises(ValueError):
+        metrics.pixel_features(x, pool=3)
