@@ -186,15 +186,9 @@ def test_fit_gaussians_recovers_a_low_rank_covariance():
 
 # ----------------------------------------------------------------------------- the testbed model
 
-TB_CFG = tb.TestbedConfig(seed=1, image_size=16, shapes=("circle", "cross"), colours=("red", "blue"),
-                          backgrounds=("black", "gray"), textures=("plain", "striped"), n_specific=6,
-                          n_duplicated=2, duplicate_count=6, n_generic=2, generic_images=8)
-
-
 @pytest.fixture(scope="module")
-def fitted():
-    bed = tb.make_testbed(TB_CFG)
-    return bed, mx.fit_mixture(bed, renders_per_component=12, rank=6, rng=0)
+def fitted(small_mixture):
+    return small_mixture
 
 
 def test_fit_mixture_structure(fitted):
