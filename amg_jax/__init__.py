@@ -1,0 +1,41 @@
+"""amg_jax: make diffusion models stop copying their training images.
+
+The core contract (DESIGN.md): a ``Denoiser`` (eps-prediction, conditions, schedule), a
+guidance (``init(x_T) -> state``, ``apply(state, ctx) -> (eps_hat, state, trace)``), and one
+pure ``sample`` loop (``lax.scan`` over a sampler's steps, jitted once, batched over seeds).
+
+    import jax.numpy as jnp
+    import amg_jax as amg
+    bed = amg.make_testbed()
+    den = amg.empirical_denoiser(bed.images, bed.labels)
+    res = amg.sample(den, amg.make_guidance("dtp"), amg.SamplerConfig("ddim", num_steps=50),
+                     amg.keys_from_seeds(range(8)), cond=jnp.full((8,), 3))
+    res.x0, res.trace["transition"]
+"""
+from amg_jax import metrics
+from amg_jax.data.testbed import Testbed, TestbedConfig, make_testbed
+from amg_jax.guidance import (
+    CFG,
+    GUIDANCES,
+    DynamicTransition,
+    OppositeDynamic,
+    OppositeGuidance,
+    StaticTransition,
+    StepContext,
+    Unguided,
+    make_guidance,
+)
+from amg_jax.models import Denoiser, empirical_denoiser, fit_mixture, mixture_denoiser
+from amg_jax.samplers import SAMPLERS, SampleResult, SamplerConfig, keys_from_seeds, sample, sample_loop
+from amg_jax.schedules import Schedule
+from amg_jax.similarity import PixelDetectorConfig, nl2, pixel_detector
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CFG", "Denoiser", "DynamicTransition", "GUIDANCES", "OppositeDynamic", "OppositeGuidance",
+    "PixelDetectorConfig", "SAMPLERS", "SampleResult", "SamplerConfig", "Schedule", "StaticTransition",
+    "StepContext", "Testbed", "TestbedConfig", "Unguided", "empirical_denoiser", "fit_mixture",
+    "keys_from_seeds", "make_guidance", "make_testbed", "metrics", "mixture_denoiser", "nl2",
+    "pixel_detector", "sample", "sample_loop",
+]

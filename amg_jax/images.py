@@ -33,6 +33,24 @@ def image_grid(images, ncol: int, *, pad: int = 1, pad_value: float = 1.0, upsca
     return to_uint8(grid)
 
 
+def label_rows(grid_uint8: np.ndarray, labels, *, cell: int, pad: int = 1, header=None,
+               margin: int = 72) -> np.ndarray:
+    """Add a white left margin with one text label per grid row (rows ``cell + pad`` apart, as
+    ``image_grid`` lays them out) and, optionally, a top ``header`` line. uint8 [H', W', C]."""
+    from PIL import Image, ImageDraw
+
+    g = np.asarray(grid_uint8, np.uint8)
+    top = 14 if header else 0
+    canvas = Image.new("RGB", (g.shape[1] + margin, g.shape[0] + top), (255, 255, 255))
+    canvas.paste(Image.fromarray(g if g.shape[-1] == 3 else np.repeat(g[..., :1], 3, axis=-1)), (margin, top))
+    draw = ImageDraw.Draw(canvas)
+    for r, text in enumerate(labels):
+        draw.text((3, top + pad + r * (cell + pad) + cell // 2 - 5), str(text), fill=(0, 0, 0))
+    if header:
+        draw.text((margin + 2, 1), str(header), fill=(0, 0, 0))
+    return np.asarray(canvas)
+
+
 def save_png(path: str, image_uint8: np.ndarray) -> str:
     """Write a uint8 [H, W, C] array as PNG (atomically: write then rename). Returns the path."""
     from PIL import Image

@@ -130,7 +130,7 @@ def test_og_dtp_first_pass_transition_from_independently_recomputed_cosines(bed,
     xs = np.asarray(rec.trace["x"], np.float64).reshape(n, STEPS, -1)   # x_{T}, ..., x at each step
     a, b = xs[:, 1:], xs[:, :-1]
     c = 1.0 - (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))   # [B, N-1]
-    np.testing.assert_allclose(np.asarray(res.first_pass_trace["cos_dist"])[:, 1:], c, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(res.first_pass_trace["cos_dist"])[:, 1:], c, rtol=1e-3, atol=1e-8)
     assert np.isnan(np.asarray(res.first_pass_trace["cos_dist"])[:, 0]).all()   # no x_{-1}
     assert all(v.shape == (n, STEPS) for v in res.trace.values())
     trans = np.asarray(res.trace["transition"])[:, 0]

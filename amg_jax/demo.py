@@ -1,0 +1,254 @@
+"""`amg demo`: the methods side by side on the testbed's closed-form memorizers.
+
+Two models of the same testbed (``amg_jax.data.testbed``):
+
+- ``empirical``: the optimal denoiser of the training set, a *perfect* memorizer: every
+  method ends on a training image (METHODS.md pitfall 8) - it shows the mechanics;
+- ``mixture``:   the *partial* memorizer (``amg_jax.models.mixture``): it generalizes on
+  generic captions and copies duplicated / highly specific ones - it compares methods.
+
+For each model and guidance (CFG, STP, DTP, OG, OG+DTP by default) it samples
+``samples_per_prompt`` seeds for ``prompts_per_kind`` prompts of each kind (the same seeds
+for every method), and measures per prompt kind: the share copied (calibrated criterion),
+nL2 < 1.4 beside it, the median nL2, the Fréchet distance of pooled pixels against fresh
+true renders of the same prompts, the alignment (attribute classifier agrees with the
+caption) and the share of pixels outside [-1, 1]. A ``true renders`` row measures fresh
+renders the same way: the floor of FD and the ceiling of alignment at this sample size.
+
+Writes ``grid_<model>.png`` (rows: a training image of the prompt, then each method;
+columns: the prompts, first seeds), ``metrics.json`` and prints the table.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from amg_jax import images as img
+from amg_jax import metrics
+from amg_jax.data import testbed as tb
+from amg_jax.guidance import GUIDANCES, make_guidance
+from amg_jax.samplers import SAMPLERS, SamplerConfig, keys_from_seeds, sample
+
+MODELS = ("empirical", "mixture")
+DEFAULT_METHODS = ("cfg", "stp", "dtp", "og", "og_dtp")
+METHOD_LABELS = {"none": "unguided", "cfg": "CFG", "stp": "STP", "dtp": "DTP", "og": "OG", "og_dtp": "OG+DTP"}
+TESTBEDS = ("default", "small")
+
+# A 16x16 testbed with 12 captions: a quick look (and the test suite's demo run).
+SMALL_TESTBED = dict(seed=1, image_size=16, shapes=("circle", "cross"), colours=("red", "blue"),
+                     backgrounds=("black", "gray"), textures=("plain", "striped"), n_specific=6,
+                     n_duplicated=2, duplicate_count=6, n_generic=2, generic_images=8)
+
+TABLE_COLUMNS = (("copied", "frac_copied", "{:.0%}"), ("nL2<1.4", "frac_nl2_below_1.4", "{:.0%}"),
+                 ("med nL2", "nl2_median", "{:.2f}"), ("FD", "fd", "{:.1f}"),
+                 ("align", "alignment", "{:.0%}"), ("out", "frac_out_of_range", "{:.1%}"))
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """Everything `amg demo` does. Validated on construction (ValueError naming the field)."""
+
+    out: str = "demo_out"
+    models: tuple = MODELS
+    methods: tuple = DEFAULT_METHODS
+    testbed: str = "default"
+    prompts_per_kind: int = 4
+    samples_per_prompt: int = 8
+    sampler: str = "ddim"
+    steps: int = 50
+    scale: float = 7.5
+    seed: int = 0
+
+    def __post_init__(self):
+        def fail(field, msg):
+            raise ValueError(f"demo: {field} {msg}")
+
+        for field, allowed in (("models", MODELS), ("methods", tuple(GUIDANCES))):
+            vals = getattr(self, field)
+            if isinstance(vals, str) or not vals:
+                fail(field, f"must be a non-empty list, got {vals!r}")
+            bad = [v for v in vals if v not in allowed]
+            if bad:
+                fail(field, f"has unknown name(s) {bad}; choose from {list(allowed)}")
+        if self.testbed not in TESTBEDS:
+            fail("testbed", f"must be one of {list(TESTBEDS)}, got {self.testbed!r}")
+        if self.sampler not in SAMPLERS:
+            fail("sampler", f"must be one of {list(SAMPLERS)}, got {self.sampler!r}")
+        for field in ("prompts_per_kind", "samples_per_prompt", "steps"):
+            v = getattr(self, field)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                fail(field, f"must be an integer >= 1, got {v!r}")
+        if not np.isfinite(self.scale):
+            fail("scale", f"must be a finite number, got {self.scale!r}")
+
+
+def build_testbed(name: str) -> tb.Testbed:
+    """The demo's testbed: ``default`` (32x32, 62 captions) or ``small`` (16x16, 12 captions)."""
+    return tb.make_testbed() if name == "default" else tb.make_testbed(tb.TestbedConfig(**SMALL_TESTBED))
+
+
+def build_model(name: str, bed: tb.Testbed):
+    """The ``empirical`` (perfect) or ``mixture`` (partial) memorizer of ``bed``."""
+    if name == "empirical":
+        from amg_jax.models.empirical import empirical_denoiser
+
+        return empirical_denoiser(bed.images, bed.labels, condition_names=bed.captions, name="empirical")
+    from amg_jax.models.mixture import fit_mixture
+
+    small = bed.config.image_size <= 16
+    return fit_mixture(bed, rank=6 if small else 12, renders_per_component=12 if small else 48, rng=0)
+
+
+def method_guidance(name: str, scale: float):
+    """The guidance of a method name at guidance scale ``scale`` (papers' defaults otherwise;
+    OG+DTP's early scale is -scale, as the reference code does)."""
+    if name == "none":
+        return make_guidance("none")
+    if name == "og_dtp":
+        return make_guidance("og_dtp", scale=scale, early_scale=-scale)
+    return make_guidance(name, scale=scale)
+
+
+def choose_prompts(bed: tb.Testbed, per_kind: int, seed: int) -> dict:
+    """{kind: caption ids [<= per_kind]} drawn without replacement."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for kind, ids in tb.prompts_by_kind(bed).items():
+        if len(ids):
+            out[kind] = np.sort(rng.choice(ids, size=min(per_kind, len(ids)), replace=False)).astype(np.int32)
+    return out
+
+
+def measure(x: np.ndarray, caption_ids: np.ndarray, kinds: np.ndarray, bed: tb.Testbed, threshold: float,
+            classifier: tb.AttributeClassifier, reference: np.ndarray) -> dict:
+    """Per-kind (and "all") metrics of samples x [B, H, W, 3] for captions [B] of kinds [B];
+    ``reference`` [B', H, W, 3] fresh renders of the same captions, in the same kind order."""
+    pool = max(1, bed.config.image_size // 8)
+    ref_kinds = np.repeat(kinds, len(reference) // len(x))
+    align = classifier.alignment(x, bed, caption_ids)
+    out = {}
+    for kind in list(dict.fromkeys(kinds.tolist())) + ["all"]:
+        sel = np.ones(len(x), bool) if kind == "all" else kinds == kind
+        rsel = np.ones(len(reference), bool) if kind == "all" else ref_kinds == kind
+        r = metrics.memorization_report(x[sel], bed.images, threshold=threshold)
+        r["alignment"] = float(np.mean(align[sel]))
+        r["fd"] = metrics.pixel_frechet(x[sel], reference[rsel], pool=pool) if sel.sum() >= 2 else float("nan")
+        out[kind] = r
+    return out
+
+
+def format_table(results: dict, kinds: Sequence[str]) -> str:
+    """The printed table: one row per model / method / prompt kind."""
+    head = ["model", "method", "kind"] + [c[0] for c in TABLE_COLUMNS]
+    rows = []
+    for model, per_method in results.items():
+        for method, per_kind in per_method.items():
+            for kind in kinds:
+                if kind in per_kind:
+                    rows.append([model, METHOD_LABELS.get(method, method), kind]
+                                + [fmt.format(per_kind[kind][key]) for _, key, fmt in TABLE_COLUMNS])
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    line = lambda r: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, unit="run", dynamic_ncols=True)
+
+
+def run_demo(config: DemoConfig = DemoConfig(), *, progress: bool = True, echo=print) -> dict:
+    """Run the demo (see the module docstring); returns what it writes to ``metrics.json``."""
+    t_start = time.time()
+    os.makedirs(config.out, exist_ok=True)
+    echo(f"building the {config.testbed} testbed, copy threshold and alignment classifier ...")
+    bed = build_testbed(config.testbed)
+    threshold = tb.calibrate_copy_threshold(bed, rng=config.seed)
+    classifier = tb.attribute_classifier(bed, rng=config.seed)
+
+    prompts = choose_prompts(bed, config.prompts_per_kind, config.seed)
+    kinds_order = list(prompts)
+    prompt_ids = np.concatenate([prompts[k] for k in kinds_order])                    # [P]
+    prompt_kinds = np.concatenate([[k] * len(prompts[k]) for k in kinds_order])
+    s = config.samples_per_prompt
+    caption_ids = np.repeat(prompt_ids, s)                                              # [B] prompt-major
+    kinds = np.repeat(prompt_kinds, s)
+    keys = keys_from_seeds(config.seed * 1_000_003 + np.arange(len(caption_ids)))
+    cond = jnp.asarray(caption_ids, jnp.int32)
+    sampler = SamplerConfig(config.sampler, num_steps=config.steps)
+
+    rng = np.random.default_rng(config.seed + 1)
+    n_ref = 4   # fresh renders per sample for the FD reference
+    reference = np.concatenate([tb.fresh_renders(bed, c, n_ref * s, rng) for c in prompt_ids])
+    truth = np.concatenate([tb.fresh_renders(bed, c, s, rng) for c in prompt_ids])
+
+    results = {"true renders": {"-": measure(truth, caption_ids, kinds, bed, threshold, classifier, reference)}}
+    timings = {}
+    first_train = np.stack([bed.images[np.flatnonzero(bed.labels == c)[0]] for c in prompt_ids])
+    bar = _progress(len(config.models) * len(config.methods), progress)
+    for model_name in config.models:
+        bar.set_description(f"fitting {model_name}")
+        t0 = time.time()
+        den = build_model(model_name, bed)
+        timings[f"{model_name}/build_s"] = round(time.time() - t0, 2)
+        rows = [first_train]
+        results[model_name] = {}
+        for method in config.methods:
+            bar.set_description(f"{model_name}: {METHOD_LABELS.get(method, method)}")
+            t0 = time.time()
+            res = sample(den, method_guidance(method, config.scale), sampler, keys, cond)
+            x = np.asarray(res.x0)
+            timings[f"{model_name}/{method}/sample_s"] = round(time.time() - t0, 2)
+            if not np.all(np.isfinite(x)):
+                echo(f"warning: {model_name}/{method}: {int((~np.isfinite(x)).any(axis=(1, 2, 3)).sum())} "
+                     "samples are not finite; clipped to [-1e3, 1e3] for the metrics")
+                x = np.clip(np.nan_to_num(x, nan=0.0), -1e3, 1e3)
+            results[model_name][method] = measure(x, caption_ids, kinds, bed, threshold, classifier, reference)
+            if "transition" in res.trace:
+                results[model_name][method]["all"]["transition_mean"] = float(
+                    np.mean(np.asarray(res.trace["transition"])[:, -1]))
+            rows.append(x[::s])                      # the first seed of every prompt
+            bar.update(1)
+        up = max(1, 64 // bed.config.image_size)
+        grid = img.image_grid(np.concatenate(rows), ncol=len(prompt_ids), upscale=up)
+        header = "  |  ".join(f"{k}: {len(prompts[k])}" for k in kinds_order) + f"   ({model_name})"
+        grid = img.label_rows(grid, ["training"] + [METHOD_LABELS.get(m, m) for m in config.methods],
+                              cell=bed.config.image_size * up, header=header)
+        img.save_png(os.path.join(config.out, f"grid_{model_name}.png"), grid)
+    bar.close()
+
+    report = {
+        "config": dataclasses.asdict(config),
+        "testbed": {"captions": bed.num_captions, "images": int(len(bed.images)),
+                    "unique_images": int(len(bed.unique_index)), "image_size": bed.config.image_size},
+        "prompts": {k: [{"id": int(c), "caption": bed.captions[c]} for c in v] for k, v in prompts.items()},
+        "copy_threshold": threshold,
+        "classifier_accuracy": classifier.accuracy,
+        "grid_rows": ["training image"] + [METHOD_LABELS.get(m, m) for m in config.methods],
+        "results": results,
+        "timings_s": dict(timings, total=round(time.time() - t_start, 2)),
+    }
+    path = os.path.join(config.out, "metrics.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(tmp, path)
+    echo("")
+    echo(format_table(results, kinds_order))
+    echo(f"\ncopied = nearest training image closer than {threshold:.2f} (1st percentile of distances "
+         f"between true renders of one caption); FD = Frechet distance of {max(1, bed.config.image_size // 8)}x"
+         f"-pooled pixels vs fresh true renders; align = attribute classifier agrees with the caption "
+         "(the true renders row is the ceiling at this sample size).")
+    echo(f"wrote {path} and grid_<model>.png in {config.out} ({report['timings_s']['total']:.0f} s)")
+    return report
+
+
+__all__ = ["DEFAULT_METHODS", "DemoConfig", "MODELS", "build_model", "build_testbed", "format_table",
+           "measure", "method_guidance", "run_demo"]

@@ -1,0 +1,87 @@
+"""The `amg` command line: help, argument errors before any work, and a tiny demo run."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from amg_jax import cli, demo
+
+
+def test_help_lists_every_command():
+    out = subprocess.run([sys.executable, "-m", "amg_jax.cli", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "usage: amg" in out and "demo" in out and "COMMAND --help" in out
+
+
+def test_no_command_prints_help(capsys):
+    assert cli.main([]) == 2
+    assert "usage: amg" in capsys.readouterr().out
+
+
+def test_demo_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for opt in ("--out", "--models", "--methods", "--testbed", "--prompts", "--samples", "--sampler",
+                "--steps", "--scale", "--seed", "--no-progress"):
+        assert opt in out, opt
+    assert "og_dtp" in out and "(default:" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "--steps: must be >= 1"),
+    (["--samples", "x"], "--samples: expected an integer"),
+    (["--methods", "cfg,amg9"], "unknown 'amg9'"),
+    (["--models", "unet"], "unknown 'unet'"),
+    (["--sampler", "euler"], "invalid choice: 'euler'"),
+    (["--scale", "nan"], "--scale: must be finite"),
+    (["--testbed", "huge"], "invalid choice: 'huge'"),
+])
+def test_bad_demo_arguments_fail_before_any_work(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", "--out", str(out)] + args)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_demo_config_names_the_bad_field():
+    with pytest.raises(ValueError, match="demo: methods has unknown"):
+        demo.DemoConfig(methods=("cfg", "nope"))
+    with pytest.raises(ValueError, match="demo: steps must be an integer >= 1"):
+        demo.DemoConfig(steps=0)
+
+
+def test_tiny_demo_writes_grids_metrics_and_table(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--testbed", "small", "--prompts", "1", "--samples", "2", "--steps", "4",
+                     "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "metrics.json").read_text())
+    methods = list(demo.DEFAULT_METHODS)
+    assert list(report["results"]) == ["true renders", "empirical", "mixture"]
+    for model in ("empirical", "mixture"):
+        assert list(report["results"][model]) == methods
+        for method in methods:
+            per_kind = report["results"][model][method]
+            assert set(per_kind) == {"specific", "duplicated", "generic", "all"}
+            for r in per_kind.values():
+                for key in ("frac_copied", "frac_nl2_below_1.4", "nl2_median", "fd", "alignment",
+                            "frac_out_of_range"):
+                    assert np.isfinite(r[key]), (model, method, key)
+                assert 0.0 <= r["frac_copied"] <= 1.0 and 0.0 <= r["alignment"] <= 1.0
+        grid = np.asarray(Image.open(out / f"grid_{model}.png"))
+        # rows: a training image + 5 methods; columns: 3 prompts; 16x16 images upscaled 4x, 1-px
+        # padding; plus the label margin (72 px) and the header line (14 px)
+        assert grid.shape == (6 * 65 + 1 + 14, 3 * 65 + 1 + 72, 3)
+    # the perfect memorizer copies the duplicated prompt with CFG (every seed)
+    assert report["results"]["empirical"]["cfg"]["duplicated"]["frac_copied"] == 1.0
+    assert report["copy_threshold"] > 0 and report["prompts"]["specific"][0]["caption"]
+    assert "OG+DTP" in printed and "copied" in printed and "metrics.json" in printed
+    assert not any(name.endswith(".tmp") for name in os.listdir(out))
