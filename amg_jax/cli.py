@@ -32,24 +32,21 @@ def _csv(choices):
     return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+def _number(cast, what: str, check, rule: str):
+    """argparse type: ``cast(text)`` that must satisfy ``check`` (else: ``rule``)."""
+    def parse(text: str):
+        try:
+            v = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not check(v):
+            raise argparse.ArgumentTypeError(f"{rule}, got {text!r}")
+        return v
+    return parse
 
 
-def _finite_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if v != v or v in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
-    return v
+_positive_int = _number(int, "an integer", lambda v: v >= 1, "must be >= 1")
+_finite_float = _number(float, "a number", lambda v: abs(v) < float("inf"), "must be finite")
 
 
 def build_parser() -> argparse.ArgumentParser:

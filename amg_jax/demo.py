@@ -45,9 +45,13 @@ SMALL_TESTBED = dict(seed=1, image_size=16, shapes=("circle", "cross"), colours=
                      backgrounds=("black", "gray"), textures=("plain", "striped"), n_specific=6,
                      n_duplicated=2, duplicate_count=6, n_generic=2, generic_images=8)
 
-TABLE_COLUMNS = (("copied", "frac_copied", "{:.0%}"), ("nL2<1.4", "frac_nl2_below_1.4", "{:.0%}"),
-                 ("med nL2", "nl2_median", "{:.2f}"), ("FD", "fd", "{:.1f}"),
-                 ("align", "alignment", "{:.0%}"), ("out", "frac_out_of_range", "{:.1%}"))
+def _fd_format(v: float) -> str:
+    return f"{v:.1f}" if abs(v) < 1e4 else f"{v:.1e}"   # diverged samples give huge FDs
+
+
+TABLE_COLUMNS = (("copied", "frac_copied", "{:.0%}".format), ("nL2<1.4", "frac_nl2_below_1.4", "{:.0%}".format),
+                 ("med nL2", "nl2_median", "{:.2f}".format), ("FD", "fd", _fd_format),
+                 ("align", "alignment", "{:.0%}".format), ("out", "frac_out_of_range", "{:.1%}".format))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +156,7 @@ def format_table(results: dict, kinds: Sequence[str]) -> str:
             for kind in kinds:
                 if kind in per_kind:
                     rows.append([model, METHOD_LABELS.get(method, method), kind]
-                                + [fmt.format(per_kind[kind][key]) for _, key, fmt in TABLE_COLUMNS])
+                                + [fmt(per_kind[kind][key]) for _, key, fmt in TABLE_COLUMNS])
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     line = lambda r: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
