@@ -451,18 +451,53 @@ def sample_loop(denoiser, guidance, sampler_cfg: SamplerConfig, keys: Array, con
     return SampleResult(x0, trace, first_trace)
 
 
-_sample_jit = jax.jit(sample_loop, static_argnums=(1, 2))
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class _StaticGuidance:
+    """Carries a hashable guidance that is not a registered pytree through ``jit`` as static."""
+
+    guidance: Any
+
+
+def _sample_entry(denoiser, guidance, sampler_cfg, keys, cond, x_T):
+    if isinstance(guidance, _StaticGuidance):
+        guidance = guidance.guidance
+    return sample_loop(denoiser, guidance, sampler_cfg, keys, cond, x_T)
+
+
+# The guidance is a pytree argument: its config is static (part of the tree structure), the
+# arrays it holds (AMG's reference bank) are traced, so a large bank is never a constant.
+_sample_jit = jax.jit(_sample_entry, static_argnums=(2,))
+
+
+def _is_pytree(guidance) -> bool:
+    leaves = jax.tree.leaves(guidance)
+    return not (len(leaves) == 1 and leaves[0] is guidance)
 
 
 def check_guidance(guidance) -> None:
-    """Raise ValueError unless ``guidance`` has init/apply and is hashable (a jit static argument)."""
+    """Raise ValueError unless ``guidance`` has init/apply and can go through ``jit``: a pytree
+    whose leaves are arrays and whose static part is hashable (``guidance_config`` /
+    ``register_dataclass``), or a plain hashable object (then it is static as a whole)."""
     for name in ("init", "apply"):
         if not callable(getattr(guidance, name, None)):
             raise ValueError(f"guidance {guidance!r} has no {name}() method")
-    try:
-        hash(guidance)
-    except TypeError as e:
-        raise ValueError(f"guidance {type(guidance).__name__} must be hashable (a frozen dataclass): {e}") from e
+    name = type(guidance).__name__
+    if _is_pytree(guidance):
+        leaves, treedef = jax.tree.flatten(guidance)
+        bad = [type(v).__name__ for v in leaves if not isinstance(v, (jax.Array, np.ndarray, np.generic))]
+        if bad:
+            raise ValueError(f"guidance {name}: its pytree leaves must be arrays, got {bad[:3]} "
+                             "(mark config fields static)")
+        try:
+            hash(treedef)
+        except TypeError as e:
+            raise ValueError(f"guidance {name}: its static config must be hashable: {e}") from e
+    else:
+        try:
+            hash(guidance)
+        except TypeError as e:
+            raise ValueError(f"guidance {name} must be hashable (a frozen dataclass) or a pytree: {e}") from e
     first_pass = getattr(guidance, "first_pass", None)
     if first_pass is not None:
         check_guidance(first_pass)
@@ -474,7 +509,9 @@ def sample(denoiser, guidance, sampler_cfg: SamplerConfig, keys, cond, *, x_T: A
            jit: bool = True) -> SampleResult:
     """Sample B = len(keys) images with ``guidance`` and the sampler of ``sampler_cfg``.
 
-    denoiser:    a ``Denoiser``; guidance: a hashable guidance config (``init`` / ``apply``).
+    denoiser:    a ``Denoiser``; guidance: a guidance (``init`` / ``apply``): a pytree whose
+                 config is static (traced arrays such as a reference bank are arguments of
+                 the compiled loop, not constants), or any hashable object.
     keys:        [B] PRNG keys, one per seed (``keys_from_seeds``), or raw uint32 [B, 2].
     cond:        pytree [B, ...] of conditions.
     x_T:         optional [B, *S] initial noise (default: drawn from each sample's own key).
@@ -496,8 +533,11 @@ def sample(denoiser, guidance, sampler_cfg: SamplerConfig, keys, cond, *, x_T: A
         if np.shape(x_T)[0] != batch:
             raise ValueError(f"x_T batch {np.shape(x_T)[0]} does not match the number of keys {batch}")
         x_T = jnp.asarray(x_T)
-    run = _sample_jit if jit else sample_loop
-    return run(denoiser, guidance, sampler_cfg, keys, cond, x_T)
+    if not jit:
+        return sample_loop(denoiser, guidance, sampler_cfg, keys, cond, x_T)
+    if not _is_pytree(guidance):
+        guidance = _StaticGuidance(guidance)
+    return _sample_jit(denoiser, guidance, sampler_cfg, keys, cond, x_T)
 
 
 __all__ = [

@@ -30,6 +30,12 @@ from amg_jax.guidance.base import StepContext, eps_uncond_cond, per_sample_norm
 Array = jax.Array
 
 
+def guidance_config(cls):
+    """Decorator: a frozen dataclass of config fields, registered as a leaf-less pytree (the
+    object itself is static), so it can be a field of a guidance that holds arrays (AMG)."""
+    return jax.tree_util.register_static(dataclasses.dataclass(frozen=True)(cls))
+
+
 def guided(eps_u: Array, eps_c: Array, w: Array) -> Array:
     """eps_u + w * (eps_c - eps_u) with a per-sample scale w [B] (or a scalar)."""
     w = jnp.asarray(w, eps_u.dtype)
@@ -43,7 +49,7 @@ def _cfg_trace(w: Array, eps_u: Array, eps_c: Array) -> dict:
             "d": per_sample_norm(eps_u - eps_c)}
 
 
-@dataclasses.dataclass(frozen=True)
+@guidance_config
 class Unguided:
     """eps_hat = eps(x_t, t, y): the conditional (or unconditional) model, one forward pass."""
 
@@ -55,7 +61,7 @@ class Unguided:
         return eps, state, {"scale": jnp.ones((ctx.x_t.shape[0],), jnp.float32)}
 
 
-@dataclasses.dataclass(frozen=True)
+@guidance_config
 class CFG:
     """Classifier-free guidance, eps_u + scale * (eps_c - eps_u), in one batched call."""
 
@@ -69,7 +75,7 @@ class CFG:
         return guided(eps_u, eps_c, self.scale), state, _cfg_trace(self.scale, eps_u, eps_c)
 
 
-@dataclasses.dataclass(frozen=True)
+@guidance_config
 class StaticTransition:
     """Delayed CFG with a static transition point (STP): early_scale while t > t_switch, then scale.
 
@@ -89,7 +95,7 @@ class StaticTransition:
         return guided(eps_u, eps_c, w), state, _cfg_trace(w, eps_u, eps_c)
 
 
-@dataclasses.dataclass(frozen=True)
+@guidance_config
 class OppositeGuidance(StaticTransition):
     """Opposite guidance (OG): a negative scale while t > t_switch pushes out of the basin, then scale.
 
@@ -117,7 +123,7 @@ class DynamicState:
     transition: Array
 
 
-@dataclasses.dataclass(frozen=True)
+@guidance_config
 class DynamicTransition:
     """Delayed CFG with the dynamic transition point (DTP).
 
@@ -198,7 +204,7 @@ def _cosine_distance(a: Array, b: Array) -> Array:
     return 0.5 * jnp.sum(jnp.square(an - bn), axis=-1)
 
 
-@dataclasses.dataclass(frozen=True)
+@guidance_config
 class OppositeProbe:
     """First pass of OG+DTP: opposite guidance (w = early_scale) at every step.
 
@@ -227,7 +233,7 @@ class SwitchState:
     transition: Array
 
 
-@dataclasses.dataclass(frozen=True)
+@guidance_config
 class OppositeDynamic:
     """OG+DTP (two passes): opposite guidance until a transition read from a probe pass, then scale.
 

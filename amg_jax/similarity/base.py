@@ -1,0 +1,40 @@
+"""The detector contract AMG gates on: ``x0_hat -> Detection(sigma, index, label)``.
+
+A detector is a pytree (its reference bank arrays are traced leaves; pass it into ``jit``
+as an argument, never close over it) with::
+
+    __call__(x0_hat [B, *S]) -> Detection     # differentiable in x0_hat (sigma)
+    sigma_range: tuple[float, float]          # static: the interval sigma lies in
+    scale: float                              # static: the detector's distance scale
+                                              #   (pixel nL2: alpha * median k-NN mean
+                                              #   distance of the bank, m; 1 for cosines)
+
+``sigma`` is "higher = more memorized" (pixel nL2: ``-nL2`` in ``[-1/alpha, 0]``; SSCD /
+CLIP / pixel cosine: the cosine in ``[-1, 1]``). ``label`` is the caption / class id of
+the neighbour (-1 where the bank has none); caption deduplication uses it as ``y_N``.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import jax
+
+Array = jax.Array
+
+
+class Detection(NamedTuple):
+    """What a detector reports for a batch of ``x0_hat``: each field [B]."""
+
+    sigma: Array    # float, higher = more memorized
+    index: Array    # int32 row of the nearest neighbour in the bank (as the bank was built)
+    label: Array    # int32 caption / class id of that neighbour, -1 if unlabelled
+
+
+class Detector(Protocol):
+    sigma_range: tuple
+    scale: float
+
+    def __call__(self, x0_hat: Array) -> Detection: ...
+
+
+__all__ = ["Detection", "Detector"]
