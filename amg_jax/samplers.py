@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -518,6 +519,8 @@ def sample(denoiser, guidance, sampler_cfg: SamplerConfig, keys, cond, *, x_T: A
     jit:         False runs the same loop without ``jax.jit`` (for debugging / tests).
     Returns ``SampleResult(x0 [B,*S], trace {name: [B, N]}, first_pass_trace | None)``.
     Everything is validated (ValueError naming the problem) before anything is compiled.
+    A guidance with ``check_trace(trace) -> message | None`` (AMG: NaN/inf in a term) has its
+    message issued as a RuntimeWarning; the samples are returned all the same.
     """
     if not isinstance(sampler_cfg, SamplerConfig):
         raise ValueError(f"sampler_cfg must be a SamplerConfig, got {type(sampler_cfg).__name__}")
@@ -534,10 +537,15 @@ def sample(denoiser, guidance, sampler_cfg: SamplerConfig, keys, cond, *, x_T: A
             raise ValueError(f"x_T batch {np.shape(x_T)[0]} does not match the number of keys {batch}")
         x_T = jnp.asarray(x_T)
     if not jit:
-        return sample_loop(denoiser, guidance, sampler_cfg, keys, cond, x_T)
-    if not _is_pytree(guidance):
-        guidance = _StaticGuidance(guidance)
-    return _sample_jit(denoiser, guidance, sampler_cfg, keys, cond, x_T)
+        res = sample_loop(denoiser, guidance, sampler_cfg, keys, cond, x_T)
+    else:
+        res = _sample_jit(denoiser, guidance if _is_pytree(guidance) else _StaticGuidance(guidance),
+                          sampler_cfg, keys, cond, x_T)
+    check = getattr(guidance, "check_trace", None)
+    message = check(res.trace) if callable(check) else None
+    if message:   # report, keep the samples: nothing computed is thrown away
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+    return res
 
 
 __all__ = [

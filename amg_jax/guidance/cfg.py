@@ -16,7 +16,9 @@ per-step scale ``w``; they differ only in how ``w`` is chosen:
                          and scale from it on.
 
 Each is a frozen dataclass (hashable config; fields carry the papers' defaults), with
-``init(x_T) -> state`` and ``apply(state, ctx) -> (eps_hat, state, trace)``. Traces
+``init(x_T) -> state`` and ``apply(state, ctx) -> (eps_hat, state, trace)``; ``apply`` is
+one batched (eps_u, eps_c) call followed by ``combine(state, ctx, eps_u, eps_c)``, which a
+wrapping guidance (AMG) calls with the predictions it already has. Traces
 hold per-sample [B] values: ``scale`` (the w used) and ``d`` (||eps_u - eps_c||).
 """
 from __future__ import annotations
@@ -60,6 +62,9 @@ class Unguided:
         eps = ctx.eps(ctx.x_t, ctx.cond)
         return eps, state, {"scale": jnp.ones((ctx.x_t.shape[0],), jnp.float32)}
 
+    def combine(self, state: tuple, ctx: StepContext, eps_u: Array, eps_c: Array) -> tuple[Array, tuple, dict]:
+        return eps_c, state, _cfg_trace(1.0, eps_u, eps_c)
+
 
 @guidance_config
 class CFG:
@@ -71,7 +76,9 @@ class CFG:
         return ()
 
     def apply(self, state: tuple, ctx: StepContext) -> tuple[Array, tuple, dict]:
-        eps_u, eps_c = eps_uncond_cond(ctx)
+        return self.combine(state, ctx, *eps_uncond_cond(ctx))
+
+    def combine(self, state: tuple, ctx: StepContext, eps_u: Array, eps_c: Array) -> tuple[Array, tuple, dict]:
         return guided(eps_u, eps_c, self.scale), state, _cfg_trace(self.scale, eps_u, eps_c)
 
 
@@ -90,7 +97,9 @@ class StaticTransition:
         return ()
 
     def apply(self, state: tuple, ctx: StepContext) -> tuple[Array, tuple, dict]:
-        eps_u, eps_c = eps_uncond_cond(ctx)
+        return self.combine(state, ctx, *eps_uncond_cond(ctx))
+
+    def combine(self, state: tuple, ctx: StepContext, eps_u: Array, eps_c: Array) -> tuple[Array, tuple, dict]:
         w = jnp.where(ctx.t > self.t_switch, self.early_scale, self.scale)
         return guided(eps_u, eps_c, w), state, _cfg_trace(w, eps_u, eps_c)
 
@@ -146,7 +155,10 @@ class DynamicTransition:
                             transition=-jnp.ones((batch,), jnp.int32))
 
     def apply(self, state: DynamicState, ctx: StepContext) -> tuple[Array, DynamicState, dict]:
-        eps_u, eps_c = eps_uncond_cond(ctx)
+        return self.combine(state, ctx, *eps_uncond_cond(ctx))
+
+    def combine(self, state: DynamicState, ctx: StepContext, eps_u: Array,
+                eps_c: Array) -> tuple[Array, DynamicState, dict]:
         d = per_sample_norm(eps_u - eps_c)
         found = is_local_min_end(state.d_prev2, state.d_prev, d)
         if self.fallback_step is not None:
@@ -218,7 +230,10 @@ class OppositeProbe:
         return ProbeState(x_prev=jnp.full_like(x, jnp.nan))
 
     def apply(self, state: ProbeState, ctx: StepContext) -> tuple[Array, ProbeState, dict]:
-        eps_u, eps_c = eps_uncond_cond(ctx)
+        return self.combine(state, ctx, *eps_uncond_cond(ctx))
+
+    def combine(self, state: ProbeState, ctx: StepContext, eps_u: Array,
+                eps_c: Array) -> tuple[Array, ProbeState, dict]:
         c = _cosine_distance(ctx.x_t, state.x_prev)
         trace = _cfg_trace(self.early_scale, eps_u, eps_c)
         trace["cos_dist"] = c.astype(jnp.float32)
@@ -262,7 +277,10 @@ class OppositeDynamic:
             c, skip_index=self.skip_index, default=self.default_step))
 
     def apply(self, state: SwitchState, ctx: StepContext) -> tuple[Array, SwitchState, dict]:
-        eps_u, eps_c = eps_uncond_cond(ctx)
+        return self.combine(state, ctx, *eps_uncond_cond(ctx))
+
+    def combine(self, state: SwitchState, ctx: StepContext, eps_u: Array,
+                eps_c: Array) -> tuple[Array, SwitchState, dict]:
         w = jnp.where(ctx.step >= state.transition, self.scale, self.early_scale)
         trace = _cfg_trace(w, eps_u, eps_c)
         trace["transition"] = state.transition

@@ -1,0 +1,295 @@
+"""Anti-Memorization Guidance (Chen, Liu & Xu, CVPR 2024) as a guidance that wraps another.
+
+At every step, with ``eps_hat`` from the base guidance (CFG, delayed CFG, OG, ...)::
+
+    x0_hat = (x_t - sqrt(1 - ab) eps_hat) / sqrt(ab)
+    sigma, n0, y_N = detector(x0_hat)                   # higher sigma = more memorized
+    gate   = sigma > lambda_t                            # parabolic / constant / always
+    s1     = clip(c1 * score(sigma), 0, w - 1)            # w: the base's current scale
+    G_spe  = -s1 (eps(x_t, y) - eps_u)                   # despecification
+    s2     = clip(c2 * score(sigma), 0, w - s1 - 1)
+    G_dup  = -s2 (eps(x_t, y_N) - eps_u)                 # caption deduplication
+    G_sim  = c3' sqrt(1 - ab) grad_{x_t} sigma           # dissimilarity
+    eps_hat <- eps_hat + gate * (G_spe + G_dup + G_sim)
+
+- ``score`` maps sigma to a non-negative score for ``G_spe``/``G_dup`` (METHODS.md: with
+  ``sigma = -nL2 < 0`` the clipped scales would always be 0): ``"normalized"`` =
+  ``(sigma - lo) / (hi - lo)`` over the detector's ``sigma_range`` (in [0, 1]),
+  ``"identity"`` = sigma (SSCD / CLIP cosines, the paper's form); ``"auto"`` picks
+  identity for ranges inside [-1, 1], normalized otherwise.
+- ``c3' = c3 * detector.scale ** 2`` with ``c3_units="data"`` (default; pitfall 4: the
+  push ``G_sim`` needs grows with the square of the bank's k-NN distance, so one value
+  serves any resolution), ``c3' = c3`` with ``"raw"`` (the paper's SSCD setting).
+- ``gradient="cheap"``: ``grad_{x_t} sigma = grad_{x0_hat} sigma / sqrt(ab)`` with eps_hat
+  held fixed; ``"full"``: through the base guidance and the denoiser (one more forward and
+  a backward pass). Pitfall 6: where the gradient vanishes (an exact copy) the
+  ``fallback`` direction ``x_t / sqrt(ab) - x0_hat`` (the noisy sample's side) is used.
+- **Batch-level gate**: ``G_dup``'s extra denoiser call and the gradient sit in one
+  ``lax.cond`` on "any sample in the batch has its gate open"; when none has, they are not
+  computed. (Under ``vmap`` a ``cond`` runs both branches: batch, do not vmap, AMG.)
+- For unconditional and class-conditional models use ``despecify=False, dedup=False``
+  (the paper uses dissimilarity alone there).
+
+Trace (each [B] per step): the base's entries (``scale``, ``d``, ...) plus ``sigma``,
+``lambda``, ``gate``, ``s1``, ``s2``, ``index`` / ``label`` (the neighbour), ``grad_norm``,
+``fallback`` and ``nonfinite`` (bit mask of the terms that were NaN/inf: 1 base eps_hat,
+2 G_spe, 4 G_dup, 8 G_sim; ``check_trace`` turns it into a message naming term and step).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from amg_jax.guidance.base import StepContext, eps_uncond_cond, per_sample_norm, x0_from_eps
+
+Array = jax.Array
+
+THRESHOLDS = ("parabolic", "constant", "always")
+GRADIENTS = ("cheap", "full")
+SCORES = ("auto", "identity", "normalized")
+C3_UNITS = ("data", "raw")
+TERMS = ("base eps_hat", "G_spe", "G_dup", "G_sim")
+
+
+@dataclasses.dataclass(frozen=True)
+class AMGConfig:
+    """AMG's settings (hashable). ``lambda_min`` / ``lambda_max``: the gate thresholds early /
+    at the end (parabolic: ``lambda_t = lambda_min + (lambda_max - lambda_min) * ab_t**2``;
+    constant: ``lambda_max`` throughout); None = the detector's ``default_thresholds``."""
+
+    c1: float = 4.0
+    c2: float = 3.0
+    c3: float = 100.0
+    c3_units: str = "data"
+    despecify: bool = True
+    dedup: bool = True
+    dissimilar: bool = True
+    threshold: str = "parabolic"
+    lambda_min: float | None = None
+    lambda_max: float | None = None
+    gradient: str = "cheap"
+    score: str = "auto"
+    fallback: bool = True
+    fallback_tol: float = 1e-6
+
+    def __post_init__(self):
+        for field, allowed in (("threshold", THRESHOLDS), ("gradient", GRADIENTS), ("score", SCORES),
+                               ("c3_units", C3_UNITS)):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"AMGConfig.{field} must be one of {list(allowed)}, got {getattr(self, field)!r}")
+        for field in ("c1", "c2", "c3", "fallback_tol"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
+                raise ValueError(f"AMGConfig.{field} must be a finite number >= 0, got {v!r}")
+        for field in ("lambda_min", "lambda_max"):
+            v = getattr(self, field)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v)):
+                raise ValueError(f"AMGConfig.{field} must be a finite number or None, got {v!r}")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class AMGState:
+    base: Any    # the base guidance's state
+
+
+@dataclasses.dataclass(frozen=True)
+class AMG:
+    """AMG around ``base`` with ``detector`` (see the module docstring). Build with ``make_amg``,
+    which checks the thresholds against the detector's range.
+
+    base:            a guidance with ``combine(state, ctx, eps_u, eps_c)`` (every guidance in
+                     ``amg_jax.guidance.cfg``).
+    detector:        ``x0_hat -> Detection(sigma, index, label)`` (``amg_jax.similarity``), a pytree.
+    config:          ``AMGConfig``.
+    neighbour_conds: optional pytree [C, ...]: the condition of each label (e.g. caption
+                     embeddings); None = the label id itself is the condition (testbed models).
+    """
+
+    base: Any
+    detector: Any
+    config: AMGConfig = AMGConfig()
+    neighbour_conds: Any = None
+
+    # ---------------------------------------------------------------- two-pass bases (OG+DTP)
+    @property
+    def first_pass(self):
+        return getattr(self.base, "first_pass", None)
+
+    def after_first_pass(self, state: AMGState, trace: dict) -> AMGState:
+        return AMGState(base=self.base.after_first_pass(state.base, trace))
+
+    # ---------------------------------------------------------------- protocol
+    def init(self, x: Array) -> AMGState:
+        return AMGState(base=self.base.init(x))
+
+    def thresholds(self) -> tuple[float, float]:
+        """(lambda_min, lambda_max), defaults from the detector."""
+        c = self.config
+        lo, hi = getattr(self.detector, "default_thresholds", (None, None))
+        lo = c.lambda_min if c.lambda_min is not None else lo
+        hi = c.lambda_max if c.lambda_max is not None else hi
+        if c.threshold != "always" and (lo is None or hi is None):
+            raise ValueError(f"AMG: the detector {type(self.detector).__name__} has no default thresholds; "
+                             "set AMGConfig.lambda_min and lambda_max")
+        return lo, hi
+
+    def lambda_t(self, alpha_bar: Array) -> Array:
+        """The gate threshold at alpha-bar ``alpha_bar`` ([] or [B])."""
+        c = self.config
+        if c.threshold == "always":
+            return jnp.full_like(alpha_bar, -jnp.inf)
+        lo, hi = self.thresholds()
+        if c.threshold == "constant":
+            return jnp.full_like(alpha_bar, hi)
+        return lo + (hi - lo) * jnp.square(alpha_bar)
+
+    def score(self, sigma: Array) -> Array:
+        lo, hi = (float(v) for v in self.detector.sigma_range)
+        mode = self.config.score
+        if mode == "auto":
+            mode = "identity" if (lo >= -1.0 and hi <= 1.0) else "normalized"
+        if mode == "identity":
+            return sigma
+        return (sigma - lo) / (hi - lo)
+
+    def _neighbour_cond(self, label: Array, null_cond: Any) -> Any:
+        """The condition y_N of each neighbour (the null condition where it has no label)."""
+        has = label >= 0
+        if self.neighbour_conds is None:
+            return jax.tree.map(lambda n: jnp.where(has, label.astype(n.dtype), n), null_cond)
+
+        def pick(table, n):
+            row = jnp.take(table, jnp.maximum(label, 0), axis=0)
+            return jnp.where(has.reshape((-1,) + (1,) * (row.ndim - 1)), row, n)
+        return jax.tree.map(pick, self.neighbour_conds, null_cond)
+
+    def _eps_hat_fn(self, state: AMGState, ctx: StepContext):
+        """x_t -> the base guidance's eps_hat at x_t (for the full gradient)."""
+        def f(x):
+            c = ctx._replace(x_t=x)
+            return self.base.combine(state.base, c, *eps_uncond_cond(c))[0]
+        return f
+
+    def _grad_xt(self, state: AMGState, ctx: StepContext, x0_hat: Array) -> Array:
+        """grad_{x_t} sigma [B, *S], cheap (eps_hat fixed) or full (through the denoiser)."""
+        ab = ctx.alpha_bar
+        sigma_sum = lambda x0: jnp.sum(self.detector(x0).sigma)   # noqa: E731  samples are independent
+        if self.config.gradient == "cheap":
+            return jax.grad(sigma_sum)(x0_hat) / jnp.sqrt(ab)
+        eps_fn = self._eps_hat_fn(state, ctx)
+        return jax.grad(lambda x: sigma_sum(x0_from_eps(x, eps_fn(x), ab)))(ctx.x_t)
+
+    def apply(self, state: AMGState, ctx: StepContext) -> tuple[Array, AMGState, dict]:
+        c = self.config
+        b = ctx.x_t.shape[0]
+        bshape = (b,) + (1,) * (ctx.x_t.ndim - 1)
+        ab = ctx.alpha_bar
+        eps_u, eps_c = eps_uncond_cond(ctx)
+        eps_base, base_state, trace = self.base.combine(state.base, ctx, eps_u, eps_c)
+        x0_hat = x0_from_eps(ctx.x_t, eps_base, ab)
+        det = self.detector(jax.lax.stop_gradient(x0_hat))
+        lam = self.lambda_t(ab)
+        gate = det.sigma > lam if c.threshold != "always" else jnp.ones((b,), bool)
+        w = trace.get("scale", jnp.ones((b,), jnp.float32)).astype(jnp.float32)
+        score = self.score(det.sigma).astype(jnp.float32)
+        zeros_b = jnp.zeros((b,), jnp.float32)
+        s1 = jnp.clip(c.c1 * score, 0.0, jnp.maximum(w - 1.0, 0.0)) if c.despecify else zeros_b
+        s2 = jnp.clip(c.c2 * score, 0.0, jnp.maximum(w - s1 - 1.0, 0.0)) if c.dedup else zeros_b
+        g_spe = -s1.reshape(bshape) * (eps_c - eps_u)
+        c3 = c.c3 * (float(self.detector.scale) ** 2 if c.c3_units == "data" else 1.0)
+        ref_norm = 1.0 / (float(self.detector.scale) * jnp.sqrt(ab))   # |grad sigma| at unit scale
+
+        def expensive(_):
+            g_dup = jnp.zeros_like(eps_base)
+            if c.dedup:
+                eps_n = ctx.eps(ctx.x_t, self._neighbour_cond(det.label, ctx.null_cond))
+                g_dup = -s2.reshape(bshape) * (eps_n - eps_u)
+            g_sim, gnorm, fb = jnp.zeros_like(eps_base), zeros_b, jnp.zeros((b,), bool)
+            if c.dissimilar:
+                g = self._grad_xt(state, ctx, x0_hat).astype(eps_base.dtype)
+                gnorm = per_sample_norm(g)
+                if c.fallback:
+                    fb = jnp.isfinite(gnorm) & (gnorm <= c.fallback_tol * ref_norm)   # NaN stays NaN
+                    u = eps_base / jnp.maximum(per_sample_norm(eps_base), 1e-30).reshape(bshape)
+                    g = jnp.where(fb.reshape(bshape), -u * ref_norm, g)
+                g_sim = c3 * jnp.sqrt(1.0 - ab) * g
+            return g_dup, g_sim, gnorm, fb
+
+        def closed(_):
+            z = jnp.zeros_like(eps_base)
+            return z, z, zeros_b, jnp.zeros((b,), bool)
+
+        if c.dedup or c.dissimilar:
+            g_dup, g_sim, gnorm, fb = jax.lax.cond(jnp.any(gate), expensive, closed, None)
+        else:
+            g_dup, g_sim, gnorm, fb = closed(None)
+        open_ = gate.reshape(bshape)
+        eps_hat = eps_base + jnp.where(open_, g_spe + g_dup + g_sim, 0.0)
+
+        def bad(v):
+            return ~jnp.all(jnp.isfinite(v.reshape(b, -1)), axis=-1)
+        nonfinite = (bad(eps_base).astype(jnp.int32) | (bad(g_spe).astype(jnp.int32) << 1)
+                     | (bad(g_dup).astype(jnp.int32) << 2) | (bad(g_sim).astype(jnp.int32) << 3))
+        trace = dict(trace, sigma=det.sigma.astype(jnp.float32), index=det.index, label=det.label,
+                     gate=gate, s1=s1, s2=s2, grad_norm=gnorm, fallback=fb & gate, nonfinite=nonfinite,
+                     **{"lambda": jnp.broadcast_to(lam, (b,)).astype(jnp.float32)})
+        return eps_hat, AMGState(base=base_state), trace
+
+    def check_trace(self, trace: dict) -> str | None:
+        """A message naming each non-finite term, its first step and samples; None if all finite."""
+        return nonfinite_message(trace)
+
+
+jax.tree_util.register_dataclass(AMG, data_fields=["base", "detector", "neighbour_conds"],
+                                 meta_fields=["config"])
+
+
+def nonfinite_message(trace: dict) -> str | None:
+    """Read a trace's ``nonfinite`` bit mask [B, N]: which term went NaN/inf, at which step."""
+    if "nonfinite" not in trace:
+        return None
+    m = np.asarray(trace["nonfinite"])
+    if not m.any():
+        return None
+    parts = []
+    for bit, term in enumerate(TERMS):
+        hit = (m >> bit) & 1
+        if hit.any():
+            steps = np.flatnonzero(hit.any(axis=0))
+            samples = np.flatnonzero(hit.any(axis=1))
+            parts.append(f"{term} is NaN/inf from step {int(steps[0])} (steps {steps[:5].tolist()}..., "
+                         f"samples {samples[:8].tolist()})")
+    return "AMG: " + "; ".join(parts)
+
+
+def make_amg(base, detector, *, neighbour_conds=None, **config) -> AMG:
+    """AMG around ``base`` with ``detector``; ``config`` are ``AMGConfig`` fields. Checks the
+    gate thresholds against the detector's ``sigma_range`` (METHODS.md pitfall 3): a threshold
+    outside it means "always open" or "never open" and is rejected."""
+    if not callable(getattr(base, "combine", None)):
+        raise ValueError(f"AMG: base guidance {type(base).__name__} has no combine(state, ctx, eps_u, eps_c)")
+    for name in ("sigma_range", "scale"):
+        if not hasattr(detector, name):
+            raise ValueError(f"AMG: detector {type(detector).__name__} has no {name!r} (see amg_jax.similarity.base)")
+    known = {f.name for f in dataclasses.fields(AMGConfig)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"AMG has no setting {unknown[0]!r}; its settings are {sorted(known)}")
+    amg = AMG(base=base, detector=detector, config=AMGConfig(**config), neighbour_conds=neighbour_conds)
+    if amg.config.threshold != "always":
+        lo_r, hi_r = (float(v) for v in detector.sigma_range)
+        for name, v in zip(("lambda_min", "lambda_max"), amg.thresholds()):
+            if not lo_r < float(v) < hi_r:
+                raise ValueError(f"AMG: {name}={v} lies outside the detector's sigma range ({lo_r}, {hi_r}): "
+                                 "the gate would be always open or never open")
+    if not float(detector.scale) > 0:
+        raise ValueError(f"AMG: detector scale must be > 0, got {detector.scale}")
+    return amg
+
+
+__all__ = ["AMG", "AMGConfig", "AMGState", "GRADIENTS", "SCORES", "THRESHOLDS", "make_amg", "nonfinite_message"]
