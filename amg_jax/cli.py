@@ -49,6 +49,13 @@ _positive_int = _number(int, "an integer", lambda v: v >= 1, "must be >= 1")
 _finite_float = _number(float, "a number", lambda v: abs(v) < float("inf"), "must be finite")
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except for options whose default is "not set" (None)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from amg_jax import demo
     from amg_jax.guidance import GUIDANCES
@@ -70,11 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "specific prompts, generalizes on generic ones). Writes grid_<model>.png, "
                     "metrics.json and prints the table: share copied (calibrated criterion), nL2 < 1.4, "
                     "median nL2, Frechet distance vs fresh true renders, alignment, pixels out of range.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_Help)
     d.add_argument("--out", default="demo_out", help="output directory")
-    d.add_argument("--models", type=_csv(demo.MODELS), default=demo.MODELS, metavar="LIST",
+    d.add_argument("--models", type=_csv(demo.MODELS), default=",".join(demo.MODELS), metavar="LIST",
                    help=f"comma-separated models from: {', '.join(demo.MODELS)}")
-    d.add_argument("--methods", type=_csv(tuple(GUIDANCES)), default=demo.DEFAULT_METHODS, metavar="LIST",
+    d.add_argument("--methods", type=_csv(tuple(GUIDANCES)), default=",".join(demo.DEFAULT_METHODS), metavar="LIST",
                    help=f"comma-separated guidances from: {', '.join(GUIDANCES)}")
     d.add_argument("--testbed", choices=demo.TESTBEDS, default="default",
                    help="default: 32x32, 62 captions; small: 16x16, 12 captions (quick)")
@@ -87,7 +94,75 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--scale", type=_finite_float, default=7.5, help="guidance scale s0")
     d.add_argument("--seed", type=int, default=0, help="seed of prompts, sampling noise and references")
     d.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    _add_eval(sub)
     return parser
+
+
+def _add_eval(sub) -> None:
+    from amg_jax import evaluate, workbench
+    from amg_jax.data.testbed import KINDS
+    from amg_jax.guidance import GUIDANCES
+    from amg_jax.guidance.amg import C3_UNITS, GRADIENTS, SCORES, THRESHOLDS
+    from amg_jax.samplers import SAMPLERS
+
+    e = sub.add_parser(
+        "eval", help="run one method (CFG, a basin method or AMG) on a model and prompt set; write metrics.json",
+        description="Sample one method on the testbed model for the prompts of the chosen kinds and write "
+                    "OUT/metrics.json (per kind and overall: memorized_frac, frac_nl2_below_1.4, sim_top5pct, "
+                    "sim_top1, quality_fd, alignment, frac_out_of_range; for AMG gate_open_rate), "
+                    "OUT/samples.png and, for AMG, OUT/similarity.png (similarity vs threshold over steps) "
+                    "and OUT/trace.npz.",
+        formatter_class=_Help)
+    e.add_argument("--out", default="eval_out", help="output directory")
+    e.add_argument("--model", choices=workbench.MODELS, default="mixture",
+                   help="empirical: perfect memorizer; mixture: partial memorizer")
+    e.add_argument("--testbed", choices=workbench.TESTBEDS, default="default", help="testbed size")
+    e.add_argument("--method", choices=evaluate.METHODS, default="amg", help="guidance")
+    e.add_argument("--base", choices=tuple(GUIDANCES), default="cfg", help="the guidance AMG wraps")
+    e.add_argument("--scale", type=_finite_float, default=7.5, help="guidance scale s0")
+    e.add_argument("--kinds", type=_csv(KINDS), default=",".join(KINDS), metavar="LIST",
+                   help=f"comma-separated prompt kinds from: {', '.join(KINDS)}")
+    e.add_argument("--prompts", dest="prompts_per_kind", type=_positive_int, default=4, metavar="N",
+                   help="prompts of each kind")
+    e.add_argument("--samples", dest="samples_per_prompt", type=_positive_int, default=8, metavar="N",
+                   help="seeds per prompt")
+    e.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="sampler")
+    e.add_argument("--steps", type=_positive_int, default=50, help="sampling steps")
+    e.add_argument("--seed", type=int, default=0, help="seed of prompts, noise and references")
+    e.add_argument("--detector", choices=evaluate.DETECTORS, default="nl2",
+                   help="AMG's pixel detector: nl2 (sigma = -nL2) or cosine")
+    a = e.add_argument_group("AMG settings (METHODS.md section 1)")
+    a.add_argument("--c1", type=_finite_float, help="despecification strength (default 4)")
+    a.add_argument("--c2", type=_finite_float, help="caption deduplication strength (default 3)")
+    a.add_argument("--c3", type=_finite_float, help="dissimilarity strength (default 100)")
+    a.add_argument("--c3-units", choices=C3_UNITS, help="data: c3 x (bank k-NN distance)^2 (default); raw")
+    a.add_argument("--threshold", choices=THRESHOLDS, help="gate schedule (default parabolic)")
+    a.add_argument("--lambda-min", type=_finite_float, help="gate threshold at the first steps")
+    a.add_argument("--lambda-max", type=_finite_float, help="gate threshold at the last steps")
+    a.add_argument("--gradient", choices=GRADIENTS, help="G_sim gradient: cheap (through x0_hat) or full")
+    a.add_argument("--score", choices=SCORES, help="map of sigma to the G_spe/G_dup score")
+    a.add_argument("--no-spe", dest="despecify", action="store_const", const=False, help="drop G_spe")
+    a.add_argument("--no-dup", dest="dedup", action="store_const", const=False, help="drop G_dup")
+    a.add_argument("--no-sim", dest="dissimilar", action="store_const", const=False, help="drop G_sim")
+    a.add_argument("--no-fallback", dest="fallback", action="store_const", const=False,
+                   help="no fallback push where the G_sim gradient vanishes")
+
+
+def _eval_config(args, parser):
+    from amg_jax import evaluate
+
+    amg = tuple((f, getattr(args, f)) for f in ("c1", "c2", "c3", "c3_units", "threshold", "lambda_min",
+                                               "lambda_max", "gradient", "score", "despecify", "dedup",
+                                               "dissimilar", "fallback") if getattr(args, f) is not None)
+    if amg and args.method != "amg":
+        parser.error(f"AMG settings ({', '.join('--' + k.replace('_', '-') for k, _ in amg)}) need --method amg")
+    fields = {f: getattr(args, f) for f in ("out", "model", "testbed", "method", "base", "scale", "kinds",
+                                           "prompts_per_kind", "samples_per_prompt", "sampler", "steps", "seed",
+                                           "detector")}
+    try:
+        return evaluate.EvalConfig(amg=amg, **fields)
+    except ValueError as err:
+        parser.error(str(err))
 
 
 def main(argv=None) -> int:
@@ -107,6 +182,14 @@ def main(argv=None) -> int:
         except ValueError as e:
             parser.error(str(e))
         demo.run_demo(config, progress=args.progress)
+    elif args.command == "eval":
+        from amg_jax import evaluate
+
+        config = _eval_config(args, parser)
+        try:
+            evaluate.run_eval(config)
+        except ValueError as err:     # e.g. AMG thresholds outside the detector's range
+            parser.error(str(err))
     return 0
 
 

@@ -26,24 +26,18 @@ import os
 import time
 from typing import Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
 from amg_jax import images as img
-from amg_jax import metrics
-from amg_jax.data import testbed as tb
-from amg_jax.guidance import GUIDANCES, make_guidance
-from amg_jax.samplers import SAMPLERS, SamplerConfig, keys_from_seeds, sample
+from amg_jax.guidance import GUIDANCES
+from amg_jax.samplers import SAMPLERS, SamplerConfig, sample
+from amg_jax.workbench import (MODELS, SMALL_TESTBED, TESTBEDS, build_model, build_testbed,  # noqa: F401
+                               method_guidance, prepare_bench)
 
-MODELS = ("empirical", "mixture")
 DEFAULT_METHODS = ("cfg", "stp", "dtp", "og", "og_dtp")
-METHOD_LABELS = {"none": "unguided", "cfg": "CFG", "stp": "STP", "dtp": "DTP", "og": "OG", "og_dtp": "OG+DTP"}
-TESTBEDS = ("default", "small")
+METHOD_LABELS = {"none": "unguided", "cfg": "CFG", "stp": "STP", "dtp": "DTP", "og": "OG", "og_dtp": "OG+DTP",
+                 "amg": "AMG"}
 
-# A 16x16 testbed with 12 captions: a quick look (and the test suite's demo run).
-SMALL_TESTBED = dict(seed=1, image_size=16, shapes=("circle", "cross"), colours=("red", "blue"),
-                     backgrounds=("black", "gray"), textures=("plain", "striped"), n_specific=6,
-                     n_duplicated=2, duplicate_count=6, n_generic=2, generic_images=8)
 
 def _fd_format(v: float) -> str:
     return f"{v:.1f}" if abs(v) < 1e4 else f"{v:.1e}"   # diverged samples give huge FDs
@@ -92,61 +86,6 @@ class DemoConfig:
             fail("scale", f"must be a finite number, got {self.scale!r}")
 
 
-def build_testbed(name: str) -> tb.Testbed:
-    """The demo's testbed: ``default`` (32x32, 62 captions) or ``small`` (16x16, 12 captions)."""
-    return tb.make_testbed() if name == "default" else tb.make_testbed(tb.TestbedConfig(**SMALL_TESTBED))
-
-
-def build_model(name: str, bed: tb.Testbed):
-    """The ``empirical`` (perfect) or ``mixture`` (partial) memorizer of ``bed``."""
-    if name == "empirical":
-        from amg_jax.models.empirical import empirical_denoiser
-
-        return empirical_denoiser(bed.images, bed.labels, condition_names=bed.captions, name="empirical")
-    from amg_jax.models.mixture import fit_mixture
-
-    small = bed.config.image_size <= 16
-    return fit_mixture(bed, rank=6 if small else 12, renders_per_component=12 if small else 48, rng=0)
-
-
-def method_guidance(name: str, scale: float):
-    """The guidance of a method name at guidance scale ``scale`` (papers' defaults otherwise;
-    OG+DTP's early scale is -scale, as the reference code does)."""
-    if name == "none":
-        return make_guidance("none")
-    if name == "og_dtp":
-        return make_guidance("og_dtp", scale=scale, early_scale=-scale)
-    return make_guidance(name, scale=scale)
-
-
-def choose_prompts(bed: tb.Testbed, per_kind: int, seed: int) -> dict:
-    """{kind: caption ids [<= per_kind]} drawn without replacement."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for kind, ids in tb.prompts_by_kind(bed).items():
-        if len(ids):
-            out[kind] = np.sort(rng.choice(ids, size=min(per_kind, len(ids)), replace=False)).astype(np.int32)
-    return out
-
-
-def measure(x: np.ndarray, caption_ids: np.ndarray, kinds: np.ndarray, bed: tb.Testbed, threshold: float,
-            classifier: tb.AttributeClassifier, reference: np.ndarray) -> dict:
-    """Per-kind (and "all") metrics of samples x [B, H, W, 3] for captions [B] of kinds [B];
-    ``reference`` [B', H, W, 3] fresh renders of the same captions, in the same kind order."""
-    pool = max(1, bed.config.image_size // 8)
-    ref_kinds = np.repeat(kinds, len(reference) // len(x))
-    align = classifier.alignment(x, bed, caption_ids)
-    out = {}
-    for kind in list(dict.fromkeys(kinds.tolist())) + ["all"]:
-        sel = np.ones(len(x), bool) if kind == "all" else kinds == kind
-        rsel = np.ones(len(reference), bool) if kind == "all" else ref_kinds == kind
-        r = metrics.memorization_report(x[sel], bed.images, threshold=threshold)
-        r["alignment"] = float(np.mean(align[sel]))
-        r["fd"] = metrics.pixel_frechet(x[sel], reference[rsel], pool=pool) if sel.sum() >= 2 else float("nan")
-        out[kind] = r
-    return out
-
-
 def format_table(results: dict, kinds: Sequence[str]) -> str:
     """The printed table: one row per model / method / prompt kind."""
     head = ["model", "method", "kind"] + [c[0] for c in TABLE_COLUMNS]
@@ -174,26 +113,11 @@ def run_demo(config: DemoConfig = DemoConfig(), *, progress: bool = True, echo=p
     os.makedirs(config.out, exist_ok=True)
     echo(f"building the {config.testbed} testbed, copy threshold and alignment classifier ...")
     bed = build_testbed(config.testbed)
-    threshold = tb.calibrate_copy_threshold(bed, rng=config.seed)
-    classifier = tb.attribute_classifier(bed, rng=config.seed)
-
-    prompts = choose_prompts(bed, config.prompts_per_kind, config.seed)
-    kinds_order = list(prompts)
-    prompt_ids = np.concatenate([prompts[k] for k in kinds_order])                    # [P]
-    prompt_kinds = np.concatenate([[k] * len(prompts[k]) for k in kinds_order])
-    s = config.samples_per_prompt
-    caption_ids = np.repeat(prompt_ids, s)                                              # [B] prompt-major
-    kinds = np.repeat(prompt_kinds, s)
-    keys = keys_from_seeds(config.seed * 1_000_003 + np.arange(len(caption_ids)))
-    cond = jnp.asarray(caption_ids, jnp.int32)
+    bench = prepare_bench(bed, config.prompts_per_kind, config.samples_per_prompt, config.seed)
+    threshold, prompts, kinds_order, s = bench.threshold, bench.prompts, bench.kinds_order, bench.samples_per_prompt
+    prompt_ids = bench.prompt_ids
     sampler = SamplerConfig(config.sampler, num_steps=config.steps)
-
-    rng = np.random.default_rng(config.seed + 1)
-    n_ref = 4   # fresh renders per sample for the FD reference
-    reference = np.concatenate([tb.fresh_renders(bed, c, n_ref * s, rng) for c in prompt_ids])
-    truth = np.concatenate([tb.fresh_renders(bed, c, s, rng) for c in prompt_ids])
-
-    results = {"true renders": {"-": measure(truth, caption_ids, kinds, bed, threshold, classifier, reference)}}
+    results = {"true renders": {"-": bench.measure(bench.truth)}}
     timings = {}
     first_train = np.stack([bed.images[np.flatnonzero(bed.labels == c)[0]] for c in prompt_ids])
     bar = _progress(len(config.models) * len(config.methods), progress)
@@ -207,14 +131,14 @@ def run_demo(config: DemoConfig = DemoConfig(), *, progress: bool = True, echo=p
         for method in config.methods:
             bar.set_description(f"{model_name}: {METHOD_LABELS.get(method, method)}")
             t0 = time.time()
-            res = sample(den, method_guidance(method, config.scale), sampler, keys, cond)
+            res = sample(den, method_guidance(method, config.scale), sampler, bench.keys, bench.cond)
             x = np.asarray(res.x0)
             timings[f"{model_name}/{method}/sample_s"] = round(time.time() - t0, 2)
             if not np.all(np.isfinite(x)):
                 echo(f"warning: {model_name}/{method}: {int((~np.isfinite(x)).any(axis=(1, 2, 3)).sum())} "
                      "samples are not finite; clipped to [-1e3, 1e3] for the metrics")
                 x = np.clip(np.nan_to_num(x, nan=0.0), -1e3, 1e3)
-            results[model_name][method] = measure(x, caption_ids, kinds, bed, threshold, classifier, reference)
+            results[model_name][method] = bench.measure(x)
             if "transition" in res.trace:
                 results[model_name][method]["all"]["transition_mean"] = float(
                     np.mean(np.asarray(res.trace["transition"])[:, -1]))
@@ -234,7 +158,7 @@ def run_demo(config: DemoConfig = DemoConfig(), *, progress: bool = True, echo=p
                     "unique_images": int(len(bed.unique_index)), "image_size": bed.config.image_size},
         "prompts": {k: [{"id": int(c), "caption": bed.captions[c]} for c in v] for k, v in prompts.items()},
         "copy_threshold": threshold,
-        "classifier_accuracy": classifier.accuracy,
+        "classifier_accuracy": bench.classifier.accuracy,
         "grid_rows": ["training image"] + [METHOD_LABELS.get(m, m) for m in config.methods],
         "results": results,
         "timings_s": dict(timings, total=round(time.time() - t_start, 2)),
@@ -254,5 +178,4 @@ def run_demo(config: DemoConfig = DemoConfig(), *, progress: bool = True, echo=p
     return report
 
 
-__all__ = ["DEFAULT_METHODS", "DemoConfig", "MODELS", "build_model", "build_testbed", "format_table",
-           "measure", "method_guidance", "run_demo"]
+__all__ = ["DEFAULT_METHODS", "DemoConfig", "format_table", "run_demo"]

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 def small_mixture():
     """(testbed, partial-memorizer Denoiser) on the demo's small testbed (16x16, 12 captions),
     shared by every module that needs a model which partly generalizes (a few seconds to fit)."""
-    from amg_jax import demo
+    from amg_jax import workbench
 
-    bed = demo.build_testbed("small")
-    return bed, demo.build_model("mixture", bed)
+    bed = workbench.build_testbed("small")
+    return bed, workbench.build_model("mixture", bed)

@@ -1,0 +1,177 @@
+"""`amg eval`: one method on one model and prompt set -> ``metrics.json``, a grid and AMG's traces.
+
+Models are the testbed's closed-form memorizers for now (``empirical``, ``mixture``); the
+trained networks and Stable Diffusion plug into the same path later. The keys every run
+writes, per prompt kind and for "all":
+
+- ``memorized_frac``: share of samples copied (calibrated criterion: nearest training image
+  closer than the 1st percentile of distances between true renders of one caption);
+  ``frac_nl2_below_1.4`` beside it (Carlini's criterion; it misfires on this small set);
+- ``sim_top5pct`` / ``sim_top1``: the memorization tail in the detector's similarity,
+  pixel nL2 here (lower = more memorized): its 5th percentile (the paper's "top-5%") and
+  minimum (the worst case);
+- ``quality_fd``: Fréchet distance of pooled pixels against fresh true renders of the same
+  prompts (the FID analogue); ``alignment``: the attribute classifier agrees with the caption
+  (the CLIP-score analogue); ``frac_out_of_range``: pixels outside [-1, 1];
+- AMG only: ``gate_open_rate`` (share of steps with the gate open), ``fallback_rate``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+
+from amg_jax import images as img
+from amg_jax.data import testbed as tb
+from amg_jax.guidance import GUIDANCES
+from amg_jax.guidance.amg import AMGConfig, make_amg
+from amg_jax.samplers import SAMPLERS, SamplerConfig, sample
+from amg_jax.workbench import MODELS, TESTBEDS, build_model, build_testbed, method_guidance, prepare_bench
+
+METHODS = tuple(GUIDANCES) + ("amg",)
+AMG_FIELDS = tuple(f.name for f in dataclasses.fields(AMGConfig))
+DETECTORS = ("nl2", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """One evaluation. ``amg``: AMGConfig overrides as ((field, value), ...); ``base``: the
+    guidance AMG wraps. Validated on construction (ValueError naming the field)."""
+
+    out: str = "eval_out"
+    model: str = "mixture"
+    testbed: str = "default"
+    method: str = "amg"
+    base: str = "cfg"
+    scale: float = 7.5
+    kinds: tuple = tb.KINDS
+    prompts_per_kind: int = 4
+    samples_per_prompt: int = 8
+    sampler: str = "ddim"
+    steps: int = 50
+    seed: int = 0
+    detector: str = "nl2"
+    amg: tuple = ()
+
+    def __post_init__(self):
+        def fail(field, msg):
+            raise ValueError(f"eval: {field} {msg}")
+
+        for field, allowed in (("model", MODELS), ("testbed", TESTBEDS), ("method", METHODS),
+                               ("base", tuple(GUIDANCES)), ("sampler", SAMPLERS), ("detector", DETECTORS)):
+            if getattr(self, field) not in allowed:
+                fail(field, f"must be one of {list(allowed)}, got {getattr(self, field)!r}")
+        if isinstance(self.kinds, str) or not self.kinds or any(k not in tb.KINDS for k in self.kinds):
+            fail("kinds", f"must be a non-empty list from {list(tb.KINDS)}, got {self.kinds!r}")
+        for field in ("prompts_per_kind", "samples_per_prompt", "steps"):
+            v = getattr(self, field)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                fail(field, f"must be an integer >= 1, got {v!r}")
+        if not np.isfinite(self.scale):
+            fail("scale", f"must be a finite number, got {self.scale!r}")
+        for item in self.amg:
+            if not (isinstance(item, tuple) and len(item) == 2 and item[0] in AMG_FIELDS):
+                fail("amg", f"entries must be (field, value) with a field of {list(AMG_FIELDS)}, got {item!r}")
+        AMGConfig(**dict(self.amg))      # raises naming the bad AMG field
+
+
+def build_guidance(config: EvalConfig, bed: tb.Testbed):
+    """The method's guidance; AMG gets a pixel detector over ``bed``'s training images."""
+    if config.method != "amg":
+        return method_guidance(config.method, config.scale)
+    from amg_jax.similarity.pixel import pixel_detector
+
+    detector = pixel_detector(bed.images, labels=bed.labels, kind=config.detector)
+    return make_amg(method_guidance(config.base, config.scale), detector, **dict(config.amg))
+
+
+def summarize(per_kind: dict, trace: dict, kinds: np.ndarray) -> dict:
+    """Add the agreed keys (``memorized_frac``, ``sim_top5pct``, ``sim_top1``, ``quality_fd``) and,
+    for AMG, the gate / fallback rates per kind."""
+    out = {}
+    for kind, r in per_kind.items():
+        r = dict(r, memorized_frac=r["frac_copied"], sim_top5pct=r["nl2_top5pct"], sim_top1=r["nl2_top1"],
+                 quality_fd=r["fd"])
+        if "gate" in trace:
+            sel = np.ones(len(kinds), bool) if kind == "all" else kinds == kind
+            r["gate_open_rate"] = float(np.mean(np.asarray(trace["gate"])[sel]))
+            r["fallback_rate"] = float(np.mean(np.asarray(trace["fallback"])[sel]))
+        out[kind] = r
+    return out
+
+
+def plot_similarity(trace: dict, path: str, *, max_samples: int = 8, title: str = "") -> str:
+    """The paper's Figure 3: sigma_t of a few samples against the gate threshold lambda_t over steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sigma = np.asarray(trace["sigma"])[:max_samples]
+    lam = np.asarray(trace["lambda"])[0]
+    gate = np.asarray(trace["gate"])[:max_samples]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    steps = np.arange(sigma.shape[1])
+    for i, row in enumerate(sigma):
+        line, = ax.plot(steps, row, lw=1, alpha=0.8)
+        ax.scatter(steps[gate[i]], row[gate[i]], s=8, color=line.get_color())
+    if np.all(np.isfinite(lam)):
+        ax.plot(steps, lam, "k--", lw=2, label="threshold lambda_t")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlabel("sampling step (dots: gate open)")
+    ax.set_ylabel("similarity sigma_t")
+    ax.set_title(title or "similarity vs threshold", fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def run_eval(config: EvalConfig, *, echo=print) -> dict:
+    """Sample ``config.method`` on the bench and write ``metrics.json`` (see the module docstring)."""
+    t0 = time.time()
+    bed = build_testbed(config.testbed)
+    guidance = build_guidance(config, bed)          # fails on bad AMG settings before the model is fit
+    os.makedirs(config.out, exist_ok=True)
+    bench = prepare_bench(bed, config.prompts_per_kind, config.samples_per_prompt, config.seed, config.kinds)
+    den = build_model(config.model, bed)
+    echo(f"sampling {config.method} on {config.model}: {len(bench.caption_ids)} samples, "
+         f"{config.sampler} {config.steps} steps ...")
+    res = sample(den, guidance, SamplerConfig(config.sampler, num_steps=config.steps), bench.keys, bench.cond)
+    x = np.asarray(res.x0)
+    per_kind = summarize(bench.measure(np.nan_to_num(x, nan=0.0)), res.trace, bench.kinds)
+    s = bench.samples_per_prompt
+    grid = img.image_grid(x.reshape((-1, s) + x.shape[1:])[:, : min(s, 8)].reshape((-1,) + x.shape[1:]),
+                          ncol=min(s, 8), upscale=max(1, 64 // bed.config.image_size))
+    img.save_png(os.path.join(config.out, "samples.png"), grid)
+    if "sigma" in res.trace:
+        plot_similarity(res.trace, os.path.join(config.out, "similarity.png"),
+                        title=f"{config.method} on {config.model}: similarity (-nL2) vs threshold")
+        np.savez(os.path.join(config.out, "trace.npz"), **{k: np.asarray(v) for k, v in res.trace.items()})
+    report = {"config": dataclasses.asdict(config), "copy_threshold": bench.threshold,
+              "prompts": {k: [int(c) for c in v] for k, v in bench.prompts.items()},
+              "metrics": per_kind, "seconds": round(time.time() - t0, 2)}
+    _write_json(os.path.join(config.out, "metrics.json"), report)
+    for kind, r in per_kind.items():
+        extra = f"  gate open {r['gate_open_rate']:.0%}" if "gate_open_rate" in r else ""
+        echo(f"{kind:>10}: memorized {r['memorized_frac']:.1%}  nL2<1.4 {r['frac_nl2_below_1.4']:.1%}  "
+             f"nL2 top-5% {r['sim_top5pct']:.2f}  top-1 {r['sim_top1']:.2f}  FD {r['quality_fd']:.2f}  "
+             f"align {r['alignment']:.0%}  out-of-range {r['frac_out_of_range']:.1%}{extra}")
+    echo(f"wrote {os.path.join(config.out, 'metrics.json')} ({report['seconds']:.0f} s)")
+    return report
+
+
+__all__ = ["DETECTORS", "EvalConfig", "METHODS", "build_guidance", "plot_similarity", "run_eval", "summarize"]
