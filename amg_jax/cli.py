@@ -58,7 +58,6 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     from amg_jax import demo
-    from amg_jax.guidance import GUIDANCES
     from amg_jax.samplers import SAMPLERS
 
     parser = argparse.ArgumentParser(
@@ -70,19 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     d = sub.add_parser(
-        "demo", help="compare CFG, STP, DTP, OG and OG+DTP on the testbed's closed-form memorizers",
+        "demo", help="compare CFG, STP, DTP, OG, OG+DTP and AMG on the testbed's closed-form memorizers",
         description="Sample every method on the testbed with the perfect memorizer (the empirical "
                     "denoiser: every method ends on a training image) and the partial memorizer (a "
                     "Gaussian mixture plus training images as point masses: it copies duplicated and "
                     "specific prompts, generalizes on generic ones). Writes grid_<model>.png, "
+                    "similarity_<model>.png (AMG's similarity vs gate threshold over steps), "
                     "metrics.json and prints the table: share copied (calibrated criterion), nL2 < 1.4, "
                     "median nL2, Frechet distance vs fresh true renders, alignment, pixels out of range.",
         formatter_class=_Help)
     d.add_argument("--out", default="demo_out", help="output directory")
     d.add_argument("--models", type=_csv(demo.MODELS), default=",".join(demo.MODELS), metavar="LIST",
                    help=f"comma-separated models from: {', '.join(demo.MODELS)}")
-    d.add_argument("--methods", type=_csv(tuple(GUIDANCES)), default=",".join(demo.DEFAULT_METHODS), metavar="LIST",
-                   help=f"comma-separated guidances from: {', '.join(GUIDANCES)}")
+    d.add_argument("--methods", type=_csv(demo.METHODS), default=",".join(demo.DEFAULT_METHODS), metavar="LIST",
+                   help=f"comma-separated methods from: {', '.join(demo.METHODS)}")
     d.add_argument("--testbed", choices=demo.TESTBEDS, default="default",
                    help="default: 32x32, 62 captions; small: 16x16, 12 captions (quick)")
     d.add_argument("--prompts", dest="prompts_per_kind", type=_positive_int, default=4, metavar="N",

@@ -29,12 +29,16 @@ from typing import Sequence
 import numpy as np
 
 from amg_jax import images as img
+from amg_jax.evaluate import plot_similarity
 from amg_jax.guidance import GUIDANCES
 from amg_jax.samplers import SAMPLERS, SamplerConfig, sample
 from amg_jax.workbench import (MODELS, SMALL_TESTBED, TESTBEDS, build_model, build_testbed,  # noqa: F401
                                method_guidance, prepare_bench)
 
-DEFAULT_METHODS = ("cfg", "stp", "dtp", "og", "og_dtp")
+DEFAULT_METHODS = ("cfg", "stp", "dtp", "og", "og_dtp", "amg")
+METHODS = tuple(GUIDANCES) + ("amg",)
+# AMG in the demo: CFG 7.5 as its base, the pixel nL2 detector over the training images.
+DEMO_AMG = {"c3": 3000.0}
 METHOD_LABELS = {"none": "unguided", "cfg": "CFG", "stp": "STP", "dtp": "DTP", "og": "OG", "og_dtp": "OG+DTP",
                  "amg": "AMG"}
 
@@ -67,7 +71,7 @@ class DemoConfig:
         def fail(field, msg):
             raise ValueError(f"demo: {field} {msg}")
 
-        for field, allowed in (("models", MODELS), ("methods", tuple(GUIDANCES))):
+        for field, allowed in (("models", MODELS), ("methods", METHODS)):
             vals = getattr(self, field)
             if isinstance(vals, str) or not vals:
                 fail(field, f"must be a non-empty list, got {vals!r}")
@@ -131,7 +135,8 @@ def run_demo(config: DemoConfig = DemoConfig(), *, progress: bool = True, echo=p
         for method in config.methods:
             bar.set_description(f"{model_name}: {METHOD_LABELS.get(method, method)}")
             t0 = time.time()
-            res = sample(den, method_guidance(method, config.scale), sampler, bench.keys, bench.cond)
+            guidance = method_guidance(method, config.scale, bed=bed, amg=DEMO_AMG)
+            res = sample(den, guidance, sampler, bench.keys, bench.cond)
             x = np.asarray(res.x0)
             timings[f"{model_name}/{method}/sample_s"] = round(time.time() - t0, 2)
             if not np.all(np.isfinite(x)):
@@ -142,6 +147,10 @@ def run_demo(config: DemoConfig = DemoConfig(), *, progress: bool = True, echo=p
             if "transition" in res.trace:
                 results[model_name][method]["all"]["transition_mean"] = float(
                     np.mean(np.asarray(res.trace["transition"])[:, -1]))
+            if "sigma" in res.trace:
+                plot_similarity(res.trace, os.path.join(config.out, f"similarity_{model_name}.png"),
+                                title=f"AMG on {model_name}: similarity (-nL2) vs gate threshold")
+                results[model_name][method]["all"]["gate_open_rate"] = float(np.mean(np.asarray(res.trace["gate"])))
             rows.append(x[::s])                      # the first seed of every prompt
             bar.update(1)
         up = max(1, 64 // bed.config.image_size)

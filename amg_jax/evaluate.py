@@ -27,7 +27,7 @@ import numpy as np
 from amg_jax import images as img
 from amg_jax.data import testbed as tb
 from amg_jax.guidance import GUIDANCES
-from amg_jax.guidance.amg import AMGConfig, make_amg
+from amg_jax.guidance.amg import AMGConfig
 from amg_jax.samplers import SAMPLERS, SamplerConfig, sample
 from amg_jax.workbench import MODELS, TESTBEDS, build_model, build_testbed, method_guidance, prepare_bench
 
@@ -80,12 +80,8 @@ class EvalConfig:
 
 def build_guidance(config: EvalConfig, bed: tb.Testbed):
     """The method's guidance; AMG gets a pixel detector over ``bed``'s training images."""
-    if config.method != "amg":
-        return method_guidance(config.method, config.scale)
-    from amg_jax.similarity.pixel import pixel_detector
-
-    detector = pixel_detector(bed.images, labels=bed.labels, kind=config.detector)
-    return make_amg(method_guidance(config.base, config.scale), detector, **dict(config.amg))
+    return method_guidance(config.method, config.scale, bed=bed, base=config.base, detector=config.detector,
+                           amg=dict(config.amg))
 
 
 def summarize(per_kind: dict, trace: dict, kinds: np.ndarray) -> dict:

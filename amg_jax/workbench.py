@@ -43,9 +43,19 @@ def build_model(name: str, bed: tb.Testbed):
     return fit_mixture(bed, rank=6 if small else 12, renders_per_component=12 if small else 48, rng=0)
 
 
-def method_guidance(name: str, scale: float):
+def method_guidance(name: str, scale: float, *, bed: tb.Testbed | None = None, base: str = "cfg",
+                    detector: str = "nl2", amg: dict | None = None):
     """The guidance of a method name at guidance scale ``scale`` (papers' defaults otherwise;
-    OG+DTP's early scale is -scale, as the reference code does)."""
+    OG+DTP's early scale is -scale, as the reference code does). ``"amg"`` wraps the ``base``
+    method with a pixel ``detector`` over ``bed``'s training images and ``amg`` settings."""
+    if name == "amg":
+        from amg_jax.guidance.amg import make_amg
+        from amg_jax.similarity.pixel import pixel_detector
+
+        if bed is None:
+            raise ValueError("method 'amg' needs the testbed its detector searches")
+        det = pixel_detector(bed.images, labels=bed.labels, kind=detector)
+        return make_amg(method_guidance(base, scale), det, **(amg or {}))
     if name == "none":
         return make_guidance("none")
     if name == "og_dtp":

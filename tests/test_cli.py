@@ -77,11 +77,55 @@ def test_tiny_demo_writes_grids_metrics_and_table(tmp_path, capsys):
                     assert np.isfinite(r[key]), (model, method, key)
                 assert 0.0 <= r["frac_copied"] <= 1.0 and 0.0 <= r["alignment"] <= 1.0
         grid = np.asarray(Image.open(out / f"grid_{model}.png"))
-        # rows: a training image + 5 methods; columns: 3 prompts; 16x16 images upscaled 4x, 1-px
+        # rows: a training image + 6 methods; columns: 3 prompts; 16x16 images upscaled 4x, 1-px
         # padding; plus the label margin (72 px) and the header line (14 px)
-        assert grid.shape == (6 * 65 + 1 + 14, 3 * 65 + 1 + 72, 3)
+        assert grid.shape == (7 * 65 + 1 + 14, 3 * 65 + 1 + 72, 3)
+        assert Image.open(out / f"similarity_{model}.png").size[0] > 100
+        assert 0.0 <= report["results"][model]["amg"]["all"]["gate_open_rate"] <= 1.0
     # the perfect memorizer copies the duplicated prompt with CFG (every seed)
     assert report["results"]["empirical"]["cfg"]["duplicated"]["frac_copied"] == 1.0
     assert report["copy_threshold"] > 0 and report["prompts"]["specific"][0]["caption"]
-    assert "OG+DTP" in printed and "copied" in printed and "metrics.json" in printed
+    assert "OG+DTP" in printed and "AMG" in printed and "copied" in printed and "metrics.json" in printed
     assert not any(name.endswith(".tmp") for name in os.listdir(out))
+
+
+def test_eval_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--help"])
+    out = capsys.readouterr().out
+    for opt in ("--model", "--method", "--base", "--kinds", "--c1", "--c2", "--c3", "--c3-units", "--threshold",
+                "--lambda-min", "--lambda-max", "--gradient", "--score", "--no-spe", "--no-dup", "--no-sim",
+                "--no-fallback", "--detector"):
+        assert opt in out, opt
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "cfg", "--c3", "10"], "AMG settings (--c3) need --method amg"),
+    (["--lambda-min", "-3"], "lambda_min=-3.0 lies outside the detector's sigma range"),
+    (["--kinds", "rare"], "unknown 'rare'"),
+    (["--method", "amg2"], "invalid choice: 'amg2'"),
+])
+def test_bad_eval_arguments_fail_before_any_work(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", "--testbed", "small", "--out", str(out)] + args)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_tiny_eval_writes_the_agreed_keys(tmp_path):
+    out = tmp_path / "eval"
+    assert cli.main(["eval", "--model", "empirical", "--testbed", "small", "--kinds", "duplicated,generic",
+                     "--prompts", "1", "--samples", "3", "--steps", "4", "--c3", "3000", "--out", str(out)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert set(report["metrics"]) == {"duplicated", "generic", "all"}
+    for r in report["metrics"].values():
+        for key in ("memorized_frac", "sim_top5pct", "sim_top1", "quality_fd", "alignment", "frac_out_of_range",
+                    "frac_nl2_below_1.4", "gate_open_rate"):
+            assert np.isfinite(r[key]), key
+        assert r["n"] == (6 if r is report["metrics"]["all"] else 3)
+    assert report["config"]["amg"] == [["c3", 3000.0]]
+    trace = np.load(out / "trace.npz")
+    assert trace["sigma"].shape == (6, 4) and trace["gate"].dtype == bool
+    assert Image.open(out / "similarity.png").size[0] > 100 and (out / "samples.png").exists()

@@ -6,8 +6,11 @@ as an argument, never close over it) with::
     __call__(x0_hat [B, *S]) -> Detection     # differentiable in x0_hat (sigma)
     sigma_range: tuple[float, float]          # static: the interval sigma lies in
     scale: float                              # static: the detector's distance scale
-                                              #   (pixel nL2: alpha * median k-NN mean
-                                              #   distance of the bank, m; 1 for cosines)
+                                              #   (pixel nL2: the bank's median k-NN mean
+                                              #   distance m; 1 for cosines). AMG's
+                                              #   data-scaled c3 is c3 * scale**2
+    default_thresholds: tuple                 # optional: (lambda_min, lambda_max) for
+                                              #   AMG's gate, (None, None) = none
 
 ``sigma`` is "higher = more memorized" (pixel nL2: ``-nL2`` in ``[-1/alpha, 0]``; SSCD /
 CLIP / pixel cosine: the cosine in ``[-1, 1]``). ``label`` is the caption / class id of

@@ -12,8 +12,8 @@ Two rules from METHODS.md ("Pitfalls measured on a closed-form memorizer"):
    direct distance, so the returned order is the exact one among the candidates.
 2. nL2 expects a **deduplicated** reference set: exact duplicates put zero distances into
    the k-NN mean and push nL2 of a copy towards 0/0. ``dedup_reference`` removes them;
-   ``pixel_detector`` applies it by default (``PixelDetectorConfig.dedup = True``) and maps
-   neighbour indices back to the caller's original rows (the first occurrence of each image).
+   the detector's ``ReferenceBank`` (``amg_jax.index``) applies it by default (``dedup=True``)
+   and maps neighbour indices back to the caller's original rows (first occurrences).
 
 Shapes: queries ``x`` are ``[B, ...]`` (e.g. [B, H, W, C]); references ``ref`` are
 ``[M, ...]`` with the same per-sample size (``[M, H, W, C]`` or already flattened
@@ -28,9 +28,15 @@ with ``n0`` the nearest neighbour, ``k = 50``, ``alpha = 0.5``; the k-NN mean in
 threshold is ``nL2 < 1.4``. ``k`` is clamped to the reference size. The detector reports
 ``sigma = -nL2`` (higher = more memorized, range ``[-1/alpha, 0]``).
 
-Gradients: ``||x - z||`` has a kink at ``x == z``; there the gradient is defined as 0 (finite,
-never NaN). Next to a copy the gradient of nL2 is nonzero and points away from ``n0``. A
-guidance that must push an *exact* copy needs a fallback direction (METHODS.md pitfall 6).
+Gradients: ``||x - z||`` has a kink at ``x == z``; in ``knn`` / ``nl2`` the gradient there is
+defined as 0 (finite, never NaN). Next to a copy the gradient of nL2 is nonzero and points
+away from ``n0``. The detector (``PixelDetector``, kind "nl2") gives an *exact* copy a nonzero
+gradient as well: at ``x0_hat == n0`` the numerator's derivative is the unit vector from the
+mean of n0's other k-NN rows to n0 (one of the equally steep ways out of the kink; METHODS.md
+pitfalls 1 and 6), so ``|grad sigma| = 1 / (alpha * kNN mean)`` there too.
+
+The detector works over an ``amg_jax.index.ReferenceBank`` (possibly sharded over devices);
+``pixel_detector`` builds one from raw images.
 """
 from __future__ import annotations
 
@@ -42,32 +48,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from amg_jax import index as _index
+from amg_jax.index import ReferenceBank, build_bank, flatten, safe_norm, squared_norms  # noqa: F401  (re-exported)
+from amg_jax.similarity.base import Detection
+
 Array = jax.Array
-
-_HIGHEST = jax.lax.Precision.HIGHEST
-
-
-# ----------------------------------------------------------------------------- helpers
-
-def flatten(x: Array) -> Array:
-    """[B, ...] -> [B, D] (float32)."""
-    x = jnp.asarray(x)
-    if x.ndim < 1:
-        raise ValueError("expected a batch [B, ...], got a scalar")
-    return x.reshape(x.shape[0], -1).astype(jnp.float32)
-
-
-def safe_norm(v: Array, axis: int = -1) -> Array:
-    """Euclidean norm along ``axis`` whose gradient is 0 (not NaN) where the norm is 0."""
-    s = jnp.sum(jnp.square(v), axis=axis)
-    pos = s > 0
-    return jnp.where(pos, jnp.sqrt(jnp.where(pos, s, 1.0)), 0.0)
-
-
-def squared_norms(ref: Array) -> Array:
-    """|z|^2 per reference row: [M, ...] -> [M] (precompute once per bank)."""
-    r = flatten(ref)
-    return jnp.sum(jnp.square(r), axis=-1)
 
 
 def _check_dims(xf: Array, rf: Array) -> None:
@@ -84,46 +69,33 @@ def dedup_reference(ref) -> tuple[np.ndarray, np.ndarray]:
 
     Returns ``(unique [M', ...], kept_index [M'] int32)``: the first occurrence of each
     distinct image, in original order, and its row in ``ref`` (so ``unique == ref[kept]``).
-    nL2 expects a reference deduplicated this way (see the module docstring). Not jit-able
-    (the output size depends on the data); call it once when building a bank.
+    nL2 expects a reference deduplicated this way (see the module docstring). Not jit-able.
     """
-    ref = np.asarray(ref)
-    if ref.ndim < 1 or ref.shape[0] == 0:
-        raise ValueError(f"dedup_reference: expected a non-empty [M, ...] array, got shape {ref.shape}")
-    flat = np.ascontiguousarray(ref.reshape(ref.shape[0], -1))
-    _, first = np.unique(flat, axis=0, return_index=True)
-    kept = np.sort(first).astype(np.int32)
-    return ref[kept], kept
+    return _index.dedup_rows(ref)
 
 
 # ----------------------------------------------------------------------------- neighbours
 
+def _flat_ref(x: Array, ref: Array, ref_sq: Array | None) -> tuple[Array, Array, Array]:
+    xf, rf = flatten(x), flatten(ref)
+    _check_dims(xf, rf)
+    return xf, rf, jnp.sum(jnp.square(rf), axis=-1) if ref_sq is None else ref_sq
+
+
 def knn(x: Array, ref: Array, k: int, *, ref_sq: Array | None = None) -> tuple[Array, Array]:
     """The k nearest reference rows of each query by L2.
 
-    Candidates are chosen with the expanded form (matmul + ``lax.top_k``); the distances
-    returned are direct ``||x - z||`` (differentiable in ``x``), sorted ascending.
+    Candidates are chosen with the expanded form (matmul + ``lax.top_k``, a few more than k);
+    the distances returned are direct ``||x - z||`` (differentiable in ``x``), sorted ascending.
     ``k`` is clamped to the reference size.
 
     Returns ``(dist [B, k'], index [B, k'] int32)`` with ``k' = min(k, M)``.
     """
-    xf, rf = flatten(x), flatten(ref)
-    _check_dims(xf, rf)
+    xf, rf, ref_sq = _flat_ref(x, ref, ref_sq)
     k = int(min(int(k), rf.shape[0]))
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    if ref_sq is None:
-        ref_sq = jnp.sum(jnp.square(rf), axis=-1)
-    # |x|^2 - d^2 = 2 x.z - |z|^2: the larger, the nearer (|x|^2 is constant per row).
-    xs = jax.lax.stop_gradient(xf)
-    scores = 2.0 * jnp.matmul(xs, rf.T, precision=_HIGHEST) - ref_sq[None, :]
-    _, cand = jax.lax.top_k(scores, k)                      # [B, k]
-    nbrs = jnp.take(rf, cand, axis=0)                       # [B, k, D]
-    dist = safe_norm(xf[:, None, :] - nbrs, axis=-1)        # [B, k] direct distances
-    order = jnp.argsort(jax.lax.stop_gradient(dist), axis=-1, stable=True)
-    dist = jnp.take_along_axis(dist, order, axis=-1)
-    cand = jnp.take_along_axis(cand, order, axis=-1)
-    return dist, cand.astype(jnp.int32)
+    return _index.dense_search(xf, rf, ref_sq, k, metric="l2")
 
 
 def nearest_neighbor(x: Array, ref: Array, *, ref_sq: Array | None = None,
@@ -133,7 +105,8 @@ def nearest_neighbor(x: Array, ref: Array, *, ref_sq: Array | None = None,
     The ``num_candidates`` best rows by the expanded form are re-ranked by the direct
     distance (guards against float32 mis-ranking of near ties); ``dist`` is direct.
     """
-    dist, idx = knn(x, ref, max(1, int(num_candidates)), ref_sq=ref_sq)
+    xf, rf, ref_sq = _flat_ref(x, ref, ref_sq)
+    dist, idx = _index.dense_search(xf, rf, ref_sq, 1, metric="l2", num_candidates=max(1, int(num_candidates)))
     return dist[:, 0], idx[:, 0]
 
 
@@ -176,30 +149,41 @@ def pixel_cosine(x: Array, ref: Array, *, by: str = "cosine", ref_sq: Array | No
     computed directly from the pair (differentiable in ``x``).
     Returns ``(cos [B], index [B] int32)``.
     """
-    xf, rf = flatten(x), flatten(ref)
-    _check_dims(xf, rf)
+    if by not in ("cosine", "l2"):
+        raise ValueError(f"pixel_cosine: by must be 'cosine' or 'l2', got {by!r}")
+    xf, rf, ref_sq = _flat_ref(x, ref, ref_sq)
     if by == "l2":
         _, idx = nearest_neighbor(xf, rf, ref_sq=ref_sq, num_candidates=num_candidates)
         return cosine_similarity(xf, jnp.take(rf, idx, axis=0)), idx
-    if by != "cosine":
-        raise ValueError(f"pixel_cosine: by must be 'cosine' or 'l2', got {by!r}")
-    if ref_sq is None:
-        ref_sq = jnp.sum(jnp.square(rf), axis=-1)
-    rn = rf / jnp.maximum(jnp.sqrt(ref_sq), 1e-12)[:, None]
-    kc = int(min(max(1, int(num_candidates)), rf.shape[0]))
-    scores = jnp.matmul(jax.lax.stop_gradient(xf), rn.T, precision=_HIGHEST)
-    _, cand = jax.lax.top_k(scores, kc)                                    # [B, kc]
-    nbrs = jnp.take(rf, cand, axis=0)                                      # [B, kc, D]
-    num = jnp.sum(xf[:, None, :] * nbrs, axis=-1)
-    cos = num / jnp.maximum(safe_norm(xf)[:, None] * safe_norm(nbrs, axis=-1), 1e-12)
-    best = jnp.argmax(jax.lax.stop_gradient(cos), axis=-1)
-    return (jnp.take_along_axis(cos, best[:, None], axis=-1)[:, 0],
-            jnp.take_along_axis(cand, best[:, None], axis=-1)[:, 0].astype(jnp.int32))
+    cos, idx = _index.dense_search(xf, rf, ref_sq, 1, metric="cosine", num_candidates=max(1, int(num_candidates)))
+    return cos[:, 0], idx[:, 0]
 
 
 # ----------------------------------------------------------------------------- detector
 
+@jax.custom_jvp
+def _copy_distance(v: Array, away: Array) -> Array:
+    """``||v||`` per row ([B, D] -> [B]) whose derivative at ``v == 0`` (an exact copy) is the
+    unit vector of ``away`` instead of 0: one of the (equally steep) directions out of the
+    kink, so the dissimilarity gradient does not vanish on exactly the memorized samples.
+    ``away`` (no gradient) is ``n0`` minus the mean of its other k-NN rows; where it is 0 too
+    (k = 1, or a copy without other neighbours) the derivative stays 0."""
+    return _index.row_norm(v)
+
+
+@_copy_distance.defjvp
+def _copy_distance_jvp(primals, tangents):
+    v, away = primals
+    dv, _ = tangents
+    n = _index.row_norm(v)
+    u = jnp.where((n > 0)[:, None], v, away)
+    u = u / jnp.maximum(safe_norm(u, axis=-1), 1e-30)[:, None]
+    return n, jnp.sum(u * dv, axis=-1)
+
+
 DETECTOR_KINDS = ("nl2", "cosine")
+NL2_GATE_LOW = -1.6        # default lambda_min: sigma = -nL2 at the loose copy threshold nL2 < 1.6
+NL2_GATE_HIGH = -1.4       # default lambda_max: Carlini's nL2 < 1.4 (without a calibrated copy distance)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,29 +192,35 @@ class PixelDetectorConfig:
 
     kind:  "nl2"    -> sigma = -nL2, in [-1/alpha, 0] (Carlini: memorized when nL2 < 1.4,
                        i.e. sigma > -1.4);
-           "cosine" -> sigma = pixel cosine to the most cosine-similar reference row, in [-1, 1].
+           "cosine" -> sigma = pixel cosine to the most cosine-similar bank row, in [-1, 1].
     k, alpha: nL2's neighbourhood size (clamped to the bank size) and normaliser.
-    dedup: remove exact duplicates from the reference before use (on by default; nL2
-           needs it, METHODS.md pitfall 2). Neighbour indices always refer to the rows
-           of the reference as passed in (first occurrence of a duplicated image).
     eps:   floor of nL2's denominator.
+    thresholds: (lambda_min, lambda_max) AMG uses when its config leaves them unset; None =
+           the kind's default (see ``PixelDetector.default_thresholds``).
     """
 
     kind: str = "nl2"
     k: int = 50
     alpha: float = 0.5
-    dedup: bool = True
     eps: float = 1e-12
+    thresholds: tuple | None = None
 
     def __post_init__(self):
         if self.kind not in DETECTOR_KINDS:
             raise ValueError(f"PixelDetectorConfig.kind must be one of {DETECTOR_KINDS}, got {self.kind!r}")
-        if int(self.k) < 1:
-            raise ValueError(f"PixelDetectorConfig.k must be >= 1, got {self.k}")
+        if isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)) or int(self.k) < 1:
+            raise ValueError(f"PixelDetectorConfig.k must be an integer >= 1, got {self.k!r}")
         if not float(self.alpha) > 0:
             raise ValueError(f"PixelDetectorConfig.alpha must be > 0, got {self.alpha}")
         if not float(self.eps) > 0:
             raise ValueError(f"PixelDetectorConfig.eps must be > 0, got {self.eps}")
+        if self.thresholds is not None:
+            t = tuple(self.thresholds)
+            lo, hi = self.sigma_range()
+            if len(t) != 2 or not all(lo < float(v) < hi for v in t):
+                raise ValueError(f"PixelDetectorConfig.thresholds must be two numbers inside the sigma range "
+                                 f"({lo}, {hi}), got {self.thresholds!r}")
+            object.__setattr__(self, "thresholds", (float(t[0]), float(t[1])))
 
     def sigma_range(self) -> tuple[float, float]:
         """The interval sigma lies in (for validating gate thresholds, METHODS.md pitfall 3)."""
@@ -239,63 +229,108 @@ class PixelDetectorConfig:
 
 @struct.dataclass
 class PixelDetector:
-    """``x0_hat [B, ...] -> (sigma [B], neighbour_index [B])``, higher sigma = more memorized.
+    """``x0_hat [B, *S] -> Detection(sigma, index, label)`` against a pixel ``ReferenceBank``,
+    higher sigma = more memorized (the contract in ``amg_jax.similarity.base``).
 
-    A pytree: the reference arrays are traced leaves (pass the detector into ``jit`` as an
-    argument, not as a closed-over constant), the config is static. Build with
-    ``pixel_detector``.
+    A pytree: the bank's arrays are traced leaves (pass the detector into ``jit`` as an
+    argument, not as a closed-over constant), the config is static. A sharded bank
+    (``amg_jax.index.shard_bank``) is searched per shard. Build with ``pixel_detector``.
 
-    ref:          [M', D] float32 reference rows (deduplicated when ``config.dedup``).
-    ref_sq:       [M'] their squared norms.
-    source_index: [M'] int32 row of each in the reference passed to ``pixel_detector``.
+    index: the neighbour's row in the array the bank was built from (first occurrence of a
+    duplicated image); label: its caption / class id (-1 when the bank has none).
     """
 
-    ref: Array
-    ref_sq: Array
-    source_index: Array
+    bank: ReferenceBank
     config: PixelDetectorConfig = struct.field(pytree_node=False, default_factory=PixelDetectorConfig)
-    sample_shape: tuple = struct.field(pytree_node=False, default=())
 
-    def __call__(self, x0_hat: Array) -> tuple[Array, Array]:
-        d = self.details(x0_hat)
-        return d["sigma"], d["index"]
+    @property
+    def sigma_range(self) -> tuple[float, float]:
+        return self.config.sigma_range()
 
-    def details(self, x0_hat: Array) -> dict:
-        """sigma, index (original rows) and the raw scores: nl2/nn_dist/knn_mean or cosine."""
-        c = self.config
-        if int(np.prod(x0_hat.shape[1:])) != int(self.ref.shape[1]):
-            raise ValueError(f"detector: sample shape {tuple(x0_hat.shape[1:])} does not match the "
-                             f"reference's {tuple(self.sample_shape)}")
-        if c.kind == "nl2":
-            r = nl2(x0_hat, self.ref, k=c.k, alpha=c.alpha, ref_sq=self.ref_sq, eps=c.eps)
-            idx = jnp.take(self.source_index, r.index)
-            return {"sigma": -r.nl2, "index": idx, "nl2": r.nl2, "nn_dist": r.nn_dist,
-                    "knn_mean": r.knn_mean}
-        cos, i = pixel_cosine(x0_hat, self.ref, by="cosine", ref_sq=self.ref_sq)
-        return {"sigma": cos, "index": jnp.take(self.source_index, i), "cosine": cos}
+    @property
+    def scale(self) -> float:
+        """nl2: ``m = bank.knn_scale``, the bank's typical k-NN mean distance (AMG's data-scaled
+        ``c3`` is ``c3 * scale**2``; |grad sigma| ~ 1 / (alpha * m)); cosine: 1."""
+        return float(self.bank.knn_scale) if self.config.kind == "nl2" else 1.0
+
+    @property
+    def default_thresholds(self) -> tuple:
+        """(lambda_min, lambda_max) for AMG's gate when its config leaves them unset.
+
+        nl2: lambda_min = -1.6 (the loose copy threshold nL2 < 1.6: a blurry early x0_hat,
+        nL2 ~ 1.7-1.9, keeps the gate shut; METHODS.md pitfall 3); lambda_max = the bank's
+        calibrated copy distance in nL2 units, ``-copy_threshold / (alpha * knn_scale)``, when
+        the bank has one (kept inside (lambda_min, 0)), else -1.4 (Carlini's nL2 < 1.4).
+        cosine: none (set them in the AMG config).
+        """
+        if self.config.thresholds is not None:
+            return self.config.thresholds
+        if self.config.kind != "nl2":
+            return (None, None)
+        hi = NL2_GATE_HIGH
+        thr, m = self.bank.copy_threshold, float(self.bank.knn_scale)
+        if thr is not None and np.isfinite(m) and m > 0:
+            hi = float(np.clip(-thr / (float(self.config.alpha) * m), NL2_GATE_LOW + 0.05, -0.05))
+        return (NL2_GATE_LOW, hi)
+
+    @property
+    def sample_shape(self) -> tuple:
+        return tuple(self.bank.sample_shape)
 
     @property
     def size(self) -> int:
-        return int(self.ref.shape[0])
+        return self.bank.size
+
+    def __call__(self, x0_hat: Array) -> Detection:
+        d = self.details(x0_hat)
+        return Detection(sigma=d["sigma"], index=d["index"], label=d["label"])
+
+    def details(self, x0_hat: Array) -> dict:
+        """sigma, index (source rows), label and the raw scores: nl2 / nn_dist / knn_mean, or cosine."""
+        _index.check_queries(self.bank, x0_hat, "pixel detector")
+        return _details(self, jnp.asarray(x0_hat))
 
 
-def pixel_detector(reference, config: PixelDetectorConfig | None = None, **overrides) -> PixelDetector:
-    """Build a pixel detector over ``reference [M, ...]`` (host-side; validates the input).
+@jax.jit
+def _details(det: PixelDetector, x0_hat: Array) -> dict:
+    """PixelDetector.details after validation (jitted: eager calls hit the compilation cache)."""
+    c, bank = det.config, det.bank
+    if c.kind == "nl2":
+        dist, row, nbrs = _index.search_rows(bank, x0_hat, c.k, metric="l2")
+        m = jnp.mean(dist, axis=-1)
+        n0 = nbrs[:, 0]
+        away = n0 - jnp.mean(nbrs[:, 1:], axis=1) if nbrs.shape[1] > 1 else jnp.zeros_like(n0)
+        d0 = _copy_distance(flatten(x0_hat) - n0, away)             # direct ||x0_hat - n0|| (pitfall 1)
+        r = d0 / jnp.maximum(c.alpha * m, c.eps)
+        src, lab = bank.lookup(row[:, 0])
+        return {"sigma": -r, "index": src, "label": lab, "nl2": r, "nn_dist": d0, "knn_mean": m}
+    cos, row = _index.search(bank, x0_hat, 1, metric="cosine")
+    src, lab = bank.lookup(row[:, 0])
+    return {"sigma": cos[:, 0], "index": src, "label": lab, "cosine": cos[:, 0]}
 
-    ``pixel_detector(train_images)`` is the nL2 detector (k=50, alpha=0.5, dedup on);
-    ``pixel_detector(train_images, kind="cosine")`` the pixel-cosine one.
+
+def pixel_detector(reference, labels=None, *, config: PixelDetectorConfig | None = None,
+                   dedup: bool | None = None, copy_threshold: float | None = None, **overrides) -> PixelDetector:
+    """A pixel detector over ``reference``: a pixel ``ReferenceBank`` (possibly sharded), or an
+    image array ``[M, ...]`` from which one is built (``build_bank(reference, labels, dedup=dedup,
+    copy_threshold=copy_threshold)``; dedup on unless ``dedup=False``, METHODS.md pitfall 2).
+
+    ``pixel_detector(train_images, labels)`` is the nL2 detector (k=50, alpha=0.5);
+    ``pixel_detector(train_images, kind="cosine")`` the pixel-cosine one; ``overrides`` are
+    ``PixelDetectorConfig`` fields.
     """
+    known = {f.name for f in dataclasses.fields(PixelDetectorConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"pixel_detector: unknown setting {unknown[0]!r}; settings are {sorted(known)}")
     config = dataclasses.replace(config or PixelDetectorConfig(), **overrides)
-    ref = np.asarray(reference, np.float32)
-    if ref.ndim < 2 or ref.shape[0] == 0:
-        raise ValueError(f"pixel_detector: reference must be a non-empty [M, ...] array, got shape {ref.shape}")
-    if not np.all(np.isfinite(ref)):
-        raise ValueError("pixel_detector: reference contains NaN or inf")
-    if config.dedup:
-        ref, kept = dedup_reference(ref)
+    if isinstance(reference, ReferenceBank):
+        if labels is not None or copy_threshold is not None or dedup is not None:
+            raise ValueError("pixel_detector: labels / dedup / copy_threshold belong to the bank; "
+                             "pass them to build_bank")
+        bank = reference
     else:
-        kept = np.arange(ref.shape[0], dtype=np.int32)
-    flat = jnp.asarray(ref.reshape(ref.shape[0], -1))
-    return PixelDetector(ref=flat, ref_sq=jnp.sum(jnp.square(flat), axis=-1),
-                         source_index=jnp.asarray(kept, jnp.int32), config=config,
-                         sample_shape=tuple(ref.shape[1:]))
+        bank = build_bank(reference, labels, kind="pixel", dedup=dedup is not False, copy_threshold=copy_threshold)
+    if bank.kind != "pixel":
+        raise ValueError(f"pixel_detector: the bank holds {bank.kind!r} rows, expected 'pixel'")
+    return PixelDetector(bank=bank, config=config)

@@ -7,7 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from amg_jax import index
+from amg_jax.data import testbed as tb
 from amg_jax.similarity import pixel
+from amg_jax.similarity.base import Detection
 
 SHAPE = (4, 4, 3)
 D = int(np.prod(SHAPE))
@@ -163,32 +166,112 @@ def test_detector_nl2_and_cosine():
     rng = np.random.default_rng(3)
     q = (uniq[[0, 3, 9]] + 1e-2 * rng.normal(size=(3,) + SHAPE)).astype(np.float32)
     det = pixel.pixel_detector(dup, k=5)
-    assert det.size == 20 and det.config.dedup
-    sigma, idx = det(jnp.asarray(q))
-    chex.assert_shape([sigma, idx], (3,))
-    np.testing.assert_allclose(np.asarray(sigma), -_nl2_64(q, uniq, 5)[0], rtol=1e-5, atol=1e-6)
+    assert det.size == 20 and det.bank.dedup
+    out = det(jnp.asarray(q))
+    assert isinstance(out, Detection)
+    chex.assert_shape(list(out), (3,))
+    np.testing.assert_allclose(np.asarray(out.sigma), -_nl2_64(q, uniq, 5)[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(out.label), -1)          # no labels given
     # Indices refer to rows of the reference as passed in (first occurrence).
     _, kept = pixel.dedup_reference(dup)
-    for j, i in zip([0, 3, 9], np.asarray(idx)):
+    for j, i in zip([0, 3, 9], np.asarray(out.index)):
         np.testing.assert_array_equal(dup[i], uniq[j])
         assert i in kept
-    lo, hi = det.config.sigma_range()
-    assert lo == -2.0 and hi == 0.0 and np.all((np.asarray(sigma) >= lo) & (np.asarray(sigma) <= hi))
+    lo, hi = det.sigma_range
+    assert (lo, hi) == (-2.0, 0.0) == det.config.sigma_range()
+    assert np.all((np.asarray(out.sigma) >= lo) & (np.asarray(out.sigma) <= hi))
+    d = det.details(jnp.asarray(q))
+    np.testing.assert_allclose(np.asarray(d["nl2"]), _nl2_64(q, uniq, 5)[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(d["knn_mean"]), _nl2_64(q, uniq, 5)[3], rtol=1e-5)
+    # scale = m (the bank's typical k-NN mean distance); the nl2 gate defaults
+    assert det.scale == det.bank.knn_scale > 0
+    assert det.default_thresholds == (-1.6, -1.4)
 
     det_off = pixel.pixel_detector(dup, k=5, dedup=False)
-    np.testing.assert_allclose(np.asarray(det_off(jnp.asarray(q))[0]), -_nl2_64(q, dup, 5)[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(det_off(jnp.asarray(q)).sigma), -_nl2_64(q, dup, 5)[0],
+                               rtol=1e-5, atol=1e-6)
 
     cdet = pixel.pixel_detector(dup, kind="cosine")
-    s, i = cdet(jnp.asarray(q))
+    s, i, _ = cdet(jnp.asarray(q))
     c = _cos64(q, dup)
     np.testing.assert_allclose(np.asarray(s), c.max(axis=1), rtol=1e-5)
     np.testing.assert_allclose(_cos64(q, dup[np.asarray(i)]).diagonal(), c.max(axis=1), rtol=1e-5)
-    assert cdet.config.sigma_range() == (-1.0, 1.0)
+    assert cdet.sigma_range == (-1.0, 1.0) and cdet.scale == 1.0 and cdet.default_thresholds == (None, None)
 
     # The detector is a pytree: it goes through jit as an argument.
-    s_jit, i_jit = jax.jit(lambda d, z: d(z))(det, jnp.asarray(q))
-    np.testing.assert_allclose(np.asarray(s_jit), np.asarray(sigma), rtol=1e-6)
-    np.testing.assert_array_equal(np.asarray(i_jit), np.asarray(idx))
+    s_jit, i_jit, _ = jax.jit(lambda d, z: d(z))(det, jnp.asarray(q))
+    np.testing.assert_allclose(np.asarray(s_jit), np.asarray(out.sigma), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(i_jit), np.asarray(out.index))
+
+
+def test_detector_gradient_at_exact_and_near_copy():
+    """METHODS.md pitfalls 1 and 6: grad sigma is finite and nonzero at x0_hat == n0 exactly and
+    next to it, with |grad sigma| = 1 / (alpha * kNN mean), and a step down it lowers sigma."""
+    ref, _, _, _ = _data()
+    det = pixel.pixel_detector(ref)
+    rng = np.random.default_rng(4)
+    n0 = ref[[7, 11]]
+    grad = jax.jit(jax.grad(lambda d, z: d(z).sigma.sum(), argnums=1))
+    for x in (n0, n0 + 1e-3 * rng.normal(size=n0.shape).astype(np.float32)):
+        x = jnp.asarray(x)
+        g = np.asarray(grad(det, x)).reshape(2, -1)
+        assert np.all(np.isfinite(g))
+        m = np.asarray(det.details(x)["knn_mean"])
+        np.testing.assert_allclose(np.linalg.norm(g, axis=1), 1.0 / (0.5 * m), rtol=2e-2)
+        unit = (g / np.linalg.norm(g, axis=1, keepdims=True)).reshape(x.shape)
+        step = x - 0.1 * m[:, None, None, None] * unit
+        assert np.all(np.asarray(det(step).sigma) < np.asarray(det(x).sigma) - 0.05)
+    # the raw nl2 function keeps the plain kink (gradient 0 there), the detector does not
+    g_raw = jax.grad(lambda z: pixel.nl2(z, jnp.asarray(ref)).nl2.sum())(jnp.asarray(n0))
+    assert np.all(np.asarray(g_raw) == 0.0)
+
+
+def test_detector_dedup_keeps_knn_mean_of_duplicated_image():
+    """METHODS.md pitfall 2 through the detector: with the default dedup the k-NN mean of a
+    duplicated training image stays positive; without it, its copies zero most of it."""
+    _, _, uniq, dup = _data()
+    q = jnp.asarray(uniq[[0, 5]])                     # image 0 has 4 copies in `dup`, image 5 one
+    on = pixel.pixel_detector(dup, k=5).details(q)
+    off = pixel.pixel_detector(dup, k=5, dedup=False).details(q)
+    _, _, _, m_unique = _nl2_64(np.asarray(q), uniq, 5)
+    np.testing.assert_allclose(np.asarray(on["knn_mean"]), m_unique, rtol=1e-5)
+    assert float(off["knn_mean"][0]) < 0.25 * float(on["knn_mean"][0])     # 4 of 5 distances are 0
+    np.testing.assert_allclose(float(off["knn_mean"][1]), float(on["knn_mean"][1]), rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def small_bed():
+    return tb.make_testbed(tb.TestbedConfig(
+        seed=1, image_size=16, shapes=("circle", "cross"), colours=("red", "blue"), backgrounds=("black", "gray"),
+        textures=("plain", "striped"), n_specific=6, n_duplicated=2, duplicate_count=6, n_generic=2,
+        generic_images=8))
+
+
+def test_detector_labels_on_testbed(small_bed):
+    """The neighbour's caption comes back as ``label`` (caption deduplication's y_N), for the
+    nl2 and cosine detectors, unsharded and sharded (equal results, gradients included)."""
+    bed = small_bed
+    bank = index.bank_from_testbed(bed)
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(bed.images + 1e-3 * rng.normal(size=bed.images.shape).astype(np.float32))
+    near = bed.unique_index[bed.source]                           # first occurrence of each image
+    call = jax.jit(lambda d, z: d(z))
+    grad = jax.jit(jax.grad(lambda d, z: d(z).sigma.sum(), argnums=1))
+    sharded = index.shard_bank(bank)
+    for kind in ("nl2", "cosine"):
+        det = pixel.pixel_detector(bank, kind=kind)
+        out = call(det, x)
+        np.testing.assert_array_equal(np.asarray(out.index), near)
+        np.testing.assert_array_equal(np.asarray(out.label), bed.labels)
+        sdet = pixel.pixel_detector(sharded, kind=kind)
+        for a, b in zip(out, call(sdet, x)):
+            np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+        if kind == "nl2":
+            np.testing.assert_array_equal(np.asarray(grad(sdet, x)), np.asarray(grad(det, x)))
+    # with the bank's calibrated copy distance, the nl2 gate's late threshold is that distance in nL2 units
+    lo, hi = pixel.pixel_detector(bank).default_thresholds
+    assert lo == -1.6 and hi == pytest.approx(max(-bank.copy_threshold / (0.5 * bank.knn_scale), -1.55))
+    assert lo < hi < 0
 
 
 def test_bad_inputs():
@@ -199,14 +282,25 @@ def test_bad_inputs():
         pixel.PixelDetectorConfig(k=0)
     with pytest.raises(ValueError, match="alpha"):
         pixel.PixelDetectorConfig(alpha=0.0)
-    with pytest.raises(ValueError, match="non-empty"):
+    with pytest.raises(ValueError, match="empty"):
         pixel.pixel_detector(np.zeros((0,) + SHAPE))
     with pytest.raises(ValueError, match="NaN"):
         pixel.pixel_detector(np.full((2,) + SHAPE, np.nan))
+    with pytest.raises(ValueError, match=r"labels must have shape \[M\]"):
+        pixel.pixel_detector(ref, np.zeros(3, np.int32))
     with pytest.raises(ValueError, match="sizes differ"):
         pixel.nl2(jnp.asarray(x), jnp.zeros((5, 2, 2, 3)))
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(ValueError, match=r"pixel detector: queries of shape \(2, 2, 3\).*do not match"):
         pixel.pixel_detector(ref)(jnp.zeros((2, 2, 2, 3)))
+    with pytest.raises(ValueError, match="unknown setting 'alhpa'"):
+        pixel.pixel_detector(ref, alhpa=0.5)
+    with pytest.raises(ValueError, match="thresholds must be two numbers inside"):
+        pixel.PixelDetectorConfig(thresholds=(-2.5, -1.0))
+    emb = index.build_bank(ref.reshape(60, -1), kind="embedding", normalize=True)
+    with pytest.raises(ValueError, match="expected 'pixel'"):
+        pixel.pixel_detector(emb)
+    with pytest.raises(ValueError, match="belong to the bank"):
+        pixel.pixel_detector(index.build_bank(ref), dedup=False)
     with pytest.raises(ValueError, match="by must"):
         pixel.pixel_cosine(jnp.asarray(x), jnp.asarray(ref), by="dot")
 
