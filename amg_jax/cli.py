@@ -56,9 +56,22 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+def _add_run_args(p) -> None:
+    """The options every testbed run shares: prompts, seeds, sampler, steps, scale, seed."""
+    from amg_jax.samplers import SAMPLERS
+
+    p.add_argument("--prompts", dest="prompts_per_kind", type=_positive_int, default=4, metavar="N",
+                   help="prompts of each kind (specific, duplicated, generic)")
+    p.add_argument("--samples", dest="samples_per_prompt", type=_positive_int, default=8, metavar="N",
+                   help="seeds per prompt")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="sampler")
+    p.add_argument("--steps", type=_positive_int, default=50, help="sampling steps")
+    p.add_argument("--scale", type=_finite_float, default=7.5, help="guidance scale s0")
+    p.add_argument("--seed", type=int, default=0, help="seed of prompts, sampling noise and references")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from amg_jax import demo
-    from amg_jax.samplers import SAMPLERS
 
     parser = argparse.ArgumentParser(
         prog="amg",
@@ -85,14 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated methods from: {', '.join(demo.METHODS)}")
     d.add_argument("--testbed", choices=demo.TESTBEDS, default="default",
                    help="default: 32x32, 62 captions; small: 16x16, 12 captions (quick)")
-    d.add_argument("--prompts", dest="prompts_per_kind", type=_positive_int, default=4, metavar="N",
-                   help="prompts of each kind (specific, duplicated, generic)")
-    d.add_argument("--samples", dest="samples_per_prompt", type=_positive_int, default=8, metavar="N",
-                   help="seeds per prompt")
-    d.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="sampler")
-    d.add_argument("--steps", type=_positive_int, default=50, help="sampling steps")
-    d.add_argument("--scale", type=_finite_float, default=7.5, help="guidance scale s0")
-    d.add_argument("--seed", type=int, default=0, help="seed of prompts, sampling noise and references")
+    _add_run_args(d)
     d.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     _add_eval(sub)
     return parser
@@ -103,7 +109,6 @@ def _add_eval(sub) -> None:
     from amg_jax.data.testbed import KINDS
     from amg_jax.guidance import GUIDANCES
     from amg_jax.guidance.amg import C3_UNITS, GRADIENTS, SCORES, THRESHOLDS
-    from amg_jax.samplers import SAMPLERS
 
     e = sub.add_parser(
         "eval", help="run one method (CFG, a basin method or AMG) on a model and prompt set; write metrics.json",
@@ -119,16 +124,9 @@ def _add_eval(sub) -> None:
     e.add_argument("--testbed", choices=workbench.TESTBEDS, default="default", help="testbed size")
     e.add_argument("--method", choices=evaluate.METHODS, default="amg", help="guidance")
     e.add_argument("--base", choices=tuple(GUIDANCES), default="cfg", help="the guidance AMG wraps")
-    e.add_argument("--scale", type=_finite_float, default=7.5, help="guidance scale s0")
     e.add_argument("--kinds", type=_csv(KINDS), default=",".join(KINDS), metavar="LIST",
                    help=f"comma-separated prompt kinds from: {', '.join(KINDS)}")
-    e.add_argument("--prompts", dest="prompts_per_kind", type=_positive_int, default=4, metavar="N",
-                   help="prompts of each kind")
-    e.add_argument("--samples", dest="samples_per_prompt", type=_positive_int, default=8, metavar="N",
-                   help="seeds per prompt")
-    e.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="sampler")
-    e.add_argument("--steps", type=_positive_int, default=50, help="sampling steps")
-    e.add_argument("--seed", type=int, default=0, help="seed of prompts, noise and references")
+    _add_run_args(e)
     e.add_argument("--detector", choices=evaluate.DETECTORS, default="nl2",
                    help="AMG's pixel detector: nl2 (sigma = -nL2) or cosine")
     a = e.add_argument_group("AMG settings (METHODS.md section 1)")

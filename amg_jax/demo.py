@@ -31,9 +31,9 @@ import numpy as np
 from amg_jax import images as img
 from amg_jax.evaluate import plot_similarity
 from amg_jax.guidance import GUIDANCES
-from amg_jax.samplers import SAMPLERS, SamplerConfig, sample
+from amg_jax.samplers import SamplerConfig, sample
 from amg_jax.workbench import (MODELS, SMALL_TESTBED, TESTBEDS, build_model, build_testbed,  # noqa: F401
-                               method_guidance, prepare_bench)
+                               check_run_fields, method_guidance, prepare_bench)
 
 DEFAULT_METHODS = ("cfg", "stp", "dtp", "og", "og_dtp", "amg")
 METHODS = tuple(GUIDANCES) + ("amg",)
@@ -78,16 +78,7 @@ class DemoConfig:
             bad = [v for v in vals if v not in allowed]
             if bad:
                 fail(field, f"has unknown name(s) {bad}; choose from {list(allowed)}")
-        if self.testbed not in TESTBEDS:
-            fail("testbed", f"must be one of {list(TESTBEDS)}, got {self.testbed!r}")
-        if self.sampler not in SAMPLERS:
-            fail("sampler", f"must be one of {list(SAMPLERS)}, got {self.sampler!r}")
-        for field in ("prompts_per_kind", "samples_per_prompt", "steps"):
-            v = getattr(self, field)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                fail(field, f"must be an integer >= 1, got {v!r}")
-        if not np.isfinite(self.scale):
-            fail("scale", f"must be a finite number, got {self.scale!r}")
+        check_run_fields(self, fail)
 
 
 def format_table(results: dict, kinds: Sequence[str]) -> str:

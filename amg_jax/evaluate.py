@@ -28,8 +28,9 @@ from amg_jax import images as img
 from amg_jax.data import testbed as tb
 from amg_jax.guidance import GUIDANCES
 from amg_jax.guidance.amg import AMGConfig
-from amg_jax.samplers import SAMPLERS, SamplerConfig, sample
-from amg_jax.workbench import MODELS, TESTBEDS, build_model, build_testbed, method_guidance, prepare_bench
+from amg_jax.samplers import SamplerConfig, sample
+from amg_jax.workbench import (MODELS, build_model, build_testbed, check_run_fields,
+                               method_guidance, prepare_bench)
 
 METHODS = tuple(GUIDANCES) + ("amg",)
 AMG_FIELDS = tuple(f.name for f in dataclasses.fields(AMGConfig))
@@ -60,18 +61,13 @@ class EvalConfig:
         def fail(field, msg):
             raise ValueError(f"eval: {field} {msg}")
 
-        for field, allowed in (("model", MODELS), ("testbed", TESTBEDS), ("method", METHODS),
-                               ("base", tuple(GUIDANCES)), ("sampler", SAMPLERS), ("detector", DETECTORS)):
+        for field, allowed in (("model", MODELS), ("method", METHODS), ("base", tuple(GUIDANCES)),
+                               ("detector", DETECTORS)):
             if getattr(self, field) not in allowed:
                 fail(field, f"must be one of {list(allowed)}, got {getattr(self, field)!r}")
         if isinstance(self.kinds, str) or not self.kinds or any(k not in tb.KINDS for k in self.kinds):
             fail("kinds", f"must be a non-empty list from {list(tb.KINDS)}, got {self.kinds!r}")
-        for field in ("prompts_per_kind", "samples_per_prompt", "steps"):
-            v = getattr(self, field)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                fail(field, f"must be an integer >= 1, got {v!r}")
-        if not np.isfinite(self.scale):
-            fail("scale", f"must be a finite number, got {self.scale!r}")
+        check_run_fields(self, fail)
         for item in self.amg:
             if not (isinstance(item, tuple) and len(item) == 2 and item[0] in AMG_FIELDS):
                 fail("amg", f"entries must be (field, value) with a field of {list(AMG_FIELDS)}, got {item!r}")

@@ -92,6 +92,22 @@ def measure(x: np.ndarray, caption_ids: np.ndarray, kinds: np.ndarray, bed: tb.T
 
 
 
+def check_run_fields(config, fail) -> None:
+    """Validate the fields a demo / eval config shares (testbed, sampler, prompts_per_kind,
+    samples_per_prompt, steps, scale); ``fail(field, message)`` raises."""
+    from amg_jax.samplers import SAMPLERS
+
+    for field, allowed in (("testbed", TESTBEDS), ("sampler", SAMPLERS)):
+        if getattr(config, field) not in allowed:
+            fail(field, f"must be one of {list(allowed)}, got {getattr(config, field)!r}")
+    for field in ("prompts_per_kind", "samples_per_prompt", "steps"):
+        v = getattr(config, field)
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            fail(field, f"must be an integer >= 1, got {v!r}")
+    if not np.isfinite(config.scale):
+        fail("scale", f"must be a finite number, got {config.scale!r}")
+
+
 class Bench(NamedTuple):
     """Prompts, seeds and references of one comparison (``prepare_bench``); arrays are [B] unless noted."""
 
@@ -142,5 +158,5 @@ def prepare_bench(bed: tb.Testbed, prompts_per_kind: int, samples_per_prompt: in
                  samples_per_prompt=s)
 
 
-__all__ = ["Bench", "MODELS", "SMALL_TESTBED", "TESTBEDS", "build_model", "build_testbed", "choose_prompts",
+__all__ = ["Bench", "check_run_fields", "MODELS", "SMALL_TESTBED", "TESTBEDS", "build_model", "build_testbed", "choose_prompts",
            "measure", "method_guidance", "prepare_bench"]
