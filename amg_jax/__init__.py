@@ -11,28 +11,38 @@ pure ``sample`` loop (``lax.scan`` over a sampler's steps, jitted once, batched 
     res = amg.sample(den, amg.make_guidance("dtp"), amg.SamplerConfig("ddim", num_steps=50),
                      amg.keys_from_seeds(range(8)), cond=jnp.full((8,), 3))
     res.x0, res.trace["transition"]
+
+    det = amg.pixel_detector(amg.bank_from_testbed(bed))       # nL2 against the training set
+    res = amg.sample(den, amg.make_amg(amg.make_guidance("cfg"), det, gradient="cheap", c3=1e4), ...)
+    res.trace["sigma"], res.trace["gate"]                      # [8, 50] each
 """
 from amg_jax import metrics
 from amg_jax.data.testbed import Testbed, TestbedConfig, make_testbed
 from amg_jax.guidance import (
+    AMG,
     CFG,
     GUIDANCES,
     DynamicTransition,
     OppositeDynamic,
     OppositeGuidance,
     StaticTransition,
+    AMGConfig,
     StepContext,
     Unguided,
+    make_amg,
     make_guidance,
 )
+from amg_jax.index import ReferenceBank, bank_from_testbed, build_bank, load_bank, save_bank, shard_bank
 from amg_jax.models import Denoiser, empirical_denoiser, fit_mixture, mixture_denoiser
 from amg_jax.samplers import SAMPLERS, SampleResult, SamplerConfig, keys_from_seeds, sample, sample_loop
 from amg_jax.schedules import Schedule
-from amg_jax.similarity import PixelDetectorConfig, nl2, pixel_detector
+from amg_jax.similarity import Detection, PixelDetectorConfig, embedding_detector, nl2, pixel_detector
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AMG", "AMGConfig", "Detection", "ReferenceBank", "bank_from_testbed", "build_bank", "embedding_detector",
+    "load_bank", "make_amg", "save_bank", "shard_bank",
     "CFG", "Denoiser", "DynamicTransition", "GUIDANCES", "OppositeDynamic", "OppositeGuidance",
     "PixelDetectorConfig", "SAMPLERS", "SampleResult", "SamplerConfig", "Schedule", "StaticTransition",
     "StepContext", "Testbed", "TestbedConfig", "Unguided", "empirical_denoiser", "fit_mixture",

@@ -108,7 +108,7 @@ def _add_eval(sub) -> None:
     from amg_jax import evaluate, workbench
     from amg_jax.data.testbed import KINDS
     from amg_jax.guidance import GUIDANCES
-    from amg_jax.guidance.amg import C3_UNITS, GRADIENTS, SCORES, THRESHOLDS
+    from amg_jax.guidance.amg import C3_UNITS, GRADIENTS, SCORES, THRESHOLDS, AMGConfig
 
     e = sub.add_parser(
         "eval", help="run one method (CFG, a basin method or AMG) on a model and prompt set; write metrics.json",
@@ -130,20 +130,22 @@ def _add_eval(sub) -> None:
     e.add_argument("--detector", choices=evaluate.DETECTORS, default="nl2",
                    help="AMG's pixel detector: nl2 (sigma = -nL2) or cosine")
     a = e.add_argument_group("AMG settings (METHODS.md section 1)")
-    a.add_argument("--c1", type=_finite_float, help="despecification strength (default 4)")
-    a.add_argument("--c2", type=_finite_float, help="caption deduplication strength (default 3)")
-    a.add_argument("--c3", type=_finite_float, help="dissimilarity strength (default 100)")
+    a.add_argument("--c1", type=_finite_float, help=f"despecification strength (default {AMGConfig.c1:g})")
+    a.add_argument("--c2", type=_finite_float, help=f"caption deduplication strength (default {AMGConfig.c2:g})")
+    a.add_argument("--c3", type=_finite_float, help=f"dissimilarity strength (default {AMGConfig.c3:g})")
     a.add_argument("--c3-units", choices=C3_UNITS, help="data: c3 x (bank k-NN distance)^2 (default); raw")
     a.add_argument("--threshold", choices=THRESHOLDS, help="gate schedule (default parabolic)")
     a.add_argument("--lambda-min", type=_finite_float, help="gate threshold at the first steps")
     a.add_argument("--lambda-max", type=_finite_float, help="gate threshold at the last steps")
-    a.add_argument("--gradient", choices=GRADIENTS, help="G_sim gradient: cheap (through x0_hat) or full")
+    a.add_argument("--gradient", choices=GRADIENTS, help=f"G_sim gradient: full (through the denoiser) or cheap (default {AMGConfig.gradient})")
     a.add_argument("--score", choices=SCORES, help="map of sigma to the G_spe/G_dup score")
     a.add_argument("--no-spe", dest="despecify", action="store_const", const=False, help="drop G_spe")
     a.add_argument("--no-dup", dest="dedup", action="store_const", const=False, help="drop G_dup")
     a.add_argument("--no-sim", dest="dissimilar", action="store_const", const=False, help="drop G_sim")
     a.add_argument("--no-fallback", dest="fallback", action="store_const", const=False,
                    help="no fallback push where the G_sim gradient vanishes")
+    a.add_argument("--max-shift", type=_finite_float,
+                   help="cap on G_sim's move of x0_hat per step, in units of the bank's k-NN distance")
 
 
 def _eval_config(args, parser):
@@ -151,7 +153,7 @@ def _eval_config(args, parser):
 
     amg = tuple((f, getattr(args, f)) for f in ("c1", "c2", "c3", "c3_units", "threshold", "lambda_min",
                                                "lambda_max", "gradient", "score", "despecify", "dedup",
-                                               "dissimilar", "fallback") if getattr(args, f) is not None)
+                                               "dissimilar", "fallback", "max_shift") if getattr(args, f) is not None)
     if amg and args.method != "amg":
         parser.error(f"AMG settings ({', '.join('--' + k.replace('_', '-') for k, _ in amg)}) need --method amg")
     fields = {f: getattr(args, f) for f in ("out", "model", "testbed", "method", "base", "scale", "kinds",

@@ -37,8 +37,11 @@ from amg_jax.workbench import (MODELS, SMALL_TESTBED, TESTBEDS, build_model, bui
 
 DEFAULT_METHODS = ("cfg", "stp", "dtp", "og", "og_dtp", "amg")
 METHODS = tuple(GUIDANCES) + ("amg",)
-# AMG in the demo: CFG 7.5 as its base, the pixel nL2 detector over the training images.
-DEMO_AMG = {"c3": 3000.0}
+# AMG in the demo: CFG 7.5 as its base, the pixel nL2 detector over the training images; the
+# library defaults (full gradient) on the partial memorizer, the cheap gradient with a large
+# c3 on the perfect one (METHODS.md pitfall 5: its x0_hat is locally constant, so the full
+# gradient is ~0 inside a basin). Measured: README, "AMG on the testbed".
+DEMO_AMG = {"empirical": {"gradient": "cheap", "c3": 10000.0}, "mixture": {}}
 METHOD_LABELS = {"none": "unguided", "cfg": "CFG", "stp": "STP", "dtp": "DTP", "og": "OG", "og_dtp": "OG+DTP",
                  "amg": "AMG"}
 
@@ -126,7 +129,7 @@ def run_demo(config: DemoConfig = DemoConfig(), *, progress: bool = True, echo=p
         for method in config.methods:
             bar.set_description(f"{model_name}: {METHOD_LABELS.get(method, method)}")
             t0 = time.time()
-            guidance = method_guidance(method, config.scale, bed=bed, amg=DEMO_AMG)
+            guidance = method_guidance(method, config.scale, bed=bed, amg=DEMO_AMG.get(model_name))
             res = sample(den, guidance, sampler, bench.keys, bench.cond)
             x = np.asarray(res.x0)
             timings[f"{model_name}/{method}/sample_s"] = round(time.time() - t0, 2)

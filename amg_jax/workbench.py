@@ -43,6 +43,19 @@ def build_model(name: str, bed: tb.Testbed):
     return fit_mixture(bed, rank=6 if small else 12, renders_per_component=12 if small else 48, rng=0)
 
 
+_BANKS: dict = {}
+
+
+def _calibrated_bank(bed: tb.Testbed):
+    """The testbed's pixel bank with its calibrated copy threshold (cached per testbed)."""
+    from amg_jax.index import bank_from_testbed
+
+    key = id(bed)
+    if key not in _BANKS or _BANKS[key][0] is not bed:
+        _BANKS[key] = (bed, bank_from_testbed(bed, calibrate=True, rng=0))
+    return _BANKS[key][1]
+
+
 def method_guidance(name: str, scale: float, *, bed: tb.Testbed | None = None, base: str = "cfg",
                     detector: str = "nl2", amg: dict | None = None):
     """The guidance of a method name at guidance scale ``scale`` (papers' defaults otherwise;
@@ -54,7 +67,7 @@ def method_guidance(name: str, scale: float, *, bed: tb.Testbed | None = None, b
 
         if bed is None:
             raise ValueError("method 'amg' needs the testbed its detector searches")
-        det = pixel_detector(bed.images, labels=bed.labels, kind=detector)
+        det = pixel_detector(_calibrated_bank(bed), kind=detector)
         return make_amg(method_guidance(base, scale), det, **(amg or {}))
     if name == "none":
         return make_guidance("none")

@@ -1,4 +1,5 @@
-"""Guidances: the protocol (``base``) and the CFG / attraction-basin family (``cfg``).
+"""Guidances: the protocol (``base``), the CFG / attraction-basin family (``cfg``) and
+Anti-Memorization Guidance around any of them (``amg``: ``make_amg(base, detector, **config)``).
 
 ``make_guidance(name, **fields)`` builds one by name, checking names and fields before
 anything is compiled.
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from amg_jax.guidance.amg import AMG, AMGConfig, make_amg
 from amg_jax.guidance.base import Guidance, StepContext, eps_uncond_cond, x0_from_eps
 from amg_jax.guidance.cfg import (
     CFG,
@@ -51,7 +53,7 @@ def make_guidance(name: str, **fields):
 
 
 __all__ = [
-    "CFG", "DynamicTransition", "GUIDANCES", "Guidance", "OppositeDynamic", "OppositeGuidance",
+    "AMG", "AMGConfig", "make_amg", "CFG", "DynamicTransition", "GUIDANCES", "Guidance", "OppositeDynamic", "OppositeGuidance",
     "StaticTransition", "StepContext", "Unguided", "eps_uncond_cond", "first_strict_local_min",
     "guided", "make_guidance", "x0_from_eps",
 ]

@@ -83,7 +83,8 @@ def toy():
 def test_one_step_matches_the_formulas(toy):
     den, x, cond = toy
     direction = np.random.default_rng(2).normal(size=D).astype(np.float32) * 0.01
-    g = make_amg(CFG(7.5), det(-0.5, direction), c1=4.0, c2=3.0, c3=10.0, lambda_min=-1.5, lambda_max=-1.0)
+    g = make_amg(CFG(7.5), det(-0.5, direction), c1=4.0, c2=3.0, c3=10.0, lambda_min=-1.5, lambda_max=-1.0,
+                 gradient="cheap")
     ctx = ctx_for(den, x, cond)
     eps_hat, _, tr = g.apply(g.init(x), ctx)
 
@@ -151,6 +152,7 @@ def test_threshold_schedules():
     (dict(gradient="exact"), r"AMGConfig.gradient must be one of"),
     (dict(c3=-1.0), r"AMGConfig.c3 must be a finite number >= 0"),
     (dict(c33=1.0), r"AMG has no setting 'c33'"),
+    (dict(max_shift=0.0), r"AMGConfig.max_shift must be a finite number > 0"),
 ])
 def test_bad_settings_are_rejected_when_built(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -191,12 +193,33 @@ def test_fallback_direction_where_the_gradient_vanishes(toy):
     chex.assert_trees_all_close(off.apply(off.init(x), ctx)[0], base, atol=1e-6)
 
 
+def test_max_shift_caps_how_far_g_sim_moves_x0_hat(toy):
+    den, x, cond = toy
+    direction = np.random.default_rng(4).normal(size=D).astype(np.float32) * 0.01
+    ctx = ctx_for(den, x, cond)
+    ab = float(ctx.alpha_bar)
+    base, _, _ = CFG(7.5).apply((), ctx)
+    kw = dict(despecify=False, dedup=False, c3=1e4)
+    free = make_amg(CFG(7.5), det(-0.5, direction), **kw)
+    capped = make_amg(CFG(7.5), det(-0.5, direction), max_shift=0.25, **kw)
+    shift = lambda g: np.linalg.norm(np.asarray(x0_from_eps(x, g.apply(g.init(x), ctx)[0], ab)  # noqa: E731
+                                                - x0_from_eps(x, base, ab)).reshape(3, -1), axis=1)
+    assert np.all(shift(free) > 1.0)                              # far beyond the cap
+    np.testing.assert_allclose(shift(capped), 0.25 * 2.0, rtol=1e-4)   # max_shift * detector scale
+    d_free = np.asarray(free.apply(free.init(x), ctx)[0] - base).reshape(3, -1)
+    d_cap = np.asarray(capped.apply(capped.init(x), ctx)[0] - base).reshape(3, -1)
+    cos = np.sum(d_free * d_cap, 1) / np.linalg.norm(d_free, axis=1) / np.linalg.norm(d_cap, axis=1)
+    np.testing.assert_allclose(cos, 1.0, rtol=1e-5)               # same direction, shorter
+    small = make_amg(CFG(7.5), det(-0.5, direction), max_shift=1e6, **kw)   # a loose cap changes nothing
+    chex.assert_trees_all_close(small.apply(small.init(x), ctx)[0], free.apply(free.init(x), ctx)[0], rtol=1e-6)
+
+
 def test_full_gradient_runs_through_the_denoiser(toy):
     den, x, cond = toy
     direction = np.random.default_rng(3).normal(size=D).astype(np.float32) * 0.01
     d = det(-0.5, direction)
     ctx = ctx_for(den, x, cond)
-    cheap = make_amg(CFG(7.5), d, despecify=False, dedup=False, c3=1.0)
+    cheap = make_amg(CFG(7.5), d, despecify=False, dedup=False, c3=1.0, gradient="cheap")
     full = make_amg(CFG(7.5), d, despecify=False, dedup=False, c3=1.0, gradient="full")
     base, _, _ = CFG(7.5).apply((), ctx)
     ab = float(ctx.alpha_bar)
@@ -225,8 +248,8 @@ def _count_rows(g, *, jit=True):
 def test_batch_level_gate_skips_the_extra_pass_when_no_gate_is_open():
     b, n = 4, CFG_DDIM.num_steps
     rows_cfg, _ = _count_rows(CFG(7.5))
-    rows_closed, res = _count_rows(make_amg(CFG(7.5), det(-1.9)))           # gate never open
-    rows_open, res_open = _count_rows(make_amg(CFG(7.5), det(-0.1)))        # gate open every step
+    rows_closed, res = _count_rows(make_amg(CFG(7.5), det(-1.9), gradient="cheap"))           # gate never open
+    rows_open, res_open = _count_rows(make_amg(CFG(7.5), det(-0.1), gradient="cheap"))        # gate open every step
     assert rows_cfg == 2 * b * n
     assert not np.asarray(res.trace["gate"]).any()
     assert rows_closed == rows_cfg                      # no y_N pass, no gradient pass
@@ -295,8 +318,9 @@ def test_memorized_fraction_falls_as_c3_grows(memorizer):
     keys = keys_from_seeds(range(n))
     ddim = SamplerConfig("ddim", num_steps=25)
     fracs = [_copied(bed, sample(den, CFG(7.5), ddim, keys, cond).x0)]
-    for c3 in (300.0, 3000.0, 10000.0):
-        fracs.append(_copied(bed, sample(den, make_amg(CFG(7.5), detector, c3=c3), ddim, keys, cond).x0))
+    for c3 in (300.0, 3000.0, 30000.0):
+        g = make_amg(CFG(7.5), detector, c3=c3, gradient="cheap")     # pitfall 5: cheap on a perfect memorizer
+        fracs.append(_copied(bed, sample(den, g, ddim, keys, cond).x0))
     assert fracs[0] >= 0.9
     assert all(a >= b for a, b in zip(fracs, fracs[1:])), fracs
     assert fracs[-1] == 0.0, fracs
@@ -313,5 +337,32 @@ def test_unconditional_model_with_dissimilarity_alone(memorizer):
     cond = jnp.full((n,), -1, jnp.int32)
     ddim = SamplerConfig("ddim", num_steps=25)
     assert _copied(bed, sample(den, Unguided(), ddim, keys, cond).x0) == 1.0
-    g = make_amg(Unguided(), detector, despecify=False, dedup=False, c3=10000.0)
+    g = make_amg(Unguided(), detector, despecify=False, dedup=False, c3=10000.0, gradient="cheap")
     assert _copied(bed, sample(den, g, ddim, keys, cond).x0) == 0.0
+
+
+# ----------------------------------------------------------------------------- partial memorizer
+
+def test_default_full_gradient_frees_duplicated_prompts_where_the_cheap_one_does_not():
+    """METHODS.md pitfall 5 on the small testbed's partial memorizer (the default gradient is
+    chosen from this measurement): CFG copies every duplicated-prompt sample; AMG's default
+    (full gradient) frees almost all; the cheap gradient at the same c3 frees none."""
+    from amg_jax.workbench import build_model, build_testbed, method_guidance
+
+    bed = build_testbed("small")
+    den = build_model("mixture", bed)
+    thr = tb.calibrate_copy_threshold(bed, rng=0)
+    ids = tb.prompts_by_kind(bed)["duplicated"]
+    n = 24
+    cond = jnp.asarray(np.repeat(ids, n // len(ids)), jnp.int32)
+    keys = keys_from_seeds(range(n))
+    ddim = SamplerConfig("ddim", num_steps=25)
+
+    def copied(method, amg=None):
+        x = np.asarray(sample(den, method_guidance(method, 7.5, bed=bed, amg=amg), ddim, keys, cond).x0)
+        return float(np.mean(tb.nearest_training(x, bed)[0] < thr))
+
+    assert AMGConfig().gradient == "full"
+    assert copied("cfg") >= 0.9
+    assert copied("amg") <= 0.15
+    assert copied("amg", {"gradient": "cheap"}) >= 0.9

@@ -268,10 +268,12 @@ def test_detector_labels_on_testbed(small_bed):
             np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
         if kind == "nl2":
             np.testing.assert_array_equal(np.asarray(grad(sdet, x)), np.asarray(grad(det, x)))
-    # with the bank's calibrated copy distance, the nl2 gate's late threshold is that distance in nL2 units
+    # with the bank's calibrated copy distance c (in nL2 units) the nl2 gate runs from -1.5 c to -c
     lo, hi = pixel.pixel_detector(bank).default_thresholds
-    assert lo == -1.6 and hi == pytest.approx(max(-bank.copy_threshold / (0.5 * bank.knn_scale), -1.55))
-    assert lo < hi < 0
+    c = bank.copy_threshold / (0.5 * bank.knn_scale)
+    assert 0.05 < c < 2 / 1.5 - 0.05                      # inside the clamp, so the formula is what is tested
+    assert hi == pytest.approx(-c) and lo == pytest.approx(-1.5 * c)
+    assert -2.0 < lo < hi < 0
 
 
 def test_bad_inputs():
