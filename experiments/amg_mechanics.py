@@ -42,6 +42,7 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=256, help="samples per prompt kind / setting")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--c3", default="300,1000,3000,10000,30000")
+    p.add_argument("--gradient", default="full", choices=("full", "cheap"), help="AMG's G_sim gradient")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     bed = tb.make_testbed()
@@ -67,7 +68,7 @@ def main(argv=None):
         if a.out:
             os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
             with open(a.out + ".tmp", "w") as f:
-                json.dump({"samples": n, "steps": a.steps, "copy_threshold": threshold,
+                json.dump({"gradient": a.gradient, "samples": n, "steps": a.steps, "copy_threshold": threshold,
                            "knn_scale": bank.knn_scale, "results": out}, f, indent=1)
             os.replace(a.out + ".tmp", a.out)
 
@@ -77,7 +78,7 @@ def main(argv=None):
         cond = jnp.asarray(rng.choice(ids, n), jnp.int32)
         run(f"text {kind}", "CFG 7.5", text, cfg, cond)
         for c3 in c3s:
-            run(f"text {kind}", f"AMG c3={c3:g}", text, make_amg(cfg, det, c3=c3), cond)
+            run(f"text {kind}", f"AMG c3={c3:g}", text, make_amg(cfg, det, c3=c3, gradient=a.gradient), cond)
         run(f"text {kind}", "G_spe+G_dup only", text, make_amg(cfg, det, dissimilar=False), cond)
 
     uncond = empirical_denoiser(bed.images)
@@ -85,7 +86,7 @@ def main(argv=None):
     run("unconditional", "unguided", uncond, make_guidance("none"), none)
     for c3 in c3s:
         run("unconditional", f"G_sim c3={c3:g}", uncond,
-            make_amg(make_guidance("none"), det, despecify=False, dedup=False, c3=c3), none)
+            make_amg(make_guidance("none"), det, despecify=False, dedup=False, c3=c3, gradient=a.gradient), none)
 
     shape = tb.ATTRIBUTES.index("shape")
     classes = bed.attributes[:, shape].astype(np.int32)
@@ -96,7 +97,7 @@ def main(argv=None):
     run("class-conditional", "CFG 7.5", cls, cfg, ccond)
     for c3 in c3s:
         run("class-conditional", f"G_sim c3={c3:g}", cls,
-            make_amg(cfg, cdet, despecify=False, dedup=False, c3=c3), ccond)
+            make_amg(cfg, cdet, despecify=False, dedup=False, c3=c3, gradient=a.gradient), ccond)
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def test_eval_help_documents_every_option(capsys):
     out = capsys.readouterr().out
     for opt in ("--model", "--method", "--base", "--kinds", "--c1", "--c2", "--c3", "--c3-units", "--threshold",
                 "--lambda-min", "--lambda-max", "--gradient", "--score", "--no-spe", "--no-dup", "--no-sim",
-                "--no-fallback", "--detector"):
+                "--no-fallback", "--max-shift", "--detector"):
         assert opt in out, opt
 
 

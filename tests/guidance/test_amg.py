@@ -14,7 +14,7 @@ from amg_jax.guidance.amg import AMG, AMGConfig, make_amg
 from amg_jax.guidance.base import StepContext, eps_uncond_cond, x0_from_eps
 from amg_jax.models.base import Denoiser
 from amg_jax.models.empirical import empirical_denoiser
-from amg_jax.samplers import SamplerConfig, keys_from_seeds, sample
+from amg_jax.samplers import SamplerConfig, keys_from_seeds, sample, sample_loop
 from amg_jax.similarity.base import Detection
 from amg_jax.similarity.pixel import pixel_detector
 
@@ -273,6 +273,9 @@ def test_jit_and_eager_agree_and_batch_equals_single():
     for i in range(3):
         one = sample(den, g, CFG_DDIM, keys[i:i + 1], cond[i:i + 1])
         chex.assert_trees_all_close(one.x0[0], a.x0[i], rtol=1e-5, atol=1e-5)
+    # vmap over seeds of the pure loop (batch 1 each: the batch-level cond becomes a select)
+    per_seed = jax.jit(jax.vmap(lambda k, c: sample_loop(den, g, CFG_DDIM, k[None], c[None]).x0[0]))
+    chex.assert_trees_all_close(per_seed(keys, cond), a.x0, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["ddpm", "ddim", "dpm++2m"])
