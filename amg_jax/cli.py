@@ -101,7 +101,61 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(d)
     d.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     _add_eval(sub)
+    _add_train(sub)
     return parser
+
+
+def _add_train(sub) -> None:
+    from amg_jax.models.zoo import KINDS
+    from amg_jax.train import TrainConfig
+
+    t = sub.add_parser(
+        "train", help="train a testbed UNet (text, class or unconditional) and export it",
+        description="Train the testbed UNet of KIND (text: caption-conditioned; class: the shape "
+                    "attribute; uncond) with AdamW + EMA, data parallel over all devices, checkpointing "
+                    "in WORKDIR (an interrupted run resumes from its last checkpoint when run again), "
+                    "then export the EMA weights, the reference bank and a card to OUT (the shipped "
+                    "checkpoint format that `load_model` and `amg demo` read).",
+        formatter_class=_Help)
+    d = TrainConfig()
+    t.add_argument("--kind", choices=KINDS, required=True, help="conditioning")
+    t.add_argument("--workdir", required=True, help="training directory (checkpoints, losses, resume)")
+    t.add_argument("--out", default=None, help="export the trained model here (default: do not export)")
+    t.add_argument("--testbed", choices=("default", "small"), default="default", help="the training data")
+    t.add_argument("--steps", type=_positive_int, default=d.steps, help="optimizer steps")
+    t.add_argument("--batch", dest="batch_size", type=_positive_int, default=d.batch_size, help="batch size")
+    t.add_argument("--lr", dest="learning_rate", type=_finite_float, default=d.learning_rate, help="learning rate")
+    t.add_argument("--warmup", dest="warmup_steps", type=int, default=d.warmup_steps, help="warm-up steps")
+    t.add_argument("--ema", dest="ema_decay", type=_finite_float, default=d.ema_decay, help="EMA decay")
+    t.add_argument("--cond-dropout", type=_finite_float, default=d.cond_dropout, help="condition dropout (CFG)")
+    t.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every, help="steps between checkpoints")
+    t.add_argument("--seed", type=int, default=d.seed, help="seed of init, batches and noise")
+    t.add_argument("--channels", type=_positive_int, default=32, help="UNet base width")
+    t.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+
+
+def _run_train(args, parser) -> None:
+    from amg_jax.data import testbed as tb
+    from amg_jax.models import zoo
+    from amg_jax.train import TrainConfig
+    from amg_jax.workbench import SMALL_TESTBED
+
+    try:
+        config = TrainConfig(**{f: getattr(args, f) for f in (
+            "steps", "batch_size", "learning_rate", "warmup_steps", "ema_decay", "cond_dropout",
+            "checkpoint_every", "seed")})
+    except ValueError as err:
+        parser.error(str(err))
+    bed_cfg = tb.TestbedConfig() if args.testbed == "default" else tb.TestbedConfig(**SMALL_TESTBED)
+    try:
+        model, result, bed = zoo.train_model(args.kind, args.workdir, config, testbed=bed_cfg,
+                                             progress=args.progress, channels=args.channels)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.out:
+        path = zoo.export_model(args.out, args.kind, model, result.ema_params, bed, train_config=config,
+                                train_seconds=round(result.seconds, 1))
+        print(f"exported {args.kind} model (step {result.step}) to {path}")
 
 
 def _add_eval(sub) -> None:
@@ -190,6 +244,8 @@ def main(argv=None) -> int:
             evaluate.run_eval(config)
         except ValueError as err:     # e.g. AMG thresholds outside the detector's range
             parser.error(str(err))
+    elif args.command == "train":
+        _run_train(args, parser)
     return 0
 
 
