@@ -21,7 +21,6 @@ columns: the prompts, first seeds), ``metrics.json`` and prints the table.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Sequence
@@ -31,6 +30,7 @@ import numpy as np
 from amg_jax import images as img
 from amg_jax.evaluate import plot_similarity
 from amg_jax.guidance import GUIDANCES
+from amg_jax.jsonio import write_json
 from amg_jax.samplers import SamplerConfig, sample
 from amg_jax.workbench import (MODELS, SMALL_TESTBED, TESTBEDS, build_model, build_testbed,  # noqa: F401
                                check_run_fields, method_guidance, prepare_bench)
@@ -166,11 +166,7 @@ def run_demo(config: DemoConfig = DemoConfig(), *, progress: bool = True, echo=p
         "results": results,
         "timings_s": dict(timings, total=round(time.time() - t_start, 2)),
     }
-    path = os.path.join(config.out, "metrics.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, path)
+    path = write_json(os.path.join(config.out, "metrics.json"), report, indent=2)
     echo("")
     echo(format_table(results, kinds_order))
     echo(f"\ncopied = nearest training image closer than {threshold:.2f} (1st percentile of distances "

@@ -18,7 +18,6 @@ writes, per prompt kind and for "all":
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 
@@ -28,6 +27,7 @@ from amg_jax import images as img
 from amg_jax.data import testbed as tb
 from amg_jax.guidance import GUIDANCES
 from amg_jax.guidance.amg import AMGConfig
+from amg_jax.jsonio import write_json
 from amg_jax.samplers import SamplerConfig, sample
 from amg_jax.workbench import (MODELS, build_model, build_testbed, check_run_fields,
                                method_guidance, prepare_bench)
@@ -125,13 +125,6 @@ def plot_similarity(trace: dict, path: str, *, max_samples: int = 8, title: str 
     return path
 
 
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 def run_eval(config: EvalConfig, *, echo=print) -> dict:
     """Sample ``config.method`` on the bench and write ``metrics.json`` (see the module docstring)."""
     t0 = time.time()
@@ -156,7 +149,7 @@ def run_eval(config: EvalConfig, *, echo=print) -> dict:
     report = {"config": dataclasses.asdict(config), "copy_threshold": bench.threshold,
               "prompts": {k: [int(c) for c in v] for k, v in bench.prompts.items()},
               "metrics": per_kind, "seconds": round(time.time() - t0, 2)}
-    _write_json(os.path.join(config.out, "metrics.json"), report)
+    write_json(os.path.join(config.out, "metrics.json"), report, indent=2)
     for kind, r in per_kind.items():
         extra = f"  gate open {r['gate_open_rate']:.0%}" if "gate_open_rate" in r else ""
         echo(f"{kind:>10}: memorized {r['memorized_frac']:.1%}  nL2<1.4 {r['frac_nl2_below_1.4']:.1%}  "

@@ -55,7 +55,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 import warnings
 from typing import Any, NamedTuple, Protocol, runtime_checkable
@@ -69,6 +68,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from amg_jax.jsonio import read_json, write_json
 from amg_jax.schedules import Schedule
 
 Array = jax.Array
@@ -437,18 +437,7 @@ def _meta(model, model_cfg: dict, config: TrainConfig, schedule: Schedule, image
 
 
 def _write_json_atomic(path: str, obj) -> None:
-    d = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_json(path, obj, indent=1)
 
 
 def _read_meta(workdir: str, where: str) -> dict:
@@ -456,11 +445,7 @@ def _read_meta(workdir: str, where: str) -> dict:
     if not os.path.isfile(path):
         raise ValueError(f"{where}: {workdir!r} has checkpoints but no {META_FILE}: it was not written by "
                          f"amg_jax.train, or the file was deleted")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{where}: {path} is unreadable: {err}") from None
+    meta = read_json(path, f"{where}: metadata file")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{where}: {path} is not an amg_jax.train metadata file")
     if meta.get("version") != FORMAT_VERSION:

@@ -14,8 +14,6 @@ The same shape of conditioning Stable Diffusion uses (a token sequence -> per-to
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
 import warnings
 from typing import Sequence
@@ -24,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from amg_jax.jsonio import read_json, write_json
 
 PAD, BOS, UNK = "<pad>", "<bos>", "<unk>"
 SPECIALS = (PAD, BOS, UNK)
@@ -109,21 +109,11 @@ class CaptionTokenizer:
             raise ValueError(f"not a tokenizer description (needs 'vocab' and 'max_length'): {e}") from None
 
     def save(self, path: str) -> None:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f)
-        os.replace(tmp, path)
+        write_json(path, self.to_dict(), indent=None)
 
     @classmethod
     def load(cls, path: str) -> "CaptionTokenizer":
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"tokenizer file {path} does not exist")
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"tokenizer file {path} is unreadable: {e}") from None
-        return cls.from_dict(d)
+        return cls.from_dict(read_json(path, "tokenizer file"))
 
 
 class TransformerBlock(nn.Module):

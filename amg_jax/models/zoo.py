@@ -21,16 +21,15 @@ mismatched directory.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
-import time
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 from amg_jax.data import testbed as tb
+from amg_jax.jsonio import read_json, write_json
 from amg_jax.models.base import Denoiser
 from amg_jax.models.text import CaptionTokenizer
 from amg_jax.models.unet import UNetConfig, UNetModel, unet_denoiser
@@ -99,13 +98,6 @@ def train_model(kind: str, workdir: str, config, *, testbed: tb.TestbedConfig | 
     return model, result, bed
 
 
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def export_model(out: str, kind: str, model: UNetModel, params, bed: tb.Testbed, *, train_config=None,
                  train_seconds: float | None = None, extra: dict | None = None) -> str:
     """Write the shipped directory ``out`` (card, EMA params, bank); replaces an existing one."""
@@ -131,7 +123,7 @@ def export_model(out: str, kind: str, model: UNetModel, params, bed: tb.Testbed,
         "training": None if train_config is None else dict(dataclasses.asdict(train_config), seconds=train_seconds),
     }
     card.update(extra or {})
-    _write_json(os.path.join(tmp, CARD), card)
+    write_json(os.path.join(tmp, CARD), card)
     if os.path.exists(out):
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -142,7 +134,7 @@ def update_card(path: str, **fields) -> dict:
     """Merge ``fields`` (e.g. ``memorization={...}``) into ``path``'s card."""
     card = read_card(path)
     card.update(fields)
-    _write_json(os.path.join(path, CARD), card)
+    write_json(os.path.join(path, CARD), card)
     return card
 
 
@@ -153,11 +145,7 @@ def read_card(path: str) -> dict:
     p = os.path.join(path, CARD)
     if not os.path.exists(p):
         raise FileNotFoundError(f"{path} is not a testbed model: it has no {CARD}")
-    try:
-        with open(p) as f:
-            card = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{p} is unreadable: {e}") from None
+    card = read_json(p, "model card")
     if not isinstance(card, dict) or card.get("format") != "amg_jax.testbed_model":
         raise ValueError(f"{p} is not a testbed model card (format {card.get('format') if isinstance(card, dict) else None!r})")
     for key in ("kind", "testbed", "unet"):

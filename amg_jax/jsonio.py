@@ -1,0 +1,44 @@
+"""JSON files written atomically and read with clear errors (metrics, cards, metadata, tokenizers).
+
+``write_json`` writes to a temporary file in the same directory, fsyncs and ``os.replace``s it,
+so a reader (or a run killed mid-write) never sees half a file. ``read_json`` raises
+``FileNotFoundError`` for a missing file and ``ValueError`` naming the file for one that is
+not valid JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+
+def write_json(path: str, obj, *, indent: int | None = 1) -> str:
+    """Write ``obj`` as JSON to ``path`` atomically; returns ``path``."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=indent)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def read_json(path: str, what: str = "file"):
+    """The JSON value in ``path``; ``what`` names the file in errors (e.g. "tokenizer file")."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{what} {path} is unreadable: {e}") from None
+
+
+__all__ = ["read_json", "write_json"]
