@@ -33,7 +33,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
 import zipfile
 from typing import Any
 
@@ -43,6 +42,8 @@ import numpy as np
 from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from amg_jax.jsonio import write_atomic
 
 Array = jax.Array
 
@@ -448,21 +449,8 @@ def save_bank(path: str, bank: ReferenceBank) -> str:
             "knn_scale": b.knn_scale, "copy_threshold": b.copy_threshold, "dedup": b.dedup,
             "normalized": b.normalized, "num_rows": b.size}
     arrays = {name: np.asarray(getattr(b, name)) for name in _ARRAYS}
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, metadata=np.array(json.dumps(meta)), **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return write_atomic(os.fspath(path), lambda f: np.savez(f, metadata=np.array(json.dumps(meta)), **arrays),
+                        binary=True)
 
 
 def load_bank(path: str) -> ReferenceBank:

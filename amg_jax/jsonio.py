@@ -1,4 +1,4 @@
-"""JSON files written atomically and read with clear errors (metrics, cards, metadata, tokenizers).
+"""Files written atomically; JSON read with clear errors (metrics, cards, metadata, tokenizers, banks).
 
 ``write_json`` writes to a temporary file in the same directory, fsyncs and ``os.replace``s it,
 so a reader (or a run killed mid-write) never sees half a file. ``read_json`` raises
@@ -12,14 +12,16 @@ import os
 import tempfile
 
 
-def write_json(path: str, obj, *, indent: int | None = 1) -> str:
-    """Write ``obj`` as JSON to ``path`` atomically; returns ``path``."""
+def write_atomic(path: str, write, *, binary: bool = False) -> str:
+    """Call ``write(f)`` on a temporary file beside ``path``, fsync, then ``os.replace`` it onto
+    ``path`` (so nobody sees half a file); the temporary file is removed on failure."""
+    path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.splitext(path)[1])
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=indent)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -28,6 +30,11 @@ def write_json(path: str, obj, *, indent: int | None = 1) -> str:
             os.remove(tmp)
         raise
     return path
+
+
+def write_json(path: str, obj, *, indent: int | None = 1) -> str:
+    """Write ``obj`` as JSON to ``path`` atomically; returns ``path``."""
+    return write_atomic(path, lambda f: json.dump(obj, f, indent=indent))
 
 
 def read_json(path: str, what: str = "file"):
@@ -41,4 +48,4 @@ def read_json(path: str, what: str = "file"):
         raise ValueError(f"{what} {path} is unreadable: {e}") from None
 
 
-__all__ = ["read_json", "write_json"]
+__all__ = ["read_json", "write_atomic", "write_json"]
