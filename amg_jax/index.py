@@ -253,15 +253,17 @@ def build_bank(rows, labels=None, *, kind: str = "pixel", dedup: bool = True, k:
         dedup=bool(dedup), normalized=bool(normalize), num_rows=int(flat.shape[0]))
 
 
-def bank_from_testbed(testbed, *, calibrate: bool = True, rng=0) -> ReferenceBank:
-    """Pixel bank of ``testbed``'s training images (deduplicated) with caption labels and, when
-    ``calibrate``, the calibrated copy threshold (``calibrate_copy_threshold(testbed, rng)``)."""
+def bank_from_testbed(testbed, *, labels="captions", calibrate: bool = True, rng=0) -> ReferenceBank:
+    """Pixel bank of ``testbed``'s training images (deduplicated) with their ``labels`` ([N] ints,
+    e.g. class ids; ``"captions"``: the caption ids; None: no labels) and, when ``calibrate``, the
+    calibrated copy threshold (``calibrate_copy_threshold(testbed, rng)``)."""
     thr = None
     if calibrate:
         from amg_jax.data.testbed import calibrate_copy_threshold
 
         thr = calibrate_copy_threshold(testbed, rng=rng)
-    return build_bank(testbed.images, testbed.labels, kind="pixel", dedup=True, copy_threshold=thr)
+    labels = testbed.labels if isinstance(labels, str) and labels == "captions" else labels
+    return build_bank(testbed.images, labels, kind="pixel", dedup=True, copy_threshold=thr)
 
 
 # ----------------------------------------------------------------------------- sharding

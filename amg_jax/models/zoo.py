@@ -78,11 +78,9 @@ def build_model(bed: tb.Testbed, kind: str, *, name: str | None = None, **unet) 
 
 def reference_bank(bed: tb.Testbed, kind: str, *, rng=0):
     """The pixel bank of the training images with this kind's labels and the calibrated copy distance."""
-    from amg_jax.index import build_bank
+    from amg_jax.index import bank_from_testbed
 
-    _, cond, _ = training_data(bed, kind)
-    thr = tb.calibrate_copy_threshold(bed, rng=rng)
-    return build_bank(bed.images, cond, kind="pixel", dedup=True, copy_threshold=thr)
+    return bank_from_testbed(bed, labels=training_data(bed, kind)[1], rng=rng)
 
 
 def train_model(kind: str, workdir: str, config, *, testbed: tb.TestbedConfig | None = None, progress: bool = True,
