@@ -82,17 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     d = sub.add_parser(
-        "demo", help="compare CFG, STP, DTP, OG, OG+DTP and AMG on the testbed's closed-form memorizers",
-        description="Sample every method on the testbed with the perfect memorizer (the empirical "
-                    "denoiser: every method ends on a training image) and the partial memorizer (a "
-                    "Gaussian mixture plus training images as point masses: it copies duplicated and "
-                    "specific prompts, generalizes on generic ones). Writes grid_<model>.png, "
+        "demo", help="compare CFG, delayed CFG (STP, DTP) and AMG on the trained testbed UNet",
+        description="Sample the methods on the testbed with the shipped text-conditional UNet "
+                    "(checkpoints/text, trained until it copies its duplicated and specific captions); "
+                    "--models adds the class-conditional and unconditional UNets, the perfect memorizer "
+                    "(the empirical denoiser: every method ends on a training image) and the partial "
+                    "memorizer (a Gaussian mixture plus training images as point masses). Writes grid_<model>.png, "
                     "similarity_<model>.png (AMG's similarity vs gate threshold over steps), "
                     "metrics.json and prints the table: share copied (calibrated criterion), nL2 < 1.4, "
                     "median nL2, Frechet distance vs fresh true renders, alignment, pixels out of range.",
         formatter_class=_Help)
     d.add_argument("--out", default="demo_out", help="output directory")
-    d.add_argument("--models", type=_csv(demo.MODELS), default=",".join(demo.MODELS), metavar="LIST",
+    d.add_argument("--models", type=_csv(demo.MODELS), default=",".join(demo.DEFAULT_MODELS), metavar="LIST",
                    help=f"comma-separated models from: {', '.join(demo.MODELS)}")
     d.add_argument("--methods", type=_csv(demo.METHODS), default=",".join(demo.DEFAULT_METHODS), metavar="LIST",
                    help=f"comma-separated methods from: {', '.join(demo.METHODS)}")

@@ -1,6 +1,9 @@
-"""`amg demo`: the methods side by side on the testbed's closed-form memorizers.
+"""`amg demo`: the methods side by side on the testbed's models.
 
-Two models of the same testbed (``amg_jax.data.testbed``):
+By default the shipped text-conditional UNet (``checkpoints/text``, a trained network that
+copies its duplicated and specific captions); ``models`` adds the class-conditional and
+unconditional UNets (an unconditional model gets the unguided sampler and AMG's G_sim) and
+two closed-form models of the same testbed (``amg_jax.data.testbed``):
 
 - ``empirical``: the optimal denoiser of the training set, a *perfect* memorizer: every
   method ends on a training image (METHODS.md pitfall 8) - it shows the mechanics;
@@ -32,10 +35,12 @@ from amg_jax.evaluate import plot_similarity
 from amg_jax.guidance import GUIDANCES
 from amg_jax.jsonio import write_json
 from amg_jax.samplers import SamplerConfig, sample
-from amg_jax.workbench import (MODELS, SMALL_TESTBED, TESTBEDS, build_model, build_testbed,  # noqa: F401
-                               check_run_fields, method_guidance, prepare_bench)
+from amg_jax.workbench import (MODELS, SMALL_TESTBED, TESTBEDS, bench_evaluator, build_model,  # noqa: F401
+                               build_testbed, check_run_fields, method_guidance, model_bank, model_kind,
+                               prepare_bench)
 
-DEFAULT_METHODS = ("cfg", "stp", "dtp", "og", "og_dtp", "amg")
+DEFAULT_MODELS = ("unet-text",)
+DEFAULT_METHODS = ("cfg", "stp", "dtp", "amg")
 METHODS = tuple(GUIDANCES) + ("amg",)
 # AMG in the demo: CFG 7.5 as its base, the pixel nL2 detector over the training images; the
 # library defaults (full gradient) on the partial memorizer, the cheap gradient with a large
@@ -60,7 +65,7 @@ class DemoConfig:
     """Everything `amg demo` does. Validated on construction (ValueError naming the field)."""
 
     out: str = "demo_out"
-    models: tuple = MODELS
+    models: tuple = DEFAULT_MODELS
     methods: tuple = DEFAULT_METHODS
     testbed: str = "default"
     prompts_per_kind: int = 4
@@ -99,6 +104,23 @@ def format_table(results: dict, kinds: Sequence[str]) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+def methods_for(methods: Sequence[str], conditioning: str) -> list:
+    """The methods that apply to a model: an unconditional one has no CFG, so it gets the
+    unguided sampler and AMG (G_sim alone) in place of the guidance methods."""
+    if conditioning != "uncond":
+        return list(methods)
+    return ["none"] + (["amg"] if "amg" in methods else [])
+
+
+def prompt_caption(bed, bench, prompt_id: int) -> str:
+    """The words of a prompt id: the caption (text), the class name, or "(unconditional)"."""
+    if bench.conditioning == "text":
+        return bed.captions[prompt_id]
+    if bench.conditioning == "class":
+        return bed.config.vocabulary("shape")[prompt_id]
+    return "(unconditional)"
+
+
 def _progress(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -111,25 +133,35 @@ def run_demo(config: DemoConfig = DemoConfig(), *, progress: bool = True, echo=p
     os.makedirs(config.out, exist_ok=True)
     echo(f"building the {config.testbed} testbed, copy threshold and alignment classifier ...")
     bed = build_testbed(config.testbed)
-    bench = prepare_bench(bed, config.prompts_per_kind, config.samples_per_prompt, config.seed)
-    threshold, prompts, kinds_order, s = bench.threshold, bench.prompts, bench.kinds_order, bench.samples_per_prompt
-    prompt_ids = bench.prompt_ids
+    evaluator = bench_evaluator(bed)
+    benches = {c: prepare_bench(bed, config.prompts_per_kind, config.samples_per_prompt, config.seed,
+                                conditioning=c, evaluator=evaluator)
+               for c in dict.fromkeys(model_kind(m) for m in config.models)}
     sampler = SamplerConfig(config.sampler, num_steps=config.steps)
-    results = {"true renders": {"-": bench.measure(bench.truth)}}
-    timings = {}
-    first_train = np.stack([bed.images[np.flatnonzero(bed.labels == c)[0]] for c in prompt_ids])
-    bar = _progress(len(config.models) * len(config.methods), progress)
+    results = {("true renders" if i == 0 else f"true renders ({c})"): {"-": b.measure(b.truth)}
+               for i, (c, b) in enumerate(benches.items())}
+    timings, prompt_report = {}, {}
+    bar = _progress(sum(len(methods_for(config.methods, benches[model_kind(m)].conditioning))
+                        for m in config.models), progress)
     for model_name in config.models:
-        bar.set_description(f"fitting {model_name}")
+        bar.set_description(f"loading {model_name}")
+        bench = benches[model_kind(model_name)]
+        threshold, prompts, kinds_order, s = bench.threshold, bench.prompts, bench.kinds_order, bench.samples_per_prompt
+        prompt_ids = bench.prompt_ids
+        methods = methods_for(config.methods, bench.conditioning)
+        prompt_report[bench.conditioning] = {k: [{"id": int(c), "caption": prompt_caption(bed, bench, c)} for c in v]
+                                             for k, v in prompts.items()}
         t0 = time.time()
         den = build_model(model_name, bed)
+        bank = model_bank(model_name, bed)
         timings[f"{model_name}/build_s"] = round(time.time() - t0, 2)
-        rows = [first_train]
+        rows = [bench.examples]
         results[model_name] = {}
-        for method in config.methods:
+        for method in methods:
             bar.set_description(f"{model_name}: {METHOD_LABELS.get(method, method)}")
             t0 = time.time()
-            guidance = method_guidance(method, config.scale, bed=bed, amg=DEMO_AMG.get(model_name))
+            guidance = method_guidance(method, config.scale, bed=bed, amg=DEMO_AMG.get(model_name), bank=bank,
+                                       base="cfg" if bench.cond is not None else "none")
             res = sample(den, guidance, sampler, bench.keys, bench.cond)
             x = np.asarray(res.x0)
             timings[f"{model_name}/{method}/sample_s"] = round(time.time() - t0, 2)
@@ -150,7 +182,7 @@ def run_demo(config: DemoConfig = DemoConfig(), *, progress: bool = True, echo=p
         up = max(1, 64 // bed.config.image_size)
         grid = img.image_grid(np.concatenate(rows), ncol=len(prompt_ids), upscale=up)
         header = "  |  ".join(f"{k}: {len(prompts[k])}" for k in kinds_order) + f"   ({model_name})"
-        grid = img.label_rows(grid, ["training"] + [METHOD_LABELS.get(m, m) for m in config.methods],
+        grid = img.label_rows(grid, ["training"] + [METHOD_LABELS.get(m, m) for m in methods],
                               cell=bed.config.image_size * up, header=header)
         img.save_png(os.path.join(config.out, f"grid_{model_name}.png"), grid)
     bar.close()
@@ -159,22 +191,26 @@ def run_demo(config: DemoConfig = DemoConfig(), *, progress: bool = True, echo=p
         "config": dataclasses.asdict(config),
         "testbed": {"captions": bed.num_captions, "images": int(len(bed.images)),
                     "unique_images": int(len(bed.unique_index)), "image_size": bed.config.image_size},
-        "prompts": {k: [{"id": int(c), "caption": bed.captions[c]} for c in v] for k, v in prompts.items()},
+        "prompts": prompt_report.get("text") or next(iter(prompt_report.values())),
+        "prompts_by_conditioning": prompt_report,
         "copy_threshold": threshold,
-        "classifier_accuracy": bench.classifier.accuracy,
+        "classifier_accuracy": (evaluator or bench.classifier).accuracy,
+        "fd_features": "evalnet" if evaluator is not None else "pooled pixels",
         "grid_rows": ["training image"] + [METHOD_LABELS.get(m, m) for m in config.methods],
         "results": results,
         "timings_s": dict(timings, total=round(time.time() - t_start, 2)),
     }
     path = write_json(os.path.join(config.out, "metrics.json"), report, indent=2)
     echo("")
-    echo(format_table(results, kinds_order))
+    echo(format_table(results, list(dict.fromkeys(k for b in benches.values() for k in b.kinds_order))))
     echo(f"\ncopied = nearest training image closer than {threshold:.2f} (1st percentile of distances "
-         f"between true renders of one caption); FD = Frechet distance of {max(1, bed.config.image_size // 8)}x"
-         f"-pooled pixels vs fresh true renders; align = attribute classifier agrees with the caption "
+         f"between true renders of one caption); FD = Frechet distance of "
+         + ("the evaluation network's features" if evaluator is not None else
+            f"{max(1, bed.config.image_size // 8)}x-pooled pixels")
+         + " vs fresh true renders; align = attribute classifier agrees with the caption "
          "(the true renders row is the ceiling at this sample size).")
     echo(f"wrote {path} and grid_<model>.png in {config.out} ({report['timings_s']['total']:.0f} s)")
     return report
 
 
-__all__ = ["DEFAULT_METHODS", "DemoConfig", "format_table", "run_demo"]
+__all__ = ["DEFAULT_METHODS", "DEFAULT_MODELS", "DemoConfig", "format_table", "run_demo"]

@@ -29,8 +29,8 @@ from amg_jax.guidance import GUIDANCES
 from amg_jax.guidance.amg import AMGConfig
 from amg_jax.jsonio import write_json
 from amg_jax.samplers import SamplerConfig, sample
-from amg_jax.workbench import (MODELS, build_model, build_testbed, check_run_fields,
-                               method_guidance, prepare_bench)
+from amg_jax.workbench import (MODELS, TRAINED, bench_evaluator, build_model, build_testbed, check_run_fields,
+                               method_guidance, model_bank, model_kind, prepare_bench)
 
 METHODS = tuple(GUIDANCES) + ("amg",)
 AMG_FIELDS = tuple(f.name for f in dataclasses.fields(AMGConfig))
@@ -74,10 +74,18 @@ class EvalConfig:
         AMGConfig(**dict(self.amg))      # raises naming the bad AMG field
 
 
-def build_guidance(config: EvalConfig, bed: tb.Testbed):
-    """The method's guidance; AMG gets a pixel detector over ``bed``'s training images."""
-    return method_guidance(config.method, config.scale, bed=bed, base=config.base, detector=config.detector,
-                           amg=dict(config.amg))
+def build_guidance(config: EvalConfig, bed: tb.Testbed, bank=None):
+    """The method's guidance; AMG gets a pixel detector over ``bank`` (default: ``bed``'s
+    calibrated bank of its training images). An unconditional model has no CFG: only ``none``
+    and ``amg`` (around the unguided sampler) apply to it."""
+    base = config.base
+    if model_kind(config.model) == "uncond":
+        if config.method not in ("none", "amg"):
+            raise ValueError(f"eval: method {config.method!r} needs a condition; model {config.model!r} is "
+                             "unconditional (use --method none or amg)")
+        base = "none"
+    return method_guidance(config.method, config.scale, bed=bed, base=base, detector=config.detector,
+                           amg=dict(config.amg), bank=bank)
 
 
 def summarize(per_kind: dict, trace: dict, kinds: np.ndarray) -> dict:
@@ -131,8 +139,11 @@ def run_eval(config: EvalConfig, *, echo=print) -> dict:
     bed = build_testbed(config.testbed)
     guidance = build_guidance(config, bed)          # fails on bad AMG settings before the model is fit
     os.makedirs(config.out, exist_ok=True)
-    bench = prepare_bench(bed, config.prompts_per_kind, config.samples_per_prompt, config.seed, config.kinds)
     den = build_model(config.model, bed)
+    if config.model in TRAINED:
+        guidance = build_guidance(config, bed, model_bank(config.model, bed))
+    bench = prepare_bench(bed, config.prompts_per_kind, config.samples_per_prompt, config.seed, config.kinds,
+                          conditioning=model_kind(config.model), evaluator=bench_evaluator(bed))
     echo(f"sampling {config.method} on {config.model}: {len(bench.caption_ids)} samples, "
          f"{config.sampler} {config.steps} steps ...")
     res = sample(den, guidance, SamplerConfig(config.sampler, num_steps=config.steps), bench.keys, bench.cond)
@@ -147,6 +158,7 @@ def run_eval(config: EvalConfig, *, echo=print) -> dict:
                         title=f"{config.method} on {config.model}: similarity (-nL2) vs threshold")
         np.savez(os.path.join(config.out, "trace.npz"), **{k: np.asarray(v) for k, v in res.trace.items()})
     report = {"config": dataclasses.asdict(config), "copy_threshold": bench.threshold,
+              "fd_features": "evalnet" if bench.evaluator is not None else "pooled pixels",
               "prompts": {k: [int(c) for c in v] for k, v in bench.prompts.items()},
               "metrics": per_kind, "seconds": round(time.time() - t0, 2)}
     write_json(os.path.join(config.out, "metrics.json"), report, indent=2)

@@ -20,7 +20,9 @@ resumed) relies on orbax's own read errors.
 
 **Loss**: t ~ Uniform{0..T-1}, noise ~ N(0, I), x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) noise,
 ``mean((eps_fn(params, x_t, t, c) - noise)^2)``, where ``c`` is the image's condition replaced by
--1 (the null condition of classifier-free guidance) with probability ``cond_dropout``.
+-1 (the null condition of classifier-free guidance) with probability ``cond_dropout``. A model
+with ``prediction == "v"`` is trained on ``mean((output_fn(...) - v)^2)``, v = sqrt(ab_t) noise -
+sqrt(1 - ab_t) x0 (its ``eps_fn`` converts v to eps with the same schedule).
 
 **Randomness and resume**: the params are initialised from ``fold_in(key(seed), 0)``; update
 ``s`` draws t, noise and the dropout mask from ``split(fold_in(fold_in(key(seed), 1), s), 3)``; the
@@ -238,20 +240,28 @@ def batch_indices(data_key: Array, step: Array, batch_size: int, num_examples: i
     return jax.lax.dynamic_slice(perms.reshape(-1), (off,), (b,)).astype(jnp.int32)
 
 
-def diffusion_loss(eps_fn, params, x0: Array, t: Array, noise: Array, cond: Array,
-                   alphas_cumprod: Array) -> Array:
-    """Eps-prediction MSE (scalar) for x0 [B,...], t [B], noise [B,...], cond [B]."""
+def diffusion_loss(out_fn, params, x0: Array, t: Array, noise: Array, cond: Array,
+                   alphas_cumprod: Array, prediction: str = "eps") -> Array:
+    """Prediction MSE (scalar) for x0 [B,...], t [B], noise [B,...], cond [B]: ``out_fn``'s output
+    against the noise (``prediction="eps"``) or against v = sqrt(ab) noise - sqrt(1-ab) x0 ("v")."""
     ab = jnp.take(alphas_cumprod, t).reshape((-1,) + (1,) * (x0.ndim - 1))
     x_t = jnp.sqrt(ab) * x0 + jnp.sqrt(1.0 - ab) * noise
-    eps = eps_fn(params, x_t, t, cond)
-    return jnp.mean(jnp.square(eps.astype(jnp.float32) - noise))
+    out = out_fn(params, x_t, t, cond).astype(jnp.float32)
+    if prediction == "eps":
+        target = noise
+    elif prediction == "v":
+        target = jnp.sqrt(ab) * noise - jnp.sqrt(1.0 - ab) * x0
+    else:
+        raise ValueError(f"diffusion_loss: prediction must be 'eps' or 'v', got {prediction!r}")
+    return jnp.mean(jnp.square(out - target))
 
 
 def train_step(state: TrainState, images: Array, conds: Array, key: Array, cond_dropout: Array,
                ema_decay: Array, *, eps_fn, tx, alphas_cumprod: Array, batch_size: int,
-               mesh: Mesh | None = None) -> tuple[TrainState, Array]:
+               mesh: Mesh | None = None, prediction: str = "eps") -> tuple[TrainState, Array]:
     """One update: (state, images [N,...], conds [N] int32, key(seed), cond_dropout, ema_decay)
-    -> (state, loss). The two rates are traced scalars (changing them does not recompile)."""
+    -> (state, loss). The two rates are traced scalars (changing them does not recompile).
+    ``eps_fn`` is the network output the loss compares with its ``prediction`` target."""
     b, n = int(batch_size), images.shape[0]
     s = state.step
     idx = batch_indices(jax.random.fold_in(key, DATA_STREAM), s, b, n)
@@ -265,12 +275,19 @@ def train_step(state: TrainState, images: Array, conds: Array, key: Array, cond_
         shard = NamedSharding(mesh, P(DATA_AXIS))
         x0, t, noise, c = (jax.lax.with_sharding_constraint(a, shard) for a in (x0, t, noise, c))
     loss, grads = jax.value_and_grad(
-        lambda p: diffusion_loss(eps_fn, p, x0, t, noise, c, alphas_cumprod))(state.params)
+        lambda p: diffusion_loss(eps_fn, p, x0, t, noise, c, alphas_cumprod, prediction))(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     d = ema_decay_at(ema_decay, s)
     ema = jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), state.ema_params, params)
     return TrainState(step=s + 1, params=params, ema_params=ema, opt_state=opt_state), loss
+
+
+def model_output(model) -> tuple[str, Any]:
+    """(prediction, output fn) of a trainable model: its ``output_fn`` against its ``prediction``
+    ("eps" or "v") target where it has them, else ``eps_fn`` against the noise."""
+    prediction = getattr(model, "prediction", "eps")
+    return prediction, (getattr(model, "output_fn", model.eps_fn) if prediction != "eps" else model.eps_fn)
 
 
 _CACHE: dict = {}
@@ -305,11 +322,13 @@ def _compiled_step(model, config: TrainConfig, schedule: Schedule, mesh: Mesh):
     def build():
         rep = NamedSharding(mesh, P())
         ab = np.asarray(schedule.alphas_cumprod(), np.float32)
+        prediction, out_fn = model_output(model)
         tx = make_optimizer(spec)
 
         def step(state, images, conds, key, cond_dropout, ema_decay):
-            return train_step(state, images, conds, key, cond_dropout, ema_decay, eps_fn=model.eps_fn, tx=tx,
-                              alphas_cumprod=jnp.asarray(ab), batch_size=spec.batch_size, mesh=mesh)
+            return train_step(state, images, conds, key, cond_dropout, ema_decay, eps_fn=out_fn, tx=tx,
+                              alphas_cumprod=jnp.asarray(ab), batch_size=spec.batch_size, mesh=mesh,
+                              prediction=prediction)
 
         return jax.jit(step, in_shardings=(rep,) * 6, out_shardings=(rep, rep), donate_argnums=(0,))
 
@@ -628,6 +647,9 @@ def train(model, images, cond, config: TrainConfig, workdir: str, *, schedule: S
         raise ValueError(f"{where}: config must be a TrainConfig, got {type(config).__name__}")
     if not isinstance(schedule, Schedule):
         raise ValueError(f"{where}: schedule must be a Schedule, got {type(schedule).__name__}")
+    if getattr(model, "schedule", schedule) != schedule:
+        raise ValueError(f"{where}: schedule {schedule} differs from the model's own {model.schedule} "
+                         "(its eps_fn converts with that one)")
     if stop_after is not None and (not _is_int(stop_after) or stop_after < 1):
         raise ValueError(f"{where}: stop_after must be an integer >= 1 or None, got {stop_after!r}")
     model_cfg = _check_model(model, where)

@@ -7,6 +7,8 @@ classifier. ``measure`` turns samples into the per-kind metrics both commands re
 """
 from __future__ import annotations
 
+import functools
+import os
 from typing import NamedTuple
 
 import jax
@@ -18,7 +20,9 @@ from amg_jax.data import testbed as tb
 from amg_jax.guidance import make_guidance
 from amg_jax.samplers import keys_from_seeds
 
-MODELS = ("empirical", "mixture")
+# The trained testbed UNets shipped in checkpoints/ (``amg_jax.models.zoo``) and their kinds.
+TRAINED = {"unet-text": "text", "unet-class": "class", "unet-uncond": "uncond"}
+MODELS = tuple(TRAINED) + ("empirical", "mixture")
 TESTBEDS = ("default", "small")
 
 # A 16x16 testbed with 12 captions: a quick look (and the test suite's runs).
@@ -31,8 +35,46 @@ def build_testbed(name: str) -> tb.Testbed:
     return tb.make_testbed() if name == "default" else tb.make_testbed(tb.TestbedConfig(**SMALL_TESTBED))
 
 
+def checkpoints_dir() -> str:
+    """Where the trained models live: ``$AMG_CHECKPOINTS``, else the repository's ``checkpoints/``."""
+    return os.environ.get("AMG_CHECKPOINTS") or os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
+
+
+def model_kind(name: str) -> str:
+    """The conditioning of a bench model: "text" (caption ids), "class" (the shape) or "uncond"."""
+    return TRAINED.get(name, "text")
+
+
+@functools.lru_cache(maxsize=4)
+def _load_trained(path: str):
+    from amg_jax.models.zoo import load_model
+
+    return load_model(path)
+
+
+def load_trained(name: str, bed: tb.Testbed | None = None):
+    """The shipped model ``name`` (a ``zoo.LoadedModel``), checked to be trained on ``bed``."""
+    path = os.path.join(checkpoints_dir(), TRAINED[name])
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model {name!r}: no checkpoint directory {path} (train and export it with "
+                                f"`amg train --kind {TRAINED[name]} --out {path}`, or set AMG_CHECKPOINTS)")
+    lm = _load_trained(path)
+    if bed is not None and lm.bed.config != bed.config:
+        import dataclasses
+
+        a, b = dataclasses.asdict(lm.bed.config), dataclasses.asdict(bed.config)
+        diff = sorted(k for k in a if a[k] != b[k])
+        raise ValueError(f"model {name!r} was trained on another testbed than the bench's (differs in {diff}); "
+                         "use the testbed it was trained on (--testbed default)")
+    return lm
+
+
 def build_model(name: str, bed: tb.Testbed):
-    """The ``empirical`` (perfect) or ``mixture`` (partial) memorizer of ``bed``."""
+    """The denoiser of a bench model on ``bed``: a trained UNet of ``TRAINED`` (loaded from
+    ``checkpoints_dir()``), or the ``empirical`` (perfect) / ``mixture`` (partial) memorizer."""
+    if name in TRAINED:
+        return load_trained(name, bed).denoiser
     if name == "empirical":
         from amg_jax.models.empirical import empirical_denoiser
 
@@ -56,18 +98,50 @@ def _calibrated_bank(bed: tb.Testbed):
     return _BANKS[key][1]
 
 
+EVALNET = "evalnet"
+
+
+def bench_evaluator(bed: tb.Testbed):
+    """The shipped evaluation network (``checkpoints/evalnet``) when it was trained on ``bed``'s
+    testbed config, else None (the bench then measures FD on pooled pixels and alignment with
+    the nearest-mean attribute classifier)."""
+    path = os.path.join(checkpoints_dir(), EVALNET)
+    if not os.path.isdir(path):
+        return None
+    from amg_jax.models.evalnet import load_evaluator
+
+    ev = _load_evaluator(path, load_evaluator)
+    return ev if ev.testbed_config == bed.config else None
+
+
+_EVALUATORS: dict = {}
+
+
+def _load_evaluator(path: str, loader):
+    if path not in _EVALUATORS:
+        _EVALUATORS[path] = loader(path)
+    return _EVALUATORS[path]
+
+
+def model_bank(name: str, bed: tb.Testbed):
+    """The reference bank AMG searches for bench model ``name``: a trained model's own (labels =
+    its condition ids), else the testbed's calibrated pixel bank (labels = caption ids)."""
+    return load_trained(name, bed).bank if name in TRAINED else _calibrated_bank(bed)
+
+
 def method_guidance(name: str, scale: float, *, bed: tb.Testbed | None = None, base: str = "cfg",
-                    detector: str = "nl2", amg: dict | None = None):
+                    detector: str = "nl2", amg: dict | None = None, bank=None):
     """The guidance of a method name at guidance scale ``scale`` (papers' defaults otherwise;
     OG+DTP's early scale is -scale, as the reference code does). ``"amg"`` wraps the ``base``
-    method with a pixel ``detector`` over ``bed``'s training images and ``amg`` settings."""
+    method with a pixel ``detector`` over ``bank`` (default: ``bed``'s calibrated bank of its
+    training images) and ``amg`` settings."""
     if name == "amg":
         from amg_jax.guidance.amg import make_amg
         from amg_jax.similarity.pixel import pixel_detector
 
-        if bed is None:
-            raise ValueError("method 'amg' needs the testbed its detector searches")
-        det = pixel_detector(_calibrated_bank(bed), kind=detector)
+        if bank is None and bed is None:
+            raise ValueError("method 'amg' needs the testbed (or the bank) its detector searches")
+        det = pixel_detector(_calibrated_bank(bed) if bank is None else bank, kind=detector)
         return make_amg(method_guidance(base, scale), det, **(amg or {}))
     if name == "none":
         return make_guidance("none")
@@ -86,23 +160,33 @@ def choose_prompts(bed: tb.Testbed, per_kind: int, seed: int) -> dict:
     return out
 
 
-def measure(x: np.ndarray, caption_ids: np.ndarray, kinds: np.ndarray, bed: tb.Testbed, threshold: float,
-            classifier: tb.AttributeClassifier, reference: np.ndarray) -> dict:
-    """Per-kind (and "all") metrics of samples x [B, H, W, 3] for captions [B] of kinds [B];
-    ``reference`` [B', H, W, 3] fresh renders of the same captions, in the same kind order."""
+def measure(x: np.ndarray, constraints: np.ndarray, kinds: np.ndarray, bed: tb.Testbed, threshold: float,
+            classifier, reference: np.ndarray, *, evaluator=None, align: bool = True) -> dict:
+    """Per-kind (and "all") metrics of samples x [B, H, W, 3] asked to show ``constraints`` [B, 6]
+    (-1 = unnamed), grouped by ``kinds`` [B]; ``reference`` [B', H, W, 3] fresh true renders of
+    the same prompts, in the same kind order. FD is the evaluation network's (``evaluator``)
+    when given, else pooled pixels'; ``align=False`` (nothing asked) reports alignment as NaN."""
     pool = max(1, bed.config.image_size // 8)
     ref_kinds = np.repeat(kinds, len(reference) // len(x))
-    align = classifier.alignment(x, bed, caption_ids)
+    judge = evaluator if evaluator is not None else classifier
+    ok = judge.consistent(x, constraints) if align else np.full(len(x), np.nan)
+    feats = ref_feats = None
+    if evaluator is not None:
+        feats, ref_feats = evaluator.features(x), evaluator.features(reference)
     out = {}
     for kind in list(dict.fromkeys(kinds.tolist())) + ["all"]:
         sel = np.ones(len(x), bool) if kind == "all" else kinds == kind
         rsel = np.ones(len(reference), bool) if kind == "all" else ref_kinds == kind
         r = metrics.memorization_report(x[sel], bed.images, threshold=threshold)
-        r["alignment"] = float(np.mean(align[sel]))
-        r["fd"] = metrics.pixel_frechet(x[sel], reference[rsel], pool=pool) if sel.sum() >= 2 else float("nan")
+        r["alignment"] = float(np.mean(ok[sel]))
+        if sel.sum() < 2:
+            r["fd"] = float("nan")
+        elif feats is not None:
+            r["fd"] = metrics.frechet_distance(feats[sel], ref_feats[rsel])
+        else:
+            r["fd"] = metrics.pixel_frechet(x[sel], reference[rsel], pool=pool)
         out[kind] = r
     return out
-
 
 
 def check_run_fields(config, fail) -> None:
@@ -122,19 +206,26 @@ def check_run_fields(config, fail) -> None:
 
 
 class Bench(NamedTuple):
-    """Prompts, seeds and references of one comparison (``prepare_bench``); arrays are [B] unless noted."""
+    """Prompts, seeds and references of one comparison (``prepare_bench``); arrays are [B] unless noted.
+
+    A prompt is a caption id (text models), a class id (the shape; class models) or -1 (the
+    unconditional models' pseudo-prompts, each a group of seeds)."""
 
     bed: tb.Testbed
     threshold: float                  # calibrated copy distance
     classifier: tb.AttributeClassifier
-    prompts: dict                     # {kind: caption ids}
-    caption_ids: np.ndarray           # [B] prompt-major: samples_per_prompt per prompt
+    prompts: dict                     # {kind: prompt ids}
+    caption_ids: np.ndarray           # [B] prompt-major: samples_per_prompt per prompt (the prompt ids)
     kinds: np.ndarray                 # [B] the kind of each sample's prompt
     keys: jax.Array                   # [B] PRNG keys (the same for every method)
-    cond: jax.Array                   # [B] int32 caption ids
+    cond: jax.Array | None            # [B] int32 condition ids (None: unconditional)
     reference: np.ndarray             # [4B, H, W, 3] fresh true renders of the same prompts (FD)
     truth: np.ndarray                 # [B, H, W, 3] other fresh true renders: the "true renders" row
     samples_per_prompt: int
+    constraints: np.ndarray | None = None   # [B, 6] what each sample is asked to show (-1 = unnamed)
+    conditioning: str = "text"        # "text" | "class" | "uncond"
+    examples: np.ndarray | None = None      # [P, H, W, 3] a training image per prompt (grids)
+    evaluator: object = None          # the evaluation network (FD features, alignment), if any
 
     @property
     def kinds_order(self) -> list:
@@ -146,30 +237,73 @@ class Bench(NamedTuple):
 
     def measure(self, x: np.ndarray) -> dict:
         """Per-kind metrics of samples x [B, H, W, 3] drawn for this bench's prompts."""
-        return measure(x, self.caption_ids, self.kinds, self.bed, self.threshold, self.classifier, self.reference)
+        return measure(x, self.constraints, self.kinds, self.bed, self.threshold, self.classifier, self.reference,
+                       evaluator=self.evaluator, align=self.conditioning != "uncond")
+
+
+def _renders_of(bed: tb.Testbed, pool: np.ndarray, n: int, rng) -> np.ndarray:
+    """n fresh renders of the attribute combinations of training images drawn from ``pool`` (indices)."""
+    return tb.render(bed.config, bed.attributes[rng.choice(pool, size=n)], rng)
 
 
 def prepare_bench(bed: tb.Testbed, prompts_per_kind: int, samples_per_prompt: int, seed: int,
-                  kinds=tb.KINDS) -> Bench:
-    """Choose the prompts of ``kinds``, the seeds and the references; calibrate the copy threshold."""
+                  kinds=tb.KINDS, *, conditioning: str = "text", evaluator=None) -> Bench:
+    """Choose the prompts, the seeds and the references; calibrate the copy threshold.
+
+    ``conditioning="text"``: ``prompts_per_kind`` captions of each of ``kinds``, references are
+    fresh renders of the same captions. ``"class"``: every class (the shape attribute) is a prompt
+    of its own kind (its name); ``"uncond"``: ``prompts_per_kind * len(kinds)`` pseudo-prompts of
+    kind "uncond". For both, references are fresh renders of the training images' attribute
+    combinations (of that class): the distribution the model was trained on."""
+    if conditioning not in ("text", "class", "uncond"):
+        raise ValueError(f"conditioning must be 'text', 'class' or 'uncond', got {conditioning!r}")
     threshold = tb.calibrate_copy_threshold(bed, rng=seed)
     classifier = tb.attribute_classifier(bed, rng=seed)
-    prompts = {k: v for k, v in choose_prompts(bed, prompts_per_kind, seed).items() if k in kinds}
-    if not prompts:
-        raise ValueError(f"the testbed has no prompts of kinds {list(kinds)}")
-    prompt_ids = np.concatenate([prompts[k] for k in prompts])
-    prompt_kinds = np.concatenate([[k] * len(prompts[k]) for k in prompts])
     s = int(samples_per_prompt)
-    caption_ids = np.repeat(prompt_ids, s)
     rng = np.random.default_rng(seed + 1)
-    reference = np.concatenate([tb.fresh_renders(bed, c, 4 * s, rng) for c in prompt_ids])
-    truth = np.concatenate([tb.fresh_renders(bed, c, s, rng) for c in prompt_ids])
+    a_shape = tb.ATTRIBUTES.index("shape")
+    if conditioning == "text":
+        prompts = {k: v for k, v in choose_prompts(bed, prompts_per_kind, seed).items() if k in kinds}
+        if not prompts:
+            raise ValueError(f"the testbed has no prompts of kinds {list(kinds)}")
+        prompt_ids = np.concatenate([prompts[k] for k in prompts])
+        prompt_kinds = np.concatenate([[k] * len(prompts[k]) for k in prompts])
+        reference = np.concatenate([tb.fresh_renders(bed, c, 4 * s, rng) for c in prompt_ids])
+        truth = np.concatenate([tb.fresh_renders(bed, c, s, rng) for c in prompt_ids])
+        constraints = bed.constraints[np.repeat(prompt_ids, s)]
+        examples = np.stack([bed.images[np.flatnonzero(bed.labels == c)[0]] for c in prompt_ids])
+        cond = jnp.asarray(np.repeat(prompt_ids, s), jnp.int32)
+    elif conditioning == "class":
+        names = bed.config.vocabulary("shape")
+        prompt_ids = np.arange(len(names), dtype=np.int32)
+        prompts = {names[c]: prompt_ids[c:c + 1] for c in prompt_ids}
+        prompt_kinds = np.asarray(names)
+        pools = [np.flatnonzero(bed.attributes[:, a_shape] == c) for c in prompt_ids]
+        reference = np.concatenate([_renders_of(bed, p, 4 * s, rng) for p in pools])
+        truth = np.concatenate([_renders_of(bed, p, s, rng) for p in pools])
+        constraints = np.full((len(prompt_ids) * s, len(tb.ATTRIBUTES)), -1, np.int64)
+        constraints[:, a_shape] = np.repeat(prompt_ids, s)
+        examples = np.stack([bed.images[p[0]] for p in pools])
+        cond = jnp.asarray(np.repeat(prompt_ids, s), jnp.int32)
+    else:
+        n = int(prompts_per_kind) * len(tuple(kinds))
+        prompt_ids = np.full(n, -1, np.int32)
+        prompts = {"uncond": prompt_ids}
+        prompt_kinds = np.asarray(["uncond"] * n)
+        everything = np.arange(len(bed.images))
+        reference = _renders_of(bed, everything, 4 * s * n, rng)
+        truth = _renders_of(bed, everything, s * n, rng)
+        constraints = np.full((n * s, len(tb.ATTRIBUTES)), -1, np.int64)
+        examples = bed.images[np.random.default_rng(seed).choice(bed.unique_index, size=n, replace=False)]
+        cond = None
+    caption_ids = np.repeat(prompt_ids, s)
     return Bench(bed=bed, threshold=threshold, classifier=classifier, prompts=prompts, caption_ids=caption_ids,
                  kinds=np.repeat(prompt_kinds, s),
                  keys=keys_from_seeds(seed * 1_000_003 + np.arange(len(caption_ids))),
-                 cond=jnp.asarray(caption_ids, jnp.int32), reference=reference, truth=truth,
-                 samples_per_prompt=s)
+                 cond=cond, reference=reference, truth=truth, samples_per_prompt=s,
+                 constraints=constraints, conditioning=conditioning, examples=examples, evaluator=evaluator)
 
 
-__all__ = ["Bench", "check_run_fields", "MODELS", "SMALL_TESTBED", "TESTBEDS", "build_model", "build_testbed", "choose_prompts",
-           "measure", "method_guidance", "prepare_bench"]
+__all__ = ["Bench", "check_run_fields", "MODELS", "SMALL_TESTBED", "TESTBEDS", "TRAINED", "build_model",
+           "bench_evaluator", "build_testbed", "checkpoints_dir", "choose_prompts", "load_trained", "measure", "method_guidance",
+           "model_bank", "model_kind", "prepare_bench"]

@@ -60,7 +60,8 @@ def test_demo_config_names_the_bad_field():
 
 def test_tiny_demo_writes_grids_metrics_and_table(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert cli.main(["demo", "--testbed", "small", "--prompts", "1", "--samples", "2", "--steps", "4",
+    assert cli.main(["demo", "--models", "empirical,mixture", "--testbed", "small", "--prompts", "1",
+                     "--samples", "2", "--steps", "4",
                      "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "metrics.json").read_text())
@@ -77,15 +78,15 @@ def test_tiny_demo_writes_grids_metrics_and_table(tmp_path, capsys):
                     assert np.isfinite(r[key]), (model, method, key)
                 assert 0.0 <= r["frac_copied"] <= 1.0 and 0.0 <= r["alignment"] <= 1.0
         grid = np.asarray(Image.open(out / f"grid_{model}.png"))
-        # rows: a training image + 6 methods; columns: 3 prompts; 16x16 images upscaled 4x, 1-px
+        # rows: a training image + the methods; columns: 3 prompts; 16x16 images upscaled 4x, 1-px
         # padding; plus the label margin (72 px) and the header line (14 px)
-        assert grid.shape == (7 * 65 + 1 + 14, 3 * 65 + 1 + 72, 3)
+        assert grid.shape == ((1 + len(methods)) * 65 + 1 + 14, 3 * 65 + 1 + 72, 3)
         assert Image.open(out / f"similarity_{model}.png").size[0] > 100
         assert 0.0 <= report["results"][model]["amg"]["all"]["gate_open_rate"] <= 1.0
     # the perfect memorizer copies the duplicated prompt with CFG (every seed)
     assert report["results"]["empirical"]["cfg"]["duplicated"]["frac_copied"] == 1.0
     assert report["copy_threshold"] > 0 and report["prompts"]["specific"][0]["caption"]
-    assert "OG+DTP" in printed and "AMG" in printed and "copied" in printed and "metrics.json" in printed
+    assert "DTP" in printed and "AMG" in printed and "copied" in printed and "metrics.json" in printed
     assert not any(name.endswith(".tmp") for name in os.listdir(out))
 
 

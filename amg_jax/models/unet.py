@@ -34,6 +34,7 @@ from amg_jax.models.text import TextEncoder, pooled
 from amg_jax.schedules import Schedule
 
 CONDITIONINGS = ("text", "class", "none")
+PREDICTIONS = ("eps", "v")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,11 @@ class UNetConfig:
     the resolutions with (self- and, for text, cross-) attention; num_groups: GroupNorm groups.
     conditioning: "text" | "class" | "none"; num_classes: class / caption count;
     vocab_size, max_tokens, text_dim, text_layers: the text encoder (text conditioning).
+    prediction: what the network outputs, "eps" (the noise) or "v" (sqrt(ab) eps - sqrt(1-ab) x0,
+    Salimans & Ho 2022; the default). ``UNetModel.eps_fn`` always returns eps. Measured on the
+    testbed: an eps-UNet trained 3000 steps denoises well (eps MSE 0.004 at t=900) but its x0
+    error there is 0.004 / ab = 15 (data variance 0.18) and DDIM from noise drifts out of range
+    (half the pixels); v-prediction predicts x0 directly at high noise and samples in range.
     """
 
     image_size: int = 32
@@ -62,6 +68,7 @@ class UNetConfig:
     max_tokens: int = 16
     text_dim: int = 64
     text_layers: int = 2
+    prediction: str = "v"
 
     def __post_init__(self):
         def fail(field, msg):
@@ -87,6 +94,8 @@ class UNetConfig:
             fail("num_groups", f"{self.num_groups} must divide every level width {widths}")
         if self.conditioning not in CONDITIONINGS:
             fail("conditioning", f"must be one of {list(CONDITIONINGS)}, got {self.conditioning!r}")
+        if self.prediction not in PREDICTIONS:
+            fail("prediction", f"must be one of {list(PREDICTIONS)}, got {self.prediction!r}")
         if self.conditioning in ("text", "class"):
             pos_int("num_classes")
         if self.conditioning == "text":
@@ -206,13 +215,15 @@ class UNetModel:
 
     config: ``UNetConfig``; tokens: [num_classes, max_tokens] int32 caption token ids (text
     conditioning: condition id c uses row c; -1 uses ``null_tokens``, the empty caption);
-    name: a label. Hashable by identity (it is a static part of jitted functions).
+    name: a label; schedule: the training noise schedule (v -> eps needs its alphas_cumprod).
+    Hashable by identity (it is a static part of jitted functions).
     """
 
     config: UNetConfig
     tokens: np.ndarray | None = None
     null_tokens: np.ndarray | None = None
     name: str = "unet"
+    schedule: Schedule = Schedule()
 
     def __post_init__(self):
         c = self.config
@@ -256,9 +267,22 @@ class UNetModel:
         x = jnp.zeros((1, c.image_size, c.image_size, c.in_channels), jnp.float32)
         return self.module.init(rng, x, jnp.zeros((1,), jnp.int32), self._cond_input(jnp.full((1,), -1)))["params"]
 
-    def eps_fn(self, params, x_t, t, cond):
-        """The denoiser contract: x_t [B, H, W, C], t [B] int32, cond [B] int32 ids (-1 = null)."""
+    @property
+    def prediction(self) -> str:
+        return self.config.prediction
+
+    def output_fn(self, params, x_t, t, cond):
+        """The network's raw output (eps or v, ``prediction``) for x_t [B, H, W, C], t [B], cond [B]."""
         return self.module.apply({"params": params}, x_t, t, self._cond_input(cond))
+
+    def eps_fn(self, params, x_t, t, cond):
+        """The denoiser contract: x_t [B, H, W, C], t [B] int32, cond [B] int32 ids (-1 = null) -> eps."""
+        out = self.output_fn(params, x_t, t, cond)
+        if self.config.prediction == "eps":
+            return out
+        ab = jnp.take(jnp.asarray(self.schedule.alphas_cumprod(), jnp.float32), jnp.asarray(t, jnp.int32))
+        ab = ab.reshape((-1,) + (1,) * (x_t.ndim - 1))
+        return jnp.sqrt(ab) * out + jnp.sqrt(1.0 - ab) * x_t.astype(out.dtype)
 
     def config_dict(self) -> dict:
         """JSON-able description (architecture + a digest of the token table) for checkpoints."""
@@ -275,15 +299,15 @@ def count_params(params) -> int:
 
 def unet_denoiser(model: UNetModel, params, *, schedule: Schedule | None = None,
                   condition_names: Sequence[str] | None = None) -> Denoiser:
-    """Trained ``params`` of ``model`` as a ``Denoiser`` (null condition id -1)."""
+    """Trained ``params`` of ``model`` as a ``Denoiser`` (null condition id -1; schedule: the model's)."""
     c = model.config
     return Denoiser(params=params, null_cond=jnp.int32(-1), eps_fn=model.eps_fn,
                     sample_shape=(c.image_size, c.image_size, c.in_channels),
-                    schedule=schedule if schedule is not None else Schedule(),
+                    schedule=schedule if schedule is not None else model.schedule,
                     num_conditions=model.num_conditions,
                     condition_names=None if condition_names is None else tuple(condition_names),
                     name=model.name)
 
 
-__all__ = ["AttentionBlock", "CONDITIONINGS", "ResBlock", "UNetModel", "UNet", "UNetConfig", "count_params",
+__all__ = ["AttentionBlock", "CONDITIONINGS", "PREDICTIONS", "ResBlock", "UNetModel", "UNet", "UNetConfig", "count_params",
            "timestep_embedding", "unet_denoiser"]

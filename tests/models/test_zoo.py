@@ -94,3 +94,29 @@ def test_train_cli_validates_before_work(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--kind", "text", "--workdir", "w", "--ema", "1.5"])
     assert "TrainConfig.ema_decay" in capsys.readouterr().err
+
+
+def test_bench_loads_a_shipped_model_by_name_and_checks_its_testbed(shipped, monkeypatch, tmp_path):
+    from amg_jax import workbench
+
+    root, out, model, res = shipped
+    monkeypatch.setenv("AMG_CHECKPOINTS", str(root))
+    small = workbench.build_testbed("small")
+    den = workbench.build_model("unet-text", small)
+    assert den.num_conditions == small.num_captions
+    assert workbench.model_bank("unet-text", small).copy_threshold is not None
+    with pytest.raises(ValueError, match=r"trained on another testbed .*image_size"):
+        workbench.build_model("unet-text", workbench.build_testbed("default"))
+    with pytest.raises(FileNotFoundError, match="amg train --kind class"):
+        workbench.build_model("unet-class", small)
+    # `amg eval` and `amg demo` run it by name
+    assert cli.main(["eval", "--model", "unet-text", "--testbed", "small", "--prompts", "1", "--samples", "2",
+                     "--steps", "3", "--out", str(tmp_path / "ev")]) == 0
+    rep = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert set(rep["metrics"]) == {"specific", "duplicated", "generic", "all"}
+    assert 0.0 <= rep["metrics"]["all"]["gate_open_rate"] <= 1.0
+    assert cli.main(["demo", "--models", "unet-text", "--methods", "cfg,amg", "--testbed", "small", "--prompts",
+                     "1", "--samples", "2", "--steps", "3", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
+    rep = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert list(rep["results"]["unet-text"]) == ["cfg", "amg"]
+    assert (tmp_path / "demo" / "grid_unet-text.png").exists()

@@ -1,0 +1,130 @@
+"""The method table on a trained testbed UNet (checkpoints/): copies, nL2, FD, alignment per prompt kind.
+
+    python experiments/trained_models.py --model unet-text --prompts 8 --samples 32 \
+        --out experiments/results/trained_text.json
+
+Every run in ``--runs`` (JSON: name -> {"method", "base", "scale", "amg": {...}}; default: the
+issue's table) samples the same seeds for the same prompts. Finished runs are kept in ``--out``
+and skipped when the script is run again (an interrupted table resumes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+from amg_jax.data import testbed as tb
+from amg_jax.jsonio import write_json
+from amg_jax.samplers import SamplerConfig, sample
+from amg_jax.workbench import (bench_evaluator, build_model, build_testbed, method_guidance, model_bank,
+                               model_kind, prepare_bench)
+
+TABLE = {
+    "CFG": {"method": "cfg"},
+    "AMG": {"method": "amg"},
+    "AMG no G_sim": {"method": "amg", "amg": {"dissimilar": False}},
+    "AMG ungated": {"method": "amg", "amg": {"threshold": "always"}},
+    "AMG constant threshold": {"method": "amg", "amg": {"threshold": "constant"}},
+    "STP": {"method": "stp"},
+    "DTP": {"method": "dtp"},
+    "OG": {"method": "og"},
+    "OG+DTP": {"method": "og_dtp"},
+}
+UNCOND_TABLE = {
+    "unguided": {"method": "none"},
+    "AMG (G_sim)": {"method": "amg"},
+    "AMG ungated": {"method": "amg", "amg": {"threshold": "always"}},
+    "AMG constant threshold": {"method": "amg", "amg": {"threshold": "constant"}},
+}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="unet-text")
+    p.add_argument("--testbed", default="default")
+    p.add_argument("--prompts", type=int, default=8, help="prompts per kind (text) / pseudo-prompts (uncond)")
+    p.add_argument("--samples", type=int, default=32, help="samples per prompt")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--sampler", default="ddim")
+    p.add_argument("--scale", type=float, default=7.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runs", default=None, help="JSON {name: spec}; default: the full table")
+    p.add_argument("--only", default=None, help="comma-separated run names of the table to do")
+    p.add_argument("--out", default=None)
+    p.add_argument("--card", action="store_true",
+                   help="record the baseline row (CFG / unguided) as the model card's measured memorization")
+    a = p.parse_args(argv)
+    conditioning = model_kind(a.model)
+    runs = json.loads(a.runs) if a.runs else (UNCOND_TABLE if conditioning == "uncond" else TABLE)
+    if a.only:
+        runs = {k: runs[k] for k in a.only.split(",")}
+    bed = build_testbed(a.testbed)
+    den = build_model(a.model, bed)
+    bank = model_bank(a.model, bed)
+    bench = prepare_bench(bed, a.prompts, a.samples, a.seed, conditioning=conditioning,
+                          evaluator=bench_evaluator(bed))
+    results = json.load(open(a.out)) if a.out and os.path.exists(a.out) else {}
+    meta = {"model": a.model, "prompts": a.prompts, "samples": a.samples, "steps": a.steps, "sampler": a.sampler,
+            "seed": a.seed, "threshold": bench.threshold,
+            "fd_features": "evalnet" if bench.evaluator is not None else "pooled pixels"}
+    if results.get("_meta", meta) != meta:
+        raise SystemExit(f"{a.out} holds runs of other settings {results['_meta']}; use another --out")
+    results["_meta"] = meta
+    if "true renders" not in results:
+        results["true renders"] = {"spec": {}, "metrics": bench.measure(bench.truth)}
+    print(f"{a.model}: {len(bench.caption_ids)} samples/run, copy threshold {bench.threshold:.3f}, "
+          f"FD on {meta['fd_features']}", flush=True)
+    sampler = SamplerConfig(a.sampler, num_steps=a.steps)
+    for name, spec in runs.items():
+        if name in results:
+            print(f"{name}: done before, skipped", flush=True)
+            continue
+        g = method_guidance(spec.get("method", "amg"), spec.get("scale", a.scale), bed=bed, bank=bank,
+                            base=spec.get("base", "cfg" if conditioning != "uncond" else "none"),
+                            amg=spec.get("amg"))
+        t0 = time.time()
+        res = sample(den, g, sampler, bench.keys, bench.cond)
+        x = np.asarray(res.x0)
+        sec = time.time() - t0
+        m = bench.measure(np.clip(np.nan_to_num(x, nan=0.0), -1e3, 1e3))
+        gate = np.asarray(res.trace["gate"]) if "gate" in res.trace else None
+        _, nearest = tb.nearest_training(np.nan_to_num(x, nan=0.0), bed)
+        for kind, r in m.items():
+            sel = np.ones(len(x), bool) if kind == "all" else bench.kinds == kind
+            r["count"] = int(sel.sum())
+            r["gate_open_rate"] = float(gate[sel].mean()) if gate is not None else None
+            r["seconds"] = sec
+            print(f"{name:>24} {kind:>10}: copied {r['frac_copied']:6.1%} nL2<1.4 {r['frac_nl2_below_1.4']:6.1%} "
+                  f"med nL2 {r['nl2_median']:.2f} FD {r['fd']:8.2f} align {r['alignment']:4.0%} "
+                  f"OOR {r['frac_out_of_range']:6.1%} gate {0 if gate is None else r['gate_open_rate']:5.1%} "
+                  f"({sec:.0f}s)", flush=True)
+        results[name] = {"spec": spec, "metrics": m}
+        if a.out:
+            write_json(a.out, results, indent=1)
+    if a.card:
+        record_card(a, results, conditioning)
+
+
+def record_card(a, results: dict, conditioning: str) -> None:
+    """Write the baseline's copy rates per prompt kind into the checkpoint's card."""
+    import sys
+
+    from amg_jax.models.zoo import update_card
+    from amg_jax.workbench import checkpoints_dir, TRAINED
+
+    base = "unguided" if conditioning == "uncond" else "CFG"
+    m = results[base]["metrics"]
+    keep = ("frac_copied", "frac_nl2_below_1.4", "nl2_median", "fd", "alignment", "frac_out_of_range", "count")
+    update_card(os.path.join(checkpoints_dir(), TRAINED[a.model]), memorization={
+        "method": base if conditioning == "uncond" else f"CFG {a.scale}", "sampler": f"{a.sampler} {a.steps}",
+        "copy_threshold": results["_meta"]["threshold"], "fd_features": results["_meta"]["fd_features"],
+        "per_kind": {k: {f: v[f] for f in keep if f in v} for k, v in m.items()},
+        "command": "python experiments/trained_models.py " + " ".join(sys.argv[1:] if a is not None else [])})
+    print(f"recorded {base} memorization in the card of {a.model}")
+
+
+if __name__ == "__main__":
+    main()
