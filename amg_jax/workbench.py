@@ -111,7 +111,7 @@ def bench_evaluator(bed: tb.Testbed):
     from amg_jax.models.evalnet import load_evaluator
 
     ev = _load_evaluator(path, load_evaluator)
-    return ev if ev.testbed_config == bed.config else None
+    return ev if ev.config == bed.config else None
 
 
 _EVALUATORS: dict = {}

@@ -399,7 +399,7 @@ def evaluator_for(testbed_config, path: str | None = None) -> Evaluator:
         return _TRAINED[cfg]
     ev = load_evaluator(path)
     if ev.config != cfg:
-        diff = [f"{f.name} ({getattr(ev.config, f.name)!r} vs {getattr(cfg, f.name)!r})"
+        diff = [f"{f.name} (evaluator {getattr(ev.config, f.name)!r}, given {getattr(cfg, f.name)!r})"
                 for f in dataclasses.fields(tb.TestbedConfig) if getattr(ev.config, f.name) != getattr(cfg, f.name)]
         raise ValueError(f"the evaluator in {os.path.abspath(path)} was trained on another testbed config; "
                          f"it differs in: " + ", ".join(diff))

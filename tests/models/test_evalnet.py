@@ -15,12 +15,12 @@ from amg_jax.models.evalnet import (CARD, PARAMS, EvalNet, EvalNetConfig, Evalua
 CFG = tb.TestbedConfig(seed=1, image_size=16, shapes=("circle", "cross"), colours=("red", "blue"),
                        backgrounds=("black", "gray"), textures=("plain", "striped"), n_specific=6,
                        n_duplicated=2, duplicate_count=6, n_generic=2, generic_images=8)
-NET = EvalNetConfig.for_testbed(CFG, channels=8, channel_mult=(1, 2), feature_dim=16, num_groups=4)
+NET = EvalNetConfig.for_testbed(CFG, channels=16, channel_mult=(1, 2), feature_dim=16, num_groups=4)
 
 
 @pytest.fixture(scope="module")
 def evaluator():
-    return train_evalnet(CFG, steps=200, batch_size=32, learning_rate=5e-3, net=NET, holdout=256, seed=0)
+    return train_evalnet(CFG, steps=700, batch_size=32, learning_rate=5e-3, net=NET, holdout=256, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,7 @@ def test_save_load_round_trip(evaluator, saved):
     ev = load_evaluator(saved)
     assert isinstance(ev, Evaluator)
     assert ev.net == evaluator.net and ev.config == evaluator.config
-    assert ev.accuracy == evaluator.accuracy and ev.training["steps"] == 200
+    assert ev.accuracy == evaluator.accuracy and ev.training["steps"] == 700
     chex.assert_trees_all_equal(ev.params, jax.device_get(evaluator.params))
     x, _ = renders(20, 6)
     np.testing.assert_array_equal(ev.features(x), evaluator.features(x))
@@ -180,7 +180,7 @@ def test_load_errors(evaluator, saved, tmp_path):
 
 
 def test_evaluator_for_mismatch_names_field(saved):
-    with pytest.raises(ValueError, match=r"differs in: seed \(1 vs 2\)"):
+    with pytest.raises(ValueError, match=r"differs in: seed \(evaluator 1, given 2\)"):
         evaluator_for(dataclasses.replace(CFG, seed=2), saved)
     with pytest.raises(ValueError, match="colours.*textures"):
         evaluator_for(dataclasses.replace(CFG, colours=("red", "green"), textures=("plain", "dotted")), saved)
