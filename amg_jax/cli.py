@@ -5,6 +5,8 @@ import argparse
 import os
 import sys
 
+from amg_jax.workbench import TESTBEDS
+
 
 def _quiet_libraries() -> None:
     """Silence diffusers' / transformers' deprecation chatter (Flax classes are deprecated there)."""
@@ -97,12 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated models from: {', '.join(demo.MODELS)}")
     d.add_argument("--methods", type=_csv(demo.METHODS), default=",".join(demo.DEFAULT_METHODS), metavar="LIST",
                    help=f"comma-separated methods from: {', '.join(demo.METHODS)}")
-    d.add_argument("--testbed", choices=demo.TESTBEDS, default="default",
-                   help="default: 32x32, 62 captions; small: 16x16, 12 captions (quick)")
+    d.add_argument("--testbed", choices=demo.TESTBEDS + ("auto",), default="auto",
+                   help="auto: the models' (unet for the trained UNets, else default); default: 32x32, "
+                        "62 captions; small: 16x16, 12 captions (quick); unet: the default captions at 16x16")
     _add_run_args(d)
     d.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     _add_eval(sub)
     _add_train(sub)
+    _add_evalnet(sub)
     return parser
 
 
@@ -122,7 +126,8 @@ def _add_train(sub) -> None:
     t.add_argument("--kind", choices=KINDS, required=True, help="conditioning")
     t.add_argument("--workdir", required=True, help="training directory (checkpoints, losses, resume)")
     t.add_argument("--out", default=None, help="export the trained model here (default: do not export)")
-    t.add_argument("--testbed", choices=("default", "small"), default="default", help="the training data")
+    t.add_argument("--testbed", choices=TESTBEDS, default="unet",
+                   help="the training data (unet: the default captions at 16x16, what the shipped models use)")
     t.add_argument("--steps", type=_positive_int, default=d.steps, help="optimizer steps")
     t.add_argument("--batch", dest="batch_size", type=_positive_int, default=d.batch_size, help="batch size")
     t.add_argument("--lr", dest="learning_rate", type=_finite_float, default=d.learning_rate, help="learning rate")
@@ -135,11 +140,40 @@ def _add_train(sub) -> None:
     t.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
 
+def _add_evalnet(sub) -> None:
+    v = sub.add_parser(
+        "evalnet", help="train the evaluation network (FD features, attribute alignment) and save it",
+        description="Train the testbed's evaluation network on fresh true renders of random attribute "
+                    "combinations (one head per attribute; its pooled features give the Frechet distance "
+                    "`amg eval` and `amg demo` report, its predictions the alignment) and save it to OUT "
+                    "(checkpoints/evalnet is the one the bench uses).",
+        formatter_class=_Help)
+    v.add_argument("--out", required=True, help="directory to write (evalnet.json + params.npz)")
+    v.add_argument("--testbed", choices=TESTBEDS, default="unet", help="the testbed it judges")
+    v.add_argument("--steps", type=_positive_int, default=4000, help="optimizer steps")
+    v.add_argument("--batch", type=_positive_int, default=64, help="batch size (fresh renders per step)")
+    v.add_argument("--lr", type=_finite_float, default=3e-3, help="peak learning rate")
+    v.add_argument("--seed", type=int, default=0, help="seed of init and renders")
+
+
+def _run_evalnet(args) -> None:
+    from amg_jax.data import testbed as tb
+    from amg_jax.models.evalnet import save_evaluator, train_evalnet
+    from amg_jax.workbench import testbed_config
+
+    bed_cfg = testbed_config(args.testbed)
+    ev = train_evalnet(bed_cfg, steps=args.steps, batch_size=args.batch, learning_rate=args.lr, seed=args.seed,
+                       echo=print)
+    path = save_evaluator(args.out, ev)
+    print("held-out accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in ev.accuracy.items()))
+    print(f"saved the evaluation network to {path}")
+
+
 def _run_train(args, parser) -> None:
     from amg_jax.data import testbed as tb
     from amg_jax.models import zoo
     from amg_jax.train import TrainConfig
-    from amg_jax.workbench import SMALL_TESTBED
+    from amg_jax.workbench import testbed_config
 
     try:
         config = TrainConfig(**{f: getattr(args, f) for f in (
@@ -147,7 +181,7 @@ def _run_train(args, parser) -> None:
             "checkpoint_every", "seed")})
     except ValueError as err:
         parser.error(str(err))
-    bed_cfg = tb.TestbedConfig() if args.testbed == "default" else tb.TestbedConfig(**SMALL_TESTBED)
+    bed_cfg = testbed_config(args.testbed)
     try:
         model, result, bed = zoo.train_model(args.kind, args.workdir, config, testbed=bed_cfg,
                                              progress=args.progress, channels=args.channels)
@@ -174,9 +208,11 @@ def _add_eval(sub) -> None:
                     "and OUT/trace.npz.",
         formatter_class=_Help)
     e.add_argument("--out", default="eval_out", help="output directory")
-    e.add_argument("--model", choices=workbench.MODELS, default="mixture",
-                   help="empirical: perfect memorizer; mixture: partial memorizer")
-    e.add_argument("--testbed", choices=workbench.TESTBEDS, default="default", help="testbed size")
+    e.add_argument("--model", choices=workbench.MODELS, default="unet-text",
+                   help="unet-text / unet-class / unet-uncond: the shipped trained UNets (checkpoints/); "
+                        "empirical: perfect memorizer; mixture: partial memorizer")
+    e.add_argument("--testbed", choices=workbench.TESTBEDS + ("auto",), default="auto",
+                   help="auto: the model's (unet for the trained UNets, else default)")
     e.add_argument("--method", choices=evaluate.METHODS, default="amg", help="guidance")
     e.add_argument("--base", choices=tuple(GUIDANCES), default="cfg", help="the guidance AMG wraps")
     e.add_argument("--kinds", type=_csv(KINDS), default=",".join(KINDS), metavar="LIST",
@@ -247,6 +283,8 @@ def main(argv=None) -> int:
             parser.error(str(err))
     elif args.command == "train":
         _run_train(args, parser)
+    elif args.command == "evalnet":
+        _run_evalnet(args)
     return 0
 
 

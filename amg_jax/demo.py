@@ -37,7 +37,7 @@ from amg_jax.jsonio import write_json
 from amg_jax.samplers import SamplerConfig, sample
 from amg_jax.workbench import (MODELS, SMALL_TESTBED, TESTBEDS, bench_evaluator, build_model,  # noqa: F401
                                build_testbed, check_run_fields, method_guidance, model_bank, model_kind,
-                               prepare_bench)
+                               prepare_bench, resolve_testbed)
 
 DEFAULT_MODELS = ("unet-text",)
 DEFAULT_METHODS = ("cfg", "stp", "dtp", "amg")
@@ -67,7 +67,7 @@ class DemoConfig:
     out: str = "demo_out"
     models: tuple = DEFAULT_MODELS
     methods: tuple = DEFAULT_METHODS
-    testbed: str = "default"
+    testbed: str = "auto"
     prompts_per_kind: int = 4
     samples_per_prompt: int = 8
     sampler: str = "ddim"
@@ -132,7 +132,7 @@ def run_demo(config: DemoConfig = DemoConfig(), *, progress: bool = True, echo=p
     t_start = time.time()
     os.makedirs(config.out, exist_ok=True)
     echo(f"building the {config.testbed} testbed, copy threshold and alignment classifier ...")
-    bed = build_testbed(config.testbed)
+    bed = build_testbed(resolve_testbed(config.testbed, config.models))
     evaluator = bench_evaluator(bed)
     benches = {c: prepare_bench(bed, config.prompts_per_kind, config.samples_per_prompt, config.seed,
                                 conditioning=c, evaluator=evaluator)

@@ -30,7 +30,7 @@ from amg_jax.guidance.amg import AMGConfig
 from amg_jax.jsonio import write_json
 from amg_jax.samplers import SamplerConfig, sample
 from amg_jax.workbench import (MODELS, TRAINED, bench_evaluator, build_model, build_testbed, check_run_fields,
-                               method_guidance, model_bank, model_kind, prepare_bench)
+                               method_guidance, model_bank, model_kind, prepare_bench, resolve_testbed)
 
 METHODS = tuple(GUIDANCES) + ("amg",)
 AMG_FIELDS = tuple(f.name for f in dataclasses.fields(AMGConfig))
@@ -43,8 +43,8 @@ class EvalConfig:
     guidance AMG wraps. Validated on construction (ValueError naming the field)."""
 
     out: str = "eval_out"
-    model: str = "mixture"
-    testbed: str = "default"
+    model: str = "unet-text"
+    testbed: str = "auto"
     method: str = "amg"
     base: str = "cfg"
     scale: float = 7.5
@@ -136,7 +136,7 @@ def plot_similarity(trace: dict, path: str, *, max_samples: int = 8, title: str 
 def run_eval(config: EvalConfig, *, echo=print) -> dict:
     """Sample ``config.method`` on the bench and write ``metrics.json`` (see the module docstring)."""
     t0 = time.time()
-    bed = build_testbed(config.testbed)
+    bed = build_testbed(resolve_testbed(config.testbed, [config.model]))
     guidance = build_guidance(config, bed)          # fails on bad AMG settings before the model is fit
     os.makedirs(config.out, exist_ok=True)
     den = build_model(config.model, bed)

@@ -23,16 +23,39 @@ from amg_jax.samplers import keys_from_seeds
 # The trained testbed UNets shipped in checkpoints/ (``amg_jax.models.zoo``) and their kinds.
 TRAINED = {"unet-text": "text", "unet-class": "class", "unet-uncond": "uncond"}
 MODELS = tuple(TRAINED) + ("empirical", "mixture")
-TESTBEDS = ("default", "small")
+TESTBEDS = ("default", "small", "unet")
 
 # A 16x16 testbed with 12 captions: a quick look (and the test suite's runs).
 SMALL_TESTBED = dict(seed=1, image_size=16, shapes=("circle", "cross"), colours=("red", "blue"),
                      backgrounds=("black", "gray"), textures=("plain", "striped"), n_specific=6,
                      n_duplicated=2, duplicate_count=6, n_generic=2, generic_images=8)
 
+# The trained UNets' testbed: the default captions and images at 16x16 (a 2-core CPU trains a
+# UNet there to memorization in minutes; at 32x32 a 16-channel UNet was still blurry after
+# 2500 steps / 27 minutes).
+UNET_TESTBED = dict(image_size=16)
+_TESTBED_CONFIGS = {"default": {}, "small": SMALL_TESTBED, "unet": UNET_TESTBED}
+
+
+def testbed_config(name: str) -> tb.TestbedConfig:
+    """The config of a named testbed (``TESTBEDS``)."""
+    if name not in _TESTBED_CONFIGS:
+        raise ValueError(f"unknown testbed {name!r}; choose one of {list(TESTBEDS)}")
+    return tb.TestbedConfig(**_TESTBED_CONFIGS[name])
+
+
+def resolve_testbed(name: str, models) -> str:
+    """``"auto"`` -> the testbed of the bench's models: ``unet`` when any is a trained UNet, else
+    ``default``; any other name is returned as it is."""
+    if name != "auto":
+        return name
+    return "unet" if any(m in TRAINED for m in models) else "default"
+
+
 def build_testbed(name: str) -> tb.Testbed:
-    """The bench's testbed: ``default`` (32x32, 62 captions) or ``small`` (16x16, 12 captions)."""
-    return tb.make_testbed() if name == "default" else tb.make_testbed(tb.TestbedConfig(**SMALL_TESTBED))
+    """The bench's testbed: ``default`` (32x32, 62 captions), ``small`` (16x16, 12 captions) or
+    ``unet`` (the default captions at 16x16: the trained UNets' testbed)."""
+    return tb.make_testbed(testbed_config(name))
 
 
 def checkpoints_dir() -> str:
@@ -194,7 +217,7 @@ def check_run_fields(config, fail) -> None:
     samples_per_prompt, steps, scale); ``fail(field, message)`` raises."""
     from amg_jax.samplers import SAMPLERS
 
-    for field, allowed in (("testbed", TESTBEDS), ("sampler", SAMPLERS)):
+    for field, allowed in (("testbed", TESTBEDS + ("auto",)), ("sampler", SAMPLERS)):
         if getattr(config, field) not in allowed:
             fail(field, f"must be one of {list(allowed)}, got {getattr(config, field)!r}")
     for field in ("prompts_per_kind", "samples_per_prompt", "steps"):
@@ -305,5 +328,5 @@ def prepare_bench(bed: tb.Testbed, prompts_per_kind: int, samples_per_prompt: in
 
 
 __all__ = ["Bench", "check_run_fields", "MODELS", "SMALL_TESTBED", "TESTBEDS", "TRAINED", "build_model",
-           "bench_evaluator", "build_testbed", "checkpoints_dir", "choose_prompts", "load_trained", "measure", "method_guidance",
+           "bench_evaluator", "build_testbed", "checkpoints_dir", "resolve_testbed", "testbed_config", "UNET_TESTBED", "choose_prompts", "load_trained", "measure", "method_guidance",
            "model_bank", "model_kind", "prepare_bench"]

@@ -130,3 +130,13 @@ def test_tiny_eval_writes_the_agreed_keys(tmp_path):
     trace = np.load(out / "trace.npz")
     assert trace["sigma"].shape == (6, 4) and trace["gate"].dtype == bool
     assert Image.open(out / "similarity.png").size[0] > 100 and (out / "samples.png").exists()
+
+
+def test_evalnet_command_trains_and_saves_a_loadable_evaluator(tmp_path, capsys):
+    from amg_jax.models.evalnet import load_evaluator
+
+    out = tmp_path / "evalnet"
+    assert cli.main(["evalnet", "--testbed", "small", "--steps", "3", "--batch", "8", "--out", str(out)]) == 0
+    assert "held-out accuracy" in capsys.readouterr().out
+    ev = load_evaluator(str(out))
+    assert ev.training["steps"] == 3 and ev.config.image_size == 16

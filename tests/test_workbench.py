@@ -52,3 +52,13 @@ def test_bench_alignment_tells_right_from_wrong_class(bed):
 def test_bad_conditioning_is_named(bed):
     with pytest.raises(ValueError, match="conditioning must be"):
         workbench.prepare_bench(bed, 1, 2, 0, conditioning="pixels")
+
+
+def test_testbed_names_and_auto():
+    assert workbench.resolve_testbed("auto", ["unet-text"]) == "unet"
+    assert workbench.resolve_testbed("auto", ["mixture"]) == "default"
+    assert workbench.resolve_testbed("small", ["unet-text"]) == "small"
+    assert workbench.testbed_config("unet").image_size == 16
+    assert workbench.testbed_config("unet").n_specific == tb.TestbedConfig().n_specific
+    with pytest.raises(ValueError, match="unknown testbed 'huge'"):
+        workbench.testbed_config("huge")
