@@ -189,7 +189,8 @@ def _run_train(args, parser) -> None:
         parser.error(str(err))
     if args.out:
         path = zoo.export_model(args.out, args.kind, model, result.ema_params, bed, train_config=config,
-                                train_seconds=round(result.seconds, 1))
+                                train_seconds=(round(result.total_seconds, 1) if result.total_seconds == result.total_seconds
+                                               else None))
         print(f"exported {args.kind} model (step {result.step}) to {path}")
 
 

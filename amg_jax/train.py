@@ -78,6 +78,7 @@ Array = jax.Array
 META_FILE = "train_meta.json"
 LOSSES_FILE = "losses.jsonl"
 FILES_FILE = "checkpoint_files.json"
+TIME_FILE = "train_time.json"        # {"step", "seconds"}: training time summed over the calls
 CHECKPOINT_DIR = "checkpoints"
 FORMAT = "amg_jax.train"
 FORMAT_VERSION = 1
@@ -188,13 +189,15 @@ class TrainState:
 
 class TrainResult(NamedTuple):
     """params / ema_params (on the default device), step (updates done), losses [step] float32
-    (losses[i] = loss of update i, including those of earlier, resumed runs), seconds (this call)."""
+    (losses[i] = loss of update i, including those of earlier, resumed runs), seconds (this call),
+    total_seconds (summed over the calls that trained up to ``step``, from ``train_time.json``)."""
 
     params: Any
     ema_params: Any
     step: int
     losses: np.ndarray
     seconds: float
+    total_seconds: float = float("nan")
 
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -715,11 +718,31 @@ def train(model, images, cond, config: TrainConfig, workdir: str, *, schedule: S
         mngr.wait_until_finished()
         mngr.close()
     seconds = time.perf_counter() - t0
+    total = _add_time(workdir, start, target, seconds)
     if start < target:
         echo(f"{model.name}: {target - start} steps in {seconds:.1f} s, loss {losses[-1]:.4g} "
              f"(step {target}/{config.steps})")
     return TrainResult(params=_on_device0(state.params), ema_params=_on_device0(state.ema_params),
-                       step=int(target), losses=np.asarray(losses, np.float32), seconds=seconds)
+                       step=int(target), losses=np.asarray(losses, np.float32), seconds=seconds,
+                       total_seconds=total)
+
+
+def _add_time(workdir: str, start: int, target: int, seconds: float) -> float:
+    """Sum this call's seconds into ``train_time.json`` (a fresh run, start 0, restarts it); returns
+    the total for ``target`` steps (NaN when earlier calls' time is unknown)."""
+    path = os.path.join(workdir, TIME_FILE)
+    before = 0.0
+    if start > 0:
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            before = float(saved["seconds"]) if int(saved["step"]) == start else float("nan")
+        except (OSError, ValueError, KeyError, TypeError):
+            before = float("nan")
+    total = before + (seconds if target > start else 0.0)
+    if target > start and math.isfinite(total):
+        _write_json_atomic(path, {"step": int(target), "seconds": round(total, 2)})
+    return total
 
 
 def _check_resume(workdir: str, meta: dict, where: str) -> None:

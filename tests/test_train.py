@@ -128,8 +128,12 @@ def test_resume_equals_uninterrupted(tmp_path, run_a):
     np.testing.assert_allclose(b.losses[:4], b1.losses, rtol=0)
     assert_tree_close(b.params, a.params)
     assert_tree_close(b.ema_params, a.ema_params)
+    # the training time sums over the two calls (train_time.json); a no-op call adds nothing
+    assert np.isclose(b.total_seconds, b1.seconds + b.seconds, rtol=1e-3, atol=0.02)
+    assert json.loads((tmp_path / "train_time.json").read_text())["step"] == 12
     # a finished run returns at once, with the same numbers; the EMA differs from the params
     again = run(tmp_path)
+    assert np.isclose(again.total_seconds, b.total_seconds, atol=0.02)
     assert again.step == 12 and np.array_equal(again.losses, b.losses)
     assert_tree_close(again.ema_params, b.ema_params, rtol=0, atol=0)
     assert not np.allclose(jax.tree.leaves(a.params)[0], jax.tree.leaves(a.ema_params)[0])
@@ -341,3 +345,4 @@ def test_cond_dropout_one_sees_only_null(tmp_path):
     cfg = dataclasses.replace(CONFIG, steps=3, cond_dropout=0.0)
     change = _embedding_change(run(tmp_path / "drop0", cfg))
     assert np.all(change[:NUM_CLASSES] > 0) and change[NUM_CLASSES] == 0
+
