@@ -68,7 +68,8 @@ def _add_run_args(p) -> None:
                    help="seeds per prompt")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="sampler")
     p.add_argument("--steps", type=_positive_int, default=50, help="sampling steps")
-    p.add_argument("--scale", type=_finite_float, default=7.5, help="guidance scale s0")
+    p.add_argument("--scale", type=_finite_float, default=None,
+                   help="guidance scale s0 (default: a trained model's card guidance_scale, else 7.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of prompts, sampling noise and references")
 
 
@@ -169,6 +170,13 @@ def _run_evalnet(args) -> None:
     print(f"saved the evaluation network to {path}")
 
 
+def jax_devices() -> str:
+    import jax
+
+    d = jax.devices()
+    return f"{len(d)} x {d[0].device_kind}"
+
+
 def _run_train(args, parser) -> None:
     from amg_jax.data import testbed as tb
     from amg_jax.models import zoo
@@ -190,7 +198,9 @@ def _run_train(args, parser) -> None:
     if args.out:
         path = zoo.export_model(args.out, args.kind, model, result.ema_params, bed, train_config=config,
                                 train_seconds=(round(result.total_seconds, 1) if result.total_seconds == result.total_seconds
-                                               else None))
+                                               else None),
+                                extra={"training_command": "amg " + " ".join(sys.argv[1:]),
+                                       "training_machine": f"{os.cpu_count()} CPU cores, {jax_devices()}"})
         print(f"exported {args.kind} model (step {result.step}) to {path}")
 
 

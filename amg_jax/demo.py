@@ -37,7 +37,7 @@ from amg_jax.jsonio import write_json
 from amg_jax.samplers import SamplerConfig, sample
 from amg_jax.workbench import (MODELS, SMALL_TESTBED, TESTBEDS, bench_evaluator, build_model,  # noqa: F401
                                build_testbed, check_run_fields, method_guidance, model_bank, model_kind,
-                               prepare_bench, resolve_testbed)
+                               model_scale, prepare_bench, resolve_testbed)
 
 DEFAULT_MODELS = ("unet-text",)
 DEFAULT_METHODS = ("cfg", "stp", "dtp", "amg")
@@ -72,7 +72,7 @@ class DemoConfig:
     samples_per_prompt: int = 8
     sampler: str = "ddim"
     steps: int = 50
-    scale: float = 7.5
+    scale: float | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -160,7 +160,8 @@ def run_demo(config: DemoConfig = DemoConfig(), *, progress: bool = True, echo=p
         for method in methods:
             bar.set_description(f"{model_name}: {METHOD_LABELS.get(method, method)}")
             t0 = time.time()
-            guidance = method_guidance(method, config.scale, bed=bed, amg=DEMO_AMG.get(model_name), bank=bank,
+            guidance = method_guidance(method, model_scale(model_name, config.scale), bed=bed,
+                                       amg=DEMO_AMG.get(model_name), bank=bank,
                                        base="cfg" if bench.cond is not None else "none")
             res = sample(den, guidance, sampler, bench.keys, bench.cond)
             x = np.asarray(res.x0)

@@ -29,8 +29,8 @@ from amg_jax.guidance import GUIDANCES
 from amg_jax.guidance.amg import AMGConfig
 from amg_jax.jsonio import write_json
 from amg_jax.samplers import SamplerConfig, sample
-from amg_jax.workbench import (MODELS, TRAINED, bench_evaluator, build_model, build_testbed, check_run_fields,
-                               method_guidance, model_bank, model_kind, prepare_bench, resolve_testbed)
+from amg_jax.workbench import (DEFAULT_SCALE, MODELS, bench_evaluator, build_model, build_testbed, check_run_fields,
+                               method_guidance, model_bank, model_kind, model_scale, prepare_bench, resolve_testbed)
 
 METHODS = tuple(GUIDANCES) + ("amg",)
 AMG_FIELDS = tuple(f.name for f in dataclasses.fields(AMGConfig))
@@ -47,7 +47,7 @@ class EvalConfig:
     testbed: str = "auto"
     method: str = "amg"
     base: str = "cfg"
-    scale: float = 7.5
+    scale: float | None = None
     kinds: tuple = tb.KINDS
     prompts_per_kind: int = 4
     samples_per_prompt: int = 8
@@ -84,7 +84,9 @@ def build_guidance(config: EvalConfig, bed: tb.Testbed, bank=None):
             raise ValueError(f"eval: method {config.method!r} needs a condition; model {config.model!r} is "
                              "unconditional (use --method none or amg)")
         base = "none"
-    return method_guidance(config.method, config.scale, bed=bed, base=base, detector=config.detector,
+    # before the model is loaded (bank None: validation) the scale is only checked, so 7.5 will do
+    scale = model_scale(config.model, config.scale) if bank is not None else (config.scale or DEFAULT_SCALE)
+    return method_guidance(config.method, scale, bed=bed, base=base, detector=config.detector,
                            amg=dict(config.amg), bank=bank)
 
 
@@ -140,8 +142,7 @@ def run_eval(config: EvalConfig, *, echo=print) -> dict:
     guidance = build_guidance(config, bed)          # fails on bad AMG settings before the model is fit
     os.makedirs(config.out, exist_ok=True)
     den = build_model(config.model, bed)
-    if config.model in TRAINED:
-        guidance = build_guidance(config, bed, model_bank(config.model, bed))
+    guidance = build_guidance(config, bed, model_bank(config.model, bed))
     bench = prepare_bench(bed, config.prompts_per_kind, config.samples_per_prompt, config.seed, config.kinds,
                           conditioning=model_kind(config.model), evaluator=bench_evaluator(bed))
     echo(f"sampling {config.method} on {config.model}: {len(bench.caption_ids)} samples, "

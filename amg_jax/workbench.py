@@ -146,6 +146,19 @@ def _load_evaluator(path: str, loader):
     return _EVALUATORS[path]
 
 
+DEFAULT_SCALE = 7.5
+
+
+def model_scale(name: str, scale: float | None = None) -> float:
+    """The guidance scale to run model ``name`` at: ``scale`` when given, else a trained model's
+    card ``guidance_scale`` (the scale it was measured at), else 7.5 (the papers')."""
+    if scale is not None:
+        return float(scale)
+    if name in TRAINED:
+        return float(load_trained(name).card.get("guidance_scale", DEFAULT_SCALE))
+    return DEFAULT_SCALE
+
+
 def model_bank(name: str, bed: tb.Testbed):
     """The reference bank AMG searches for bench model ``name``: a trained model's own (labels =
     its condition ids), else the testbed's calibrated pixel bank (labels = caption ids)."""
@@ -224,8 +237,8 @@ def check_run_fields(config, fail) -> None:
         v = getattr(config, field)
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
             fail(field, f"must be an integer >= 1, got {v!r}")
-    if not np.isfinite(config.scale):
-        fail("scale", f"must be a finite number, got {config.scale!r}")
+    if config.scale is not None and not np.isfinite(config.scale):
+        fail("scale", f"must be a finite number (or None: the model's default), got {config.scale!r}")
 
 
 class Bench(NamedTuple):
@@ -329,4 +342,4 @@ def prepare_bench(bed: tb.Testbed, prompts_per_kind: int, samples_per_prompt: in
 
 __all__ = ["Bench", "check_run_fields", "MODELS", "SMALL_TESTBED", "TESTBEDS", "TRAINED", "build_model",
            "bench_evaluator", "build_testbed", "checkpoints_dir", "resolve_testbed", "testbed_config", "UNET_TESTBED", "choose_prompts", "load_trained", "measure", "method_guidance",
-           "model_bank", "model_kind", "prepare_bench"]
+           "model_bank", "model_kind", "model_scale", "prepare_bench"]

@@ -20,7 +20,7 @@ from amg_jax.data import testbed as tb
 from amg_jax.jsonio import write_json
 from amg_jax.samplers import SamplerConfig, sample
 from amg_jax.workbench import (bench_evaluator, build_model, build_testbed, method_guidance, model_bank,
-                               model_kind, prepare_bench)
+                               model_kind, model_scale, prepare_bench)
 
 TABLE = {
     "CFG": {"method": "cfg"},
@@ -49,7 +49,7 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=32, help="samples per prompt")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--sampler", default="ddim")
-    p.add_argument("--scale", type=float, default=7.5)
+    p.add_argument("--scale", type=float, default=None, help="default: the card's guidance_scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runs", default=None, help="JSON {name: spec}; default: the full table")
     p.add_argument("--only", default=None, help="comma-separated run names of the table to do")
@@ -64,10 +64,11 @@ def main(argv=None):
     bed = build_testbed(a.testbed)
     den = build_model(a.model, bed)
     bank = model_bank(a.model, bed)
+    a.scale = model_scale(a.model, a.scale)
     bench = prepare_bench(bed, a.prompts, a.samples, a.seed, conditioning=conditioning,
                           evaluator=bench_evaluator(bed))
     results = json.load(open(a.out)) if a.out and os.path.exists(a.out) else {}
-    meta = {"model": a.model, "prompts": a.prompts, "samples": a.samples, "steps": a.steps, "sampler": a.sampler,
+    meta = {"model": a.model, "scale": a.scale, "prompts": a.prompts, "samples": a.samples, "steps": a.steps, "sampler": a.sampler,
             "seed": a.seed, "threshold": bench.threshold,
             "fd_features": "evalnet" if bench.evaluator is not None else "pooled pixels"}
     if results.get("_meta", meta) != meta:
