@@ -89,7 +89,7 @@ def load_trained(name: str, bed: tb.Testbed | None = None):
         a, b = dataclasses.asdict(lm.bed.config), dataclasses.asdict(bed.config)
         diff = sorted(k for k in a if a[k] != b[k])
         raise ValueError(f"model {name!r} was trained on another testbed than the bench's (differs in {diff}); "
-                         "use the testbed it was trained on (--testbed default)")
+                         "use the testbed it was trained on (--testbed auto)")
     return lm
 
 
@@ -225,6 +225,30 @@ def measure(x: np.ndarray, constraints: np.ndarray, kinds: np.ndarray, bed: tb.T
     return out
 
 
+def sample_in_chunks(denoiser, guidance, sampler, keys, cond, chunk: int | None = None):
+    """``samplers.sample`` over ``keys`` [B] in chunks of ``chunk`` seeds (the last one padded and
+    cut), concatenated: the same samples (each seed is independent), but AMG's batch-level gate
+    skips its gradient for a chunk whose samples are all far from the training set, where one
+    batch of B would pay for it at almost every step. One compilation for all chunks."""
+    from amg_jax.samplers import SampleResult, sample
+
+    b = int(keys.shape[0])
+    if not chunk or chunk >= b:
+        return sample(denoiser, guidance, sampler, keys, cond)
+    parts = []
+    for lo in range(0, b, chunk):
+        idx = np.minimum(np.arange(lo, lo + chunk), b - 1)          # pad the last chunk with its last seed
+        c = None if cond is None else jax.tree.map(lambda a: a[idx], cond)
+        r = sample(denoiser, guidance, sampler, keys[idx], c)
+        n = min(chunk, b - lo)
+        parts.append(jax.tree.map(lambda a: np.asarray(a)[:n], (r.x0, r.trace, r.first_pass_trace)))
+    cat = lambda *xs: np.concatenate(xs, axis=0)  # noqa: E731
+    x0 = cat(*[p[0] for p in parts])
+    trace = jax.tree.map(cat, *[p[1] for p in parts])
+    first = None if parts[0][2] is None else jax.tree.map(cat, *[p[2] for p in parts])
+    return SampleResult(x0, trace, first)
+
+
 def check_run_fields(config, fail) -> None:
     """Validate the fields a demo / eval config shares (testbed, sampler, prompts_per_kind,
     samples_per_prompt, steps, scale); ``fail(field, message)`` raises."""
@@ -342,4 +366,4 @@ def prepare_bench(bed: tb.Testbed, prompts_per_kind: int, samples_per_prompt: in
 
 __all__ = ["Bench", "check_run_fields", "MODELS", "SMALL_TESTBED", "TESTBEDS", "TRAINED", "build_model",
            "bench_evaluator", "build_testbed", "checkpoints_dir", "resolve_testbed", "testbed_config", "UNET_TESTBED", "choose_prompts", "load_trained", "measure", "method_guidance",
-           "model_bank", "model_kind", "model_scale", "prepare_bench"]
+           "model_bank", "model_kind", "model_scale", "sample_in_chunks", "prepare_bench"]

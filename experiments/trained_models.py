@@ -18,39 +18,48 @@ import numpy as np
 
 from amg_jax.data import testbed as tb
 from amg_jax.jsonio import write_json
-from amg_jax.samplers import SamplerConfig, sample
+from amg_jax.samplers import SamplerConfig
 from amg_jax.workbench import (bench_evaluator, build_model, build_testbed, method_guidance, model_bank,
-                               model_kind, model_scale, prepare_bench)
+                               model_kind, model_scale, prepare_bench, resolve_testbed, sample_in_chunks)
 
-TABLE = {
-    "CFG": {"method": "cfg"},
-    "AMG": {"method": "amg"},
-    "AMG no G_sim": {"method": "amg", "amg": {"dissimilar": False}},
-    "AMG ungated": {"method": "amg", "amg": {"threshold": "always"}},
-    "AMG constant threshold": {"method": "amg", "amg": {"threshold": "constant"}},
-    "STP": {"method": "stp"},
-    "DTP": {"method": "dtp"},
-    "OG": {"method": "og"},
-    "OG+DTP": {"method": "og_dtp"},
-}
-UNCOND_TABLE = {
-    "unguided": {"method": "none"},
-    "AMG (G_sim)": {"method": "amg"},
-    "AMG ungated": {"method": "amg", "amg": {"threshold": "always"}},
-    "AMG constant threshold": {"method": "amg", "amg": {"threshold": "constant"}},
-}
+def tables(c3: float, strong: float) -> tuple[dict, dict]:
+    """The runs of the conditional and of the unconditional table (AMG's c3 and the strong c3)."""
+    amg = {"c3": c3}
+    table = {
+        "CFG": {"method": "cfg"},
+        "AMG": {"method": "amg", "amg": amg},
+        "AMG strong": {"method": "amg", "amg": {"c3": strong}},
+        "STP": {"method": "stp"},
+        "DTP": {"method": "dtp"},
+        "OG": {"method": "og"},
+        "OG+DTP": {"method": "og_dtp"},
+        "AMG no G_sim": {"method": "amg", "amg": dict(amg, dissimilar=False)},
+        "AMG constant threshold": {"method": "amg", "amg": dict(amg, threshold="constant")},
+        "AMG ungated": {"method": "amg", "amg": dict(amg, threshold="always")},
+    }
+    uncond = {
+        "unguided": {"method": "none"},
+        "AMG (G_sim)": {"method": "amg", "amg": amg},
+        "AMG strong": {"method": "amg", "amg": {"c3": strong}},
+        "AMG ungated": {"method": "amg", "amg": dict(amg, threshold="always")},
+        "AMG constant threshold": {"method": "amg", "amg": dict(amg, threshold="constant")},
+    }
+    return table, uncond
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="unet-text")
-    p.add_argument("--testbed", default="default")
+    p.add_argument("--testbed", default="auto")
     p.add_argument("--prompts", type=int, default=8, help="prompts per kind (text) / pseudo-prompts (uncond)")
     p.add_argument("--samples", type=int, default=32, help="samples per prompt")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--sampler", default="ddim")
     p.add_argument("--scale", type=float, default=None, help="default: the card's guidance_scale")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--c3", type=float, default=1.0, help="AMG's c3 (data units) in the table's AMG rows")
+    p.add_argument("--strong", type=float, default=3.0, help="c3 of the 'AMG strong' row")
+    p.add_argument("--chunk", type=int, default=16, help="seeds per sampler call (AMG's gate skips per chunk)")
     p.add_argument("--runs", default=None, help="JSON {name: spec}; default: the full table")
     p.add_argument("--only", default=None, help="comma-separated run names of the table to do")
     p.add_argument("--out", default=None)
@@ -58,10 +67,11 @@ def main(argv=None):
                    help="record the baseline row (CFG / unguided) as the model card's measured memorization")
     a = p.parse_args(argv)
     conditioning = model_kind(a.model)
-    runs = json.loads(a.runs) if a.runs else (UNCOND_TABLE if conditioning == "uncond" else TABLE)
+    table, uncond = tables(a.c3, a.strong)
+    runs = json.loads(a.runs) if a.runs else (uncond if conditioning == "uncond" else table)
     if a.only:
         runs = {k: runs[k] for k in a.only.split(",")}
-    bed = build_testbed(a.testbed)
+    bed = build_testbed(resolve_testbed(a.testbed, [a.model]))
     den = build_model(a.model, bed)
     bank = model_bank(a.model, bed)
     a.scale = model_scale(a.model, a.scale)
@@ -87,7 +97,7 @@ def main(argv=None):
                             base=spec.get("base", "cfg" if conditioning != "uncond" else "none"),
                             amg=spec.get("amg"))
         t0 = time.time()
-        res = sample(den, g, sampler, bench.keys, bench.cond)
+        res = sample_in_chunks(den, g, sampler, bench.keys, bench.cond, a.chunk)
         x = np.asarray(res.x0)
         sec = time.time() - t0
         m = bench.measure(np.clip(np.nan_to_num(x, nan=0.0), -1e3, 1e3))
