@@ -34,12 +34,13 @@ from amg_jax import images as img
 from amg_jax.evaluate import plot_similarity
 from amg_jax.guidance import GUIDANCES
 from amg_jax.jsonio import write_json
-from amg_jax.samplers import SamplerConfig, sample
+from amg_jax.samplers import SamplerConfig
 from amg_jax.workbench import (MODELS, SMALL_TESTBED, TESTBEDS, bench_evaluator, build_model,  # noqa: F401
                                build_testbed, check_run_fields, method_guidance, model_bank, model_kind,
-                               model_scale, prepare_bench, resolve_testbed)
+                               model_scale, prepare_bench, resolve_testbed, sample_in_chunks)
 
 DEFAULT_MODELS = ("unet-text",)
+CHUNK = 16      # seeds per sampler call: AMG's batch-level gate then skips its gradient per chunk
 DEFAULT_METHODS = ("cfg", "stp", "dtp", "amg")
 METHODS = tuple(GUIDANCES) + ("amg",)
 # AMG in the demo: CFG 7.5 as its base, the pixel nL2 detector over the training images; the
@@ -163,7 +164,7 @@ def run_demo(config: DemoConfig = DemoConfig(), *, progress: bool = True, echo=p
             guidance = method_guidance(method, model_scale(model_name, config.scale), bed=bed,
                                        amg=DEMO_AMG.get(model_name), bank=bank,
                                        base="cfg" if bench.cond is not None else "none")
-            res = sample(den, guidance, sampler, bench.keys, bench.cond)
+            res = sample_in_chunks(den, guidance, sampler, bench.keys, bench.cond, CHUNK)
             x = np.asarray(res.x0)
             timings[f"{model_name}/{method}/sample_s"] = round(time.time() - t0, 2)
             if not np.all(np.isfinite(x)):

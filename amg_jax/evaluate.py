@@ -28,9 +28,10 @@ from amg_jax.data import testbed as tb
 from amg_jax.guidance import GUIDANCES
 from amg_jax.guidance.amg import AMGConfig
 from amg_jax.jsonio import write_json
-from amg_jax.samplers import SamplerConfig, sample
+from amg_jax.samplers import SamplerConfig
 from amg_jax.workbench import (DEFAULT_SCALE, MODELS, bench_evaluator, build_model, build_testbed, check_run_fields,
-                               method_guidance, model_bank, model_kind, model_scale, prepare_bench, resolve_testbed)
+                               method_guidance, model_bank, model_kind, model_scale, prepare_bench, resolve_testbed,
+                               sample_in_chunks)
 
 METHODS = tuple(GUIDANCES) + ("amg",)
 AMG_FIELDS = tuple(f.name for f in dataclasses.fields(AMGConfig))
@@ -147,7 +148,8 @@ def run_eval(config: EvalConfig, *, echo=print) -> dict:
                           conditioning=model_kind(config.model), evaluator=bench_evaluator(bed))
     echo(f"sampling {config.method} on {config.model}: {len(bench.caption_ids)} samples, "
          f"{config.sampler} {config.steps} steps ...")
-    res = sample(den, guidance, SamplerConfig(config.sampler, num_steps=config.steps), bench.keys, bench.cond)
+    res = sample_in_chunks(den, guidance, SamplerConfig(config.sampler, num_steps=config.steps), bench.keys,
+                           bench.cond, 16)
     x = np.asarray(res.x0)
     per_kind = summarize(bench.measure(np.nan_to_num(x, nan=0.0)), res.trace, bench.kinds)
     s = bench.samples_per_prompt

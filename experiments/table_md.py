@@ -12,11 +12,12 @@ def fmt_pct(v):
     return "-" if v is None or v != v else f"{100 * v:.1f}%"
 
 
-def table(path: str) -> str:
+def table(path: str, overall: bool = False) -> str:
+    """One row per run; columns per prompt kind (``overall``: the "all" column only)."""
     res = json.load(open(path))
     meta = res.get("_meta", {})
     rows = {k: v for k, v in res.items() if not k.startswith("_")}
-    kinds = [k for k in next(iter(rows.values()))["metrics"] if k != "all"]
+    kinds = ["all"] if overall else [k for k in next(iter(rows.values()))["metrics"] if k != "all"]
     ks = " / ".join(kinds)
     head = (f"| method | copied {ks} | nL2<1.4 {ks} | FD {ks} | align {ks} | out of range | gate open |\n"
             "|---|---|---|---|---|---|---|")
@@ -37,5 +38,6 @@ def table(path: str) -> str:
 
 
 if __name__ == "__main__":
-    for p in sys.argv[1:]:
-        print(table(p))
+    overall = "--all" in sys.argv
+    for p in [a for a in sys.argv[1:] if a != "--all"]:
+        print(table(p, overall))
