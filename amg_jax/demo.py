@@ -163,7 +163,7 @@ def run_demo(config: DemoConfig = DemoConfig(), *, progress: bool = True, echo=p
             t0 = time.time()
             guidance = method_guidance(method, model_scale(model_name, config.scale), bed=bed,
                                        amg=DEMO_AMG.get(model_name), bank=bank,
-                                       base="cfg" if bench.cond is not None else "none")
+                                       base="cfg" if bench.conditioning != "uncond" else "none")
             res = sample_in_chunks(den, guidance, sampler, bench.keys, bench.cond, CHUNK)
             x = np.asarray(res.x0)
             timings[f"{model_name}/{method}/sample_s"] = round(time.time() - t0, 2)

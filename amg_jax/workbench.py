@@ -278,7 +278,7 @@ class Bench(NamedTuple):
     caption_ids: np.ndarray           # [B] prompt-major: samples_per_prompt per prompt (the prompt ids)
     kinds: np.ndarray                 # [B] the kind of each sample's prompt
     keys: jax.Array                   # [B] PRNG keys (the same for every method)
-    cond: jax.Array | None            # [B] int32 condition ids (None: unconditional)
+    cond: jax.Array                   # [B] int32 condition ids (-1 = null: unconditional models)
     reference: np.ndarray             # [4B, H, W, 3] fresh true renders of the same prompts (FD)
     truth: np.ndarray                 # [B, H, W, 3] other fresh true renders: the "true renders" row
     samples_per_prompt: int
@@ -355,7 +355,7 @@ def prepare_bench(bed: tb.Testbed, prompts_per_kind: int, samples_per_prompt: in
         truth = _renders_of(bed, everything, s * n, rng)
         constraints = np.full((n * s, len(tb.ATTRIBUTES)), -1, np.int64)
         examples = bed.images[np.random.default_rng(seed).choice(bed.unique_index, size=n, replace=False)]
-        cond = None
+        cond = jnp.full((n * s,), -1, jnp.int32)          # the null condition (an unconditional model ignores it)
     caption_ids = np.repeat(prompt_ids, s)
     return Bench(bed=bed, threshold=threshold, classifier=classifier, prompts=prompts, caption_ids=caption_ids,
                  kinds=np.repeat(prompt_kinds, s),

@@ -45,3 +45,21 @@ def test_default_demo_runs_on_the_shipped_text_model(tmp_path):
     for r in rep["results"]["unet-text"].values():
         assert np.isfinite(r["all"]["fd"]) and 0 <= r["all"]["alignment"] <= 1
     assert (out / "grid_unet-text.png").exists() and (out / "similarity_unet-text.png").exists()
+
+
+@pytest.mark.parametrize("model, method, kinds", [("unet-class", "amg", {"circle", "square", "triangle", "cross"}),
+                                                  ("unet-uncond", "amg", {"uncond"}),
+                                                  ("unet-uncond", "none", {"uncond"})])
+def test_eval_runs_the_shipped_class_and_unconditional_models(tmp_path, model, method, kinds):
+    out = tmp_path / "ev"
+    assert cli.main(["eval", "--model", model, "--method", method, "--prompts", "1", "--samples", "2", "--steps",
+                     "3", "--out", str(out)]) == 0
+    rep = json.loads((out / "metrics.json").read_text())
+    assert set(rep["metrics"]) == kinds | {"all"}
+    assert np.isfinite(rep["metrics"]["all"]["fd"])
+
+
+def test_unconditional_model_refuses_cfg(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--model", "unet-uncond", "--method", "cfg", "--out", str(tmp_path / "x")])
+    assert "needs a condition" in capsys.readouterr().err
