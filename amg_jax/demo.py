@@ -47,7 +47,9 @@ METHODS = tuple(GUIDANCES) + ("amg",)
 # library defaults (full gradient) on the partial memorizer, the cheap gradient with a large
 # c3 on the perfect one (METHODS.md pitfall 5: its x0_hat is locally constant, so the full
 # gradient is ~0 inside a basin). Measured: README, "AMG on the testbed".
-DEMO_AMG = {"empirical": {"gradient": "cheap", "c3": 10000.0}, "mixture": {}}
+DEMO_AMG = {"empirical": {"gradient": "cheap", "c3": 10000.0}, "mixture": {},
+            # the trained UNets: c3 = 1, the "AMG" rows of README's trained-model tables
+            "unet-text": {"c3": 1.0}, "unet-class": {"c3": 1.0}, "unet-uncond": {"c3": 1.0}}
 METHOD_LABELS = {"none": "unguided", "cfg": "CFG", "stp": "STP", "dtp": "DTP", "og": "OG", "og_dtp": "OG+DTP",
                  "amg": "AMG"}
 
@@ -132,8 +134,9 @@ def run_demo(config: DemoConfig = DemoConfig(), *, progress: bool = True, echo=p
     """Run the demo (see the module docstring); returns what it writes to ``metrics.json``."""
     t_start = time.time()
     os.makedirs(config.out, exist_ok=True)
-    echo(f"building the {config.testbed} testbed, copy threshold and alignment classifier ...")
-    bed = build_testbed(resolve_testbed(config.testbed, config.models))
+    testbed = resolve_testbed(config.testbed, config.models)
+    echo(f"building the {testbed} testbed, copy threshold and alignment classifier ...")
+    bed = build_testbed(testbed)
     evaluator = bench_evaluator(bed)
     benches = {c: prepare_bench(bed, config.prompts_per_kind, config.samples_per_prompt, config.seed,
                                 conditioning=c, evaluator=evaluator)
