@@ -177,7 +177,9 @@ def method_guidance(name: str, scale: float, *, bed: tb.Testbed | None = None, b
 
         if bank is None and bed is None:
             raise ValueError("method 'amg' needs the testbed (or the bank) its detector searches")
-        det = pixel_detector(_calibrated_bank(bed) if bank is None else bank, kind=detector)
+        kind, _, norm = detector.partition("-")          # "nl2", "cosine", "nl2-bank"
+        det = pixel_detector(_calibrated_bank(bed) if bank is None else bank, kind=kind,
+                             **({"normalize": norm} if norm else {}))
         return make_amg(method_guidance(base, scale), det, **(amg or {}))
     if name == "none":
         return make_guidance("none")

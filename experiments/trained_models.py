@@ -95,7 +95,7 @@ def main(argv=None):
             continue
         g = method_guidance(spec.get("method", "amg"), spec.get("scale", a.scale), bed=bed, bank=bank,
                             base=spec.get("base", "cfg" if conditioning != "uncond" else "none"),
-                            amg=spec.get("amg"))
+                            amg=spec.get("amg"), detector=spec.get("detector", "nl2"))
         t0 = time.time()
         res = sample_in_chunks(den, g, sampler, bench.keys, bench.cond, a.chunk)
         x = np.asarray(res.x0)

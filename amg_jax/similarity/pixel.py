@@ -196,6 +196,12 @@ class PixelDetectorConfig:
            "cosine" -> sigma = pixel cosine to the most cosine-similar bank row, in [-1, 1].
     k, alpha: nL2's neighbourhood size (clamped to the bank size) and normaliser.
     eps:   floor of nL2's denominator.
+    normalize: nL2's denominator: "knn" = alpha times the query's own k-NN mean distance
+           (Carlini's nL2), "bank" = alpha times the bank's typical one (``knn_scale``), so that
+           sigma is the distance to the nearest training image in fixed units (clipped to the
+           sigma range) and the calibrated gate threshold -c is exactly the copy criterion.
+           Measured on the trained UNets: with "knn" a copy of an image with close neighbours of
+           its own has a larger nL2 than its distance implies and the gate stays shut.
     thresholds: (lambda_min, lambda_max) AMG uses when its config leaves them unset; None =
            the kind's default (see ``PixelDetector.default_thresholds``).
     """
@@ -205,8 +211,11 @@ class PixelDetectorConfig:
     alpha: float = 0.5
     eps: float = 1e-12
     thresholds: tuple | None = None
+    normalize: str = "knn"
 
     def __post_init__(self):
+        if self.normalize not in ("knn", "bank"):
+            raise ValueError(f"PixelDetectorConfig.normalize must be 'knn' or 'bank', got {self.normalize!r}")
         if self.kind not in DETECTOR_KINDS:
             raise ValueError(f"PixelDetectorConfig.kind must be one of {DETECTOR_KINDS}, got {self.kind!r}")
         if isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)) or int(self.k) < 1:
@@ -308,7 +317,10 @@ def _details(det: PixelDetector, x0_hat: Array) -> dict:
         n0 = nbrs[:, 0]
         away = n0 - jnp.mean(nbrs[:, 1:], axis=1) if nbrs.shape[1] > 1 else jnp.zeros_like(n0)
         d0 = _copy_distance(flatten(x0_hat) - n0, away)             # direct ||x0_hat - n0|| (pitfall 1)
-        r = d0 / jnp.maximum(c.alpha * m, c.eps)
+        if c.normalize == "knn":
+            r = d0 / jnp.maximum(c.alpha * m, c.eps)
+        else:
+            r = jnp.minimum(d0 / max(c.alpha * float(bank.knn_scale), c.eps), 1.0 / c.alpha)
         src, lab = bank.lookup(row[:, 0])
         return {"sigma": -r, "index": src, "label": lab, "nl2": r, "nn_dist": d0, "knn_mean": m}
     cos, row = _index.search(bank, x0_hat, 1, metric="cosine")

@@ -329,3 +329,26 @@ class JitTest(chex.TestCase):
         g = self.variant(jax.grad(lambda d, z: d(z)[0].sum(), argnums=1))(det, jnp.asarray(x))
         chex.assert_tree_all_finite(g)
         chex.assert_shape(g, x.shape)
+
+
+def test_bank_normalized_detector_gates_exactly_at_the_copy_distance():
+    _, _, uniq, dup = _data()
+    rng = np.random.default_rng(5)
+    q = (uniq[[0, 3, 9, 4]] + np.array([1e-2, 5e-2, 0.2, 3.0])[:, None, None, None]
+         * rng.normal(size=(4,) + SHAPE)).astype(np.float32)
+    d_true = np.sqrt(((q[:, None] - uniq[None]) ** 2).reshape(4, len(uniq), -1).sum(-1)).min(1)
+    thr = float(np.sqrt(d_true[1] * d_true[2]))             # between the 2nd and 3rd query
+    bank = index.build_bank(dup, copy_threshold=thr)
+    det = pixel.pixel_detector(bank, k=5, normalize="bank")
+    sigma = np.asarray(det(jnp.asarray(q)).sigma)
+    m = float(bank.knn_scale)
+    np.testing.assert_allclose(sigma, -np.minimum(d_true / (0.5 * m), 2.0), rtol=1e-5, atol=1e-6)
+    assert sigma[3] == -2.0                                  # far away: clipped to the range
+    lam_min, lam_max = det.default_thresholds
+    # the late gate threshold is the copy criterion itself: sigma > lambda_max <=> distance < thr
+    np.testing.assert_array_equal(sigma > lam_max, d_true < thr)
+    assert lam_min == pytest.approx(1.5 * lam_max)
+    g = jax.grad(lambda z: det(z).sigma.sum())(jnp.asarray(q[:3]))
+    assert np.all(np.isfinite(np.asarray(g))) and float(jnp.abs(g).sum()) > 0
+    with pytest.raises(ValueError, match="normalize must be 'knn' or 'bank'"):
+        pixel.PixelDetectorConfig(normalize="global")
