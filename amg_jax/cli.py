@@ -230,7 +230,9 @@ def _add_eval(sub) -> None:
                    help=f"comma-separated prompt kinds from: {', '.join(KINDS)}")
     _add_run_args(e)
     e.add_argument("--detector", choices=evaluate.DETECTORS, default="nl2",
-                   help="AMG's pixel detector: nl2 (sigma = -nL2) or cosine")
+                   help="AMG's pixel detector: nl2 (sigma = -nL2), nl2-bank (nL2 over the bank's typical "
+                        "k-NN distance: the distance itself, so the calibrated gate is the copy criterion) "
+                        "or cosine")
     a = e.add_argument_group("AMG settings (METHODS.md section 1)")
     a.add_argument("--c1", type=_finite_float, help=f"despecification strength (default {AMGConfig.c1:g})")
     a.add_argument("--c2", type=_finite_float, help=f"caption deduplication strength (default {AMGConfig.c2:g})")

@@ -35,7 +35,7 @@ from amg_jax.workbench import (DEFAULT_SCALE, MODELS, bench_evaluator, build_mod
 
 METHODS = tuple(GUIDANCES) + ("amg",)
 AMG_FIELDS = tuple(f.name for f in dataclasses.fields(AMGConfig))
-DETECTORS = ("nl2", "cosine")
+DETECTORS = ("nl2", "nl2-bank", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
