@@ -86,7 +86,7 @@ def build_guidance(config: EvalConfig, bed: tb.Testbed, bank=None):
                              "unconditional (use --method none or amg)")
         base = "none"
     # before the model is loaded (bank None: validation) the scale is only checked, so 7.5 will do
-    scale = model_scale(config.model, config.scale) if bank is not None else (config.scale or DEFAULT_SCALE)
+    scale = model_scale(config.model, config.scale) if bank is not None else (config.scale if config.scale is not None else DEFAULT_SCALE)
     return method_guidance(config.method, scale, bed=bed, base=base, detector=config.detector,
                            amg=dict(config.amg), bank=bank)
 

@@ -131,19 +131,15 @@ def bench_evaluator(bed: tb.Testbed):
     path = os.path.join(checkpoints_dir(), EVALNET)
     if not os.path.isdir(path):
         return None
-    from amg_jax.models.evalnet import load_evaluator
-
-    ev = _load_evaluator(path, load_evaluator)
+    ev = _load_evaluator(path)
     return ev if ev.config == bed.config else None
 
 
-_EVALUATORS: dict = {}
+@functools.lru_cache(maxsize=4)
+def _load_evaluator(path: str):
+    from amg_jax.models.evalnet import load_evaluator
 
-
-def _load_evaluator(path: str, loader):
-    if path not in _EVALUATORS:
-        _EVALUATORS[path] = loader(path)
-    return _EVALUATORS[path]
+    return load_evaluator(path)
 
 
 DEFAULT_SCALE = 7.5
