@@ -225,12 +225,13 @@ def _add_eval(sub) -> None:
     e.add_argument("--testbed", choices=workbench.TESTBEDS + ("auto",), default="auto",
                    help="auto: the model's (unet for the trained UNets, else default)")
     e.add_argument("--method", choices=evaluate.METHODS, default="amg", help="guidance")
-    e.add_argument("--base", choices=tuple(GUIDANCES), default="cfg", help="the guidance AMG wraps")
+    e.add_argument("--base", choices=("auto",) + tuple(GUIDANCES), default="auto",
+                   help="the guidance AMG wraps (auto: cfg, none for an unconditional model)")
     e.add_argument("--kinds", type=_csv(KINDS), default=",".join(KINDS), metavar="LIST",
                    help=f"comma-separated prompt kinds from: {', '.join(KINDS)}")
     _add_run_args(e)
-    e.add_argument("--detector", choices=evaluate.DETECTORS, default="nl2",
-                   help="AMG's pixel detector: nl2 (sigma = -nL2), nl2-bank (nL2 over the bank's typical "
+    e.add_argument("--detector", choices=evaluate.DETECTORS, default="auto",
+                   help="AMG's pixel detector: auto (nl2-bank for the trained UNets, else nl2), nl2 (sigma = -nL2), nl2-bank (nL2 over the bank's typical "
                         "k-NN distance: the distance itself, so the calibrated gate is the copy criterion) "
                         "or cosine")
     a = e.add_argument_group("AMG settings (METHODS.md section 1)")

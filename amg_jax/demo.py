@@ -36,7 +36,8 @@ from amg_jax.guidance import GUIDANCES
 from amg_jax.jsonio import write_json
 from amg_jax.samplers import SamplerConfig
 from amg_jax.workbench import (MODELS, SMALL_TESTBED, TESTBEDS, bench_evaluator, build_model,  # noqa: F401
-                               build_testbed, check_run_fields, method_guidance, model_bank, model_kind,
+                               build_testbed, check_run_fields, method_guidance, model_bank, model_base, model_detector,
+                               model_kind,
                                model_scale, prepare_bench, resolve_testbed, sample_in_chunks)
 
 DEFAULT_MODELS = ("unet-text",)
@@ -165,8 +166,8 @@ def run_demo(config: DemoConfig = DemoConfig(), *, progress: bool = True, echo=p
             bar.set_description(f"{model_name}: {METHOD_LABELS.get(method, method)}")
             t0 = time.time()
             guidance = method_guidance(method, model_scale(model_name, config.scale), bed=bed,
-                                       amg=DEMO_AMG.get(model_name), bank=bank,
-                                       base="cfg" if bench.conditioning != "uncond" else "none")
+                                       amg=DEMO_AMG.get(model_name), bank=bank, base=model_base(model_name),
+                                       detector=model_detector(model_name))
             res = sample_in_chunks(den, guidance, sampler, bench.keys, bench.cond, CHUNK)
             x = np.asarray(res.x0)
             timings[f"{model_name}/{method}/sample_s"] = round(time.time() - t0, 2)

@@ -30,12 +30,13 @@ from amg_jax.guidance.amg import AMGConfig
 from amg_jax.jsonio import write_json
 from amg_jax.samplers import SamplerConfig
 from amg_jax.workbench import (DEFAULT_SCALE, MODELS, bench_evaluator, build_model, build_testbed, check_run_fields,
-                               method_guidance, model_bank, model_kind, model_scale, prepare_bench, resolve_testbed,
+                               method_guidance, model_bank, model_base, model_detector, model_kind, model_scale,
+                               prepare_bench, resolve_testbed,
                                sample_in_chunks)
 
 METHODS = tuple(GUIDANCES) + ("amg",)
 AMG_FIELDS = tuple(f.name for f in dataclasses.fields(AMGConfig))
-DETECTORS = ("nl2", "nl2-bank", "cosine")
+DETECTORS = ("auto", "nl2", "nl2-bank", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +48,7 @@ class EvalConfig:
     model: str = "unet-text"
     testbed: str = "auto"
     method: str = "amg"
-    base: str = "cfg"
+    base: str = "auto"
     scale: float | None = None
     kinds: tuple = tb.KINDS
     prompts_per_kind: int = 4
@@ -55,14 +56,14 @@ class EvalConfig:
     sampler: str = "ddim"
     steps: int = 50
     seed: int = 0
-    detector: str = "nl2"
+    detector: str = "auto"
     amg: tuple = ()
 
     def __post_init__(self):
         def fail(field, msg):
             raise ValueError(f"eval: {field} {msg}")
 
-        for field, allowed in (("model", MODELS), ("method", METHODS), ("base", tuple(GUIDANCES)),
+        for field, allowed in (("model", MODELS), ("method", METHODS), ("base", ("auto",) + tuple(GUIDANCES)),
                                ("detector", DETECTORS)):
             if getattr(self, field) not in allowed:
                 fail(field, f"must be one of {list(allowed)}, got {getattr(self, field)!r}")
@@ -79,15 +80,18 @@ def build_guidance(config: EvalConfig, bed: tb.Testbed, bank=None):
     """The method's guidance; AMG gets a pixel detector over ``bank`` (default: ``bed``'s
     calibrated bank of its training images). An unconditional model has no CFG: only ``none``
     and ``amg`` (around the unguided sampler) apply to it."""
-    base = config.base
+    base = model_base(config.model) if config.base == "auto" else config.base
     if model_kind(config.model) == "uncond":
         if config.method not in ("none", "amg"):
             raise ValueError(f"eval: method {config.method!r} needs a condition; model {config.model!r} is "
                              "unconditional (use --method none or amg)")
-        base = "none"
+        if base != "none":
+            raise ValueError(f"eval: base {base!r} needs a condition; model {config.model!r} is unconditional "
+                             "(AMG wraps the unguided sampler: --base none or auto)")
+    detector = model_detector(config.model) if config.detector == "auto" else config.detector
     # before the model is loaded (bank None: validation) the scale is only checked, so 7.5 will do
     scale = model_scale(config.model, config.scale) if bank is not None else (config.scale if config.scale is not None else DEFAULT_SCALE)
-    return method_guidance(config.method, scale, bed=bed, base=base, detector=config.detector,
+    return method_guidance(config.method, scale, bed=bed, base=base, detector=detector,
                            amg=dict(config.amg), bank=bank)
 
 

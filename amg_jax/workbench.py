@@ -155,6 +155,22 @@ def model_scale(name: str, scale: float | None = None) -> float:
     return DEFAULT_SCALE
 
 
+def model_base(name: str) -> str:
+    """The guidance AMG wraps for model ``name``: CFG, or the unguided sampler for an
+    unconditional model (it has no condition to guide towards)."""
+    return "none" if model_kind(name) == "uncond" else "cfg"
+
+
+def model_detector(name: str) -> str:
+    """AMG's pixel detector for model ``name``: the distance gate ("nl2-bank") for the trained
+    UNets, Carlini's nL2 ("nl2") for the closed-form models. Measured (README, "AMG and the
+    basin methods on the trained models"): on the trained UNets a copy of an image with close
+    neighbours of its own has a larger nL2 than its distance implies and the nL2 gate stays shut
+    (text model: 8.5% copies with nL2, 1.3% with the distance gate, same FD); the closed-form
+    models' settings were measured with nL2."""
+    return "nl2-bank" if name in TRAINED else "nl2"
+
+
 def model_bank(name: str, bed: tb.Testbed):
     """The reference bank AMG searches for bench model ``name``: a trained model's own (labels =
     its condition ids), else the testbed's calibrated pixel bank (labels = caption ids)."""
@@ -364,4 +380,4 @@ def prepare_bench(bed: tb.Testbed, prompts_per_kind: int, samples_per_prompt: in
 
 __all__ = ["Bench", "check_run_fields", "MODELS", "SMALL_TESTBED", "TESTBEDS", "TRAINED", "build_model",
            "bench_evaluator", "build_testbed", "checkpoints_dir", "resolve_testbed", "testbed_config", "UNET_TESTBED", "choose_prompts", "load_trained", "measure", "method_guidance",
-           "model_bank", "model_kind", "model_scale", "sample_in_chunks", "prepare_bench"]
+           "model_bank", "model_base", "model_detector", "model_kind", "model_scale", "sample_in_chunks", "prepare_bench"]

@@ -20,7 +20,7 @@ from amg_jax.data import testbed as tb
 from amg_jax.jsonio import write_json
 from amg_jax.samplers import SamplerConfig
 from amg_jax.workbench import (bench_evaluator, build_model, build_testbed, method_guidance, model_bank,
-                               model_kind, model_scale, prepare_bench, resolve_testbed, sample_in_chunks)
+                               model_base, model_kind, model_scale, prepare_bench, resolve_testbed, sample_in_chunks)
 
 def tables(c3: float, strong: float) -> tuple[dict, dict]:
     """The runs of the conditional and of the unconditional table (AMG's c3 and the strong c3)."""
@@ -94,7 +94,7 @@ def main(argv=None):
             print(f"{name}: done before, skipped", flush=True)
             continue
         g = method_guidance(spec.get("method", "amg"), spec.get("scale", a.scale), bed=bed, bank=bank,
-                            base=spec.get("base", "cfg" if conditioning != "uncond" else "none"),
+                            base=spec.get("base", model_base(a.model)),
                             amg=spec.get("amg"), detector=spec.get("detector", "nl2"))
         t0 = time.time()
         res = sample_in_chunks(den, g, sampler, bench.keys, bench.cond, a.chunk)

@@ -80,3 +80,14 @@ def test_sample_in_chunks_equals_one_batch(small_mixture):
     assert parts.x0.shape == (5, 16, 16, 3)
     for k, v in whole.trace.items():
         np.testing.assert_allclose(parts.trace[k], np.asarray(v), rtol=1e-4, atol=1e-4)
+
+
+def test_model_base_and_detector_defaults():
+    from amg_jax import evaluate
+
+    assert workbench.model_base("unet-uncond") == "none" and workbench.model_base("unet-text") == "cfg"
+    assert workbench.model_base("empirical") == "cfg"
+    assert workbench.model_detector("unet-class") == "nl2-bank" and workbench.model_detector("mixture") == "nl2"
+    cfg = evaluate.EvalConfig(model="unet-uncond", method="amg", base="cfg")
+    with pytest.raises(ValueError, match="base 'cfg' needs a condition"):
+        evaluate.build_guidance(cfg, None)

@@ -1,0 +1,247 @@
+"""Build a reference bank from a folder of images (and their captions): ``amg index build``.
+
+    bank = build_index("train_images/", embedder, "bank.npz", size=(288, 288))
+
+The images are read in a stable (sorted) order, resized (short side) and centre-cropped to
+``size``, scaled to [-1, 1] (what the samplers produce), embedded in batches by ``embedder``
+(``[b, H, W, 3] -> [b, E]``: SSCD, CLIP, or the pixels themselves), and written as one
+``ReferenceBank`` (``amg_jax.index.save_bank``) whose labels are caption ids; the captions go
+beside it in ``<out>.captions.json`` (``AMG``'s caption deduplication conditions on them).
+
+Nothing already embedded is lost: every batch is written to ``<out>.partial/`` as it is done,
+and a re-run skips the batches already there (same files, same settings). An unreadable image
+stops the build with a message naming it (the batches before it are kept), or is skipped with a
+warning when ``skip_bad=True``.
+
+Captions (optional), by the first that exists:
+- ``captions=`` a ``.jsonl`` file of ``{"file": name, "caption": text}`` lines or a ``.csv``
+  with ``file,caption`` columns (names relative to the folder);
+- else ``<folder>/captions.jsonl`` / ``<folder>/captions.csv``;
+- else a sidecar ``<image stem>.txt`` next to each image.
+Images without a caption get label -1.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from typing import Callable, Sequence
+
+import numpy as np
+
+from amg_jax.index import ReferenceBank, build_bank, save_bank
+from amg_jax.jsonio import write_json
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+PARTIAL_FORMAT = "amg_jax.index_build.partial/1"
+
+
+def list_images(folder: str) -> list[str]:
+    """Image files under ``folder`` (recursive), as paths relative to it, sorted."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"index build: {folder!r} is not a directory")
+    out = []
+    for root, _, files in os.walk(folder):
+        for f in files:
+            if f.lower().endswith(IMAGE_EXTENSIONS):
+                out.append(os.path.relpath(os.path.join(root, f), folder))
+    if not out:
+        raise ValueError(f"index build: no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder!r}")
+    return sorted(out)
+
+
+def _read_caption_file(path: str) -> dict:
+    where = f"index build: captions file {path!r}"
+    out = {}
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    item = json.loads(line)
+                    out[str(item["file"])] = str(item["caption"])
+                except (json.JSONDecodeError, KeyError, TypeError) as err:
+                    raise ValueError(f"{where}, line {n}: expected {{\"file\": ..., \"caption\": ...}}: {err}") from err
+    elif path.endswith(".csv"):
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"file", "caption"} <= set(reader.fieldnames):
+                raise ValueError(f"{where}: needs the columns 'file' and 'caption', got {reader.fieldnames}")
+            for row in reader:
+                out[str(row["file"])] = str(row["caption"])
+    else:
+        raise ValueError(f"{where}: expected a .jsonl or .csv file")
+    return out
+
+
+def read_captions(folder: str, files: Sequence[str], captions: str | None = None) -> list[str | None]:
+    """The caption of each file in ``files`` (None where there is none); see the module docstring."""
+    if captions is not None and not os.path.isfile(captions):
+        raise ValueError(f"index build: captions file {captions!r} does not exist")
+    path = captions or next((p for p in (os.path.join(folder, "captions.jsonl"), os.path.join(folder, "captions.csv"))
+                             if os.path.isfile(p)), None)
+    if path is not None:
+        table = _read_caption_file(path)
+        unknown = sorted(set(table) - set(files))
+        if unknown:
+            warnings.warn(f"index build: {len(unknown)} captions in {path!r} name no image found "
+                          f"(first: {unknown[0]!r})", stacklevel=2)
+        return [table.get(f) for f in files]
+    out = []
+    for f in files:
+        side = os.path.join(folder, os.path.splitext(f)[0] + ".txt")
+        out.append(open(side, encoding="utf-8").read().strip() if os.path.isfile(side) else None)
+    return out
+
+
+def load_image(path: str, size: tuple[int, int]) -> np.ndarray:
+    """One image as float32 [H, W, 3] in [-1, 1]: RGB, short side resized to fit ``size`` (H, W)
+    (bicubic), centre-cropped. Raises ValueError naming the file when it cannot be read."""
+    from PIL import Image
+
+    h, w = size
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            s = max(h / im.height, w / im.width)
+            nh, nw = max(h, round(im.height * s)), max(w, round(im.width * s))
+            im = im.resize((nw, nh), Image.BICUBIC)
+            top, left = (nh - h) // 2, (nw - w) // 2
+            a = np.asarray(im.crop((left, top, left + w, top + h)), np.float32)
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ValueError(f"index build: cannot read image {path!r}: {err}") from err
+    return a / 127.5 - 1.0
+
+
+def _settings_hash(files: Sequence[str], size, embedder_name: str) -> str:
+    h = hashlib.sha256(json.dumps([list(files), list(size), embedder_name]).encode())
+    return h.hexdigest()[:16]
+
+
+def _partial_dir(out: str) -> str:
+    return out + ".partial"
+
+
+def build_index(folder: str, embedder: Callable[[np.ndarray], np.ndarray], out: str, *,
+                size: tuple[int, int], batch: int = 32, captions: str | None = None,
+                embedder_name: str = "embedder", kind: str = "embedding", skip_bad: bool = False,
+                progress: bool = True, copy_threshold: float | None = None) -> ReferenceBank:
+    """Embed every image under ``folder`` and write the bank to ``out`` (see the module docstring).
+
+    embedder:      ``[b, H, W, 3] in [-1, 1] -> [b, E]`` (NumPy in, array-like out).
+    size:          (H, W) every image is brought to.
+    kind:          "embedding" (rows L2-normalised, cosine search) or "pixel" (rows = the images).
+    embedder_name: names the embedder in the partial-results key (a re-run with another
+                   embedder, size or file list starts over instead of mixing results).
+    Returns the bank (also saved to ``out``; captions in ``out + ".captions.json"``).
+    """
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise ValueError(f"index build: batch must be an integer >= 1, got {batch!r}")
+    size = tuple(int(s) for s in size)
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"index build: size must be (H, W) with positive entries, got {size!r}")
+    if kind not in ("embedding", "pixel"):
+        raise ValueError(f"index build: kind must be 'embedding' or 'pixel', got {kind!r}")
+    files = list_images(folder)
+    caps = read_captions(folder, files, captions)
+    key = _settings_hash(files, size, embedder_name)
+    part = _partial_dir(out)
+    meta_path = os.path.join(part, "meta.json")
+    if os.path.isdir(part):
+        try:
+            old = json.load(open(meta_path))
+        except (OSError, json.JSONDecodeError):
+            old = {}
+        if old.get("key") != key:
+            warnings.warn(f"index build: {part!r} holds batches of other settings (images, size or embedder); "
+                          "starting over", stacklevel=2)
+            shutil.rmtree(part)
+    os.makedirs(part, exist_ok=True)
+    write_json(meta_path, {"format": PARTIAL_FORMAT, "key": key, "folder": os.path.abspath(folder),
+                           "num_files": len(files), "size": list(size), "embedder": embedder_name})
+    chunks = range(0, len(files), batch)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(files), desc=f"index build ({embedder_name})", unit="img")
+    skipped = []
+    try:
+        for lo in chunks:
+            path = os.path.join(part, f"batch_{lo // batch:06d}.npz")
+            names = files[lo:lo + batch]
+            if os.path.isfile(path):
+                try:
+                    with np.load(path) as z:
+                        if [str(n) for n in z["attempted"]] == [str(n) for n in names]:
+                            if bar is not None:
+                                bar.update(len(names))
+                            continue
+                except (OSError, ValueError, KeyError):
+                    pass                                   # a torn batch file: redo it
+            imgs, ok = [], []
+            for name in names:
+                try:
+                    imgs.append(load_image(os.path.join(folder, name), size))
+                    ok.append(name)
+                except ValueError as err:
+                    if not skip_bad:
+                        done = lo
+                        raise ValueError(f"{err}. The {done} images before it are embedded and kept in {part!r}; "
+                                         "fix or remove the file (or pass --skip-bad) and re-run to continue") from None
+                    warnings.warn(f"{err}; skipped", stacklevel=2)
+                    skipped.append(name)
+            emb = (np.asarray(embedder(np.stack(imgs)), np.float32) if imgs
+                   else np.zeros((0, 0), np.float32))
+            if kind == "pixel" and imgs:
+                emb = emb.reshape(len(imgs), -1)
+            if imgs and (emb.ndim != 2 or emb.shape[0] != len(imgs)):
+                raise ValueError(f"index build: the embedder returned shape {emb.shape} for {len(imgs)} images; "
+                                 "expected [b, E]")
+            if imgs and not np.all(np.isfinite(emb)):
+                raise ValueError(f"index build: the embedder returned NaN/inf for batch starting at {names[0]!r}")
+            tmp = path + ".tmp.npz"
+            np.savez(tmp, files=np.array(ok, dtype=str), attempted=np.array(names, dtype=str), embeddings=emb)
+            os.replace(tmp, path)
+            if bar is not None:
+                bar.update(len(names))
+    finally:
+        if bar is not None:
+            bar.close()
+    embs, kept = [], []
+    for lo in chunks:
+        with np.load(os.path.join(part, f"batch_{lo // batch:06d}.npz")) as z:
+            if z["files"].size:
+                embs.append(z["embeddings"])
+                kept.extend(str(f) for f in z["files"])
+    if not embs:
+        raise ValueError(f"index build: no image under {folder!r} could be read")
+    rows = np.concatenate(embs)
+    if kind == "pixel":
+        rows = rows.reshape((len(rows),) + size + (3,))
+    by_file = dict(zip(files, caps))
+    vocab = sorted({c for c in caps if c is not None})
+    ids = {c: i for i, c in enumerate(vocab)}
+    labels = np.array([ids[by_file[f]] if by_file[f] is not None else -1 for f in kept], np.int32)
+    bank = build_bank(rows, labels, kind=kind, dedup=True, normalize=kind == "embedding",
+                      copy_threshold=copy_threshold)
+    save_bank(out, bank)
+    write_json(out + ".captions.json", {"captions": vocab, "files": kept, "labels": labels.tolist(),
+                                        "skipped": skipped, "embedder": embedder_name, "size": list(size)})
+    shutil.rmtree(part, ignore_errors=True)
+    return bank
+
+
+def load_captions(bank_path: str) -> list[str]:
+    """The captions of a bank written by ``build_index`` (label id -> caption)."""
+    path = bank_path + ".captions.json"
+    if not os.path.isfile(path):
+        raise ValueError(f"no captions beside the bank: {path!r} does not exist")
+    return list(json.load(open(path))["captions"])
+
+
+__all__ = ["IMAGE_EXTENSIONS", "build_index", "list_images", "load_captions", "load_image", "read_captions"]
