@@ -17,6 +17,7 @@ object each time (a new ``lambda`` per call recompiles).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -83,6 +84,23 @@ def _details(det: EmbeddingDetector, x0_hat: Array) -> dict:
     return {"sigma": cos[:, 0], "index": src, "label": lab, "cosine": cos[:, 0], "embedding": e}
 
 
+@functools.lru_cache(maxsize=None)
+def through_decoder(decode_fn: Callable, embed_fn: Callable, remat: bool = True) -> Callable:
+    """``embed_fn`` behind a latent decoder, for detectors on Stable Diffusion latents:
+    ``(params, z [B, h, w, c]) -> embed_fn(params[1], decode_fn(params[0], z))`` with
+    ``params = (decoder_params, embed_params)``.
+
+    ``remat`` wraps the decoder + embedder in ``jax.checkpoint``: ``G_sim`` differentiates
+    through both, and without it the backward pass keeps every activation of the VAE decoder at
+    full image resolution alive (DESIGN.md, performance rules). Cached: the same
+    ``(decode_fn, embed_fn, remat)`` gives the same function object, so jit caches hit."""
+    def decoded(params, z):
+        dec_params, emb_params = params
+        return embed_fn(emb_params, decode_fn(dec_params, z))
+
+    return jax.checkpoint(decoded) if remat else decoded
+
+
 def embedding_detector(embed_fn: Callable, embed_params: Any, bank_or_embeddings, labels=None, *,
                        dedup: bool | None = None, thresholds: tuple | None = None) -> EmbeddingDetector:
     """An embedding detector. ``bank_or_embeddings``: an embedding ``ReferenceBank`` with
@@ -114,4 +132,4 @@ def embedding_detector(embed_fn: Callable, embed_params: Any, bank_or_embeddings
     return EmbeddingDetector(embed_params=embed_params, bank=bank, embed_fn=embed_fn, thresholds=thresholds)
 
 
-__all__ = ["EmbeddingDetector", "embedding_detector"]
+__all__ = ["EmbeddingDetector", "embedding_detector", "through_decoder"]

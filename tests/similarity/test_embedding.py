@@ -126,3 +126,26 @@ def test_bad_inputs(det):
     with pytest.raises(ValueError, match=r"embed_fn returned shape \(5, 9\).*expected \(5, 8\)"):
         wide(jnp.asarray(x))
     assert isinstance(det, EmbeddingDetector) and embedding.__all__
+
+
+def _upsample_decode(params, z):
+    """A stand-in for the VAE decoder: latents [B, 2, 2, 3] -> pixels [B, 4, 4, 3]."""
+    return jnp.tanh(params["a"] * jnp.repeat(jnp.repeat(z, 2, axis=1), 2, axis=2))
+
+
+def test_through_decoder_is_stable_and_differentiable():
+    params, ref, labels, _ = _data()
+    f = embedding.through_decoder(_upsample_decode, linear_embed)
+    assert f is embedding.through_decoder(_upsample_decode, linear_embed)      # one jit key
+    p = ({"a": jnp.float32(0.7)}, jax.tree.map(jnp.asarray, params))
+    z = jnp.asarray(np.random.default_rng(1).normal(size=(3, 2, 2, 3)).astype(np.float32))
+    d = embedding_detector(f, p, np.asarray(_embed64(params, ref), np.float32), labels)
+    direct = linear_embed(p[1], _upsample_decode(p[0], z))
+    np.testing.assert_allclose(np.asarray(d.embed(z)), np.asarray(direct), rtol=1e-5, atol=1e-6)
+    g = jax.grad(lambda zz: d(zz).sigma.sum())(z)
+    plain = embedding.through_decoder(_upsample_decode, linear_embed, remat=False)
+    d2 = embedding_detector(plain, p, d.bank)
+    g2 = jax.grad(lambda zz: d2(zz).sigma.sum())(z)
+    chex.assert_tree_all_finite(g)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g2), rtol=1e-5, atol=1e-7)
+    assert float(jnp.abs(g).max()) > 0
