@@ -108,7 +108,76 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_train(sub)
     _add_evalnet(sub)
+    _add_convert(sub)
+    _add_index(sub)
     return parser
+
+
+def _add_convert(sub) -> None:
+    c = sub.add_parser("convert", help="convert released weights to amg_jax's Flax params",
+                       description="Convert released PyTorch weights into Flax params amg_jax loads.")
+    csub = c.add_subparsers(dest="what", metavar="WHAT", required=True)
+    s = csub.add_parser("sscd", help="the official SSCD TorchScript file -> a .npz of Flax params",
+                        description="Convert the SSCD copy-detection model (e.g. sscd_disc_mixup.torchscript.pt "
+                                    "from facebookresearch/sscd-copy-detection; a torch.save'd state dict works "
+                                    "too) into Flax params + config (.npz) for `--detector sscd:OUT` and "
+                                    "`amg index build --embedder sscd:OUT`. Needs PyTorch.",
+                        formatter_class=_Help)
+    s.add_argument("src", help="TorchScript / state-dict file")
+    s.add_argument("dst", help="output .npz")
+
+
+def _run_convert(args, parser) -> None:
+    from amg_jax.similarity import sscd
+
+    if not os.path.isfile(args.src):
+        parser.error(f"convert sscd: {args.src!r} does not exist")
+    try:
+        print(sscd.convert_file(args.src, args.dst))
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+
+
+def _add_index(sub) -> None:
+    from amg_jax.index_build import EMBEDDERS
+
+    i = sub.add_parser("index", help="reference banks of training images for the detectors",
+                       description="Build the reference bank the detectors search.")
+    isub = i.add_subparsers(dest="what", metavar="WHAT", required=True)
+    b = isub.add_parser(
+        "build", help="embed a folder of images (and captions) into a bank",
+        description="Embed every image under FOLDER (sorted; resized on the short side and centre-cropped) "
+                    "with SSCD, CLIP or as raw pixels, in batches sharded over all devices, and write a "
+                    "reference bank (.npz) with caption ids as labels (captions from --captions, "
+                    "FOLDER/captions.jsonl|csv or sidecar .txt files; beside the bank in OUT.captions.json). "
+                    "Finished batches are kept in OUT.partial/ and skipped when the command is re-run.",
+        formatter_class=_Help)
+    b.add_argument("folder", help="folder of training images")
+    b.add_argument("--out", required=True, help="bank file to write (.npz)")
+    b.add_argument("--embedder", default="pixel", metavar="SPEC",
+                   help=f"one of {', '.join(EMBEDDERS)}: pixel | sscd:PARAMS.npz | clip:DIR_OR_HUB_ID")
+    b.add_argument("--size", type=_positive_int, nargs=2, metavar=("H", "W"),
+                   help="image size (default: the embedder's input size; required for pixel)")
+    b.add_argument("--captions", help="captions file (.jsonl with file/caption, or .csv)")
+    b.add_argument("--batch", type=_positive_int, default=32, help="images per batch")
+    b.add_argument("--copy-threshold", type=_finite_float,
+                   help="store a calibrated copy threshold with the bank (pixel banks)")
+    b.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
+    b.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+
+
+def _run_index(args, parser) -> None:
+    from amg_jax.index_build import build_index, image_embedder, list_images
+
+    try:
+        list_images(args.folder)                     # fail on a bad folder before loading any model
+        embed, name, size, kind = image_embedder(args.embedder, size=args.size)
+        bank = build_index(args.folder, embed, args.out, size=size, batch=args.batch, captions=args.captions,
+                           embedder_name=name, kind=kind, skip_bad=args.skip_bad, progress=args.progress,
+                           copy_threshold=args.copy_threshold)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    print(f"wrote {args.out}: {bank.size} rows of {bank.dim} ({name}), captions in {args.out}.captions.json")
 
 
 def _add_train(sub) -> None:
@@ -299,6 +368,10 @@ def main(argv=None) -> int:
         _run_train(args, parser)
     elif args.command == "evalnet":
         _run_evalnet(args)
+    elif args.command == "convert":
+        _run_convert(args, parser)
+    elif args.command == "index":
+        _run_index(args, parser)
     return 0
 
 

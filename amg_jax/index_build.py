@@ -236,6 +236,62 @@ def build_index(folder: str, embedder: Callable[[np.ndarray], np.ndarray], out: 
     return bank
 
 
+def sharded_embedder(embed_fn: Callable, params, *, mesh=None) -> Callable:
+    """``images [b, H, W, 3] -> [b, E]`` (NumPy) running ``jit(embed_fn)(params, images)`` with the
+    batch sharded over all devices of ``mesh`` (default: every device) and ``params`` replicated;
+    a batch not divisible by the device count is padded (with its last image) and cut."""
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    mesh = Mesh(np.asarray(jax.devices()), ("batch",)) if mesh is None else mesh
+    n = int(mesh.devices.size)
+    rep = NamedSharding(mesh, P())
+    params = jax.device_put(params, rep)
+    f = jax.jit(embed_fn, in_shardings=(rep, NamedSharding(mesh, P(mesh.axis_names[0]))), out_shardings=rep)
+
+    def run(images):
+        x = np.asarray(images, np.float32)
+        b = len(x)
+        pad = (-b) % n
+        if pad:
+            x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
+        return np.asarray(f(params, x))[:b]
+
+    return run
+
+
+EMBEDDERS = ("pixel", "sscd", "clip")
+
+
+def image_embedder(spec: str, *, size=None, dtype: str = "float32") -> tuple[Callable, str, tuple, str]:
+    """The embedder of ``spec``: ``"pixel"`` (the images themselves: a pixel bank for the nL2
+    detector), ``"sscd:PARAMS.npz"`` (``amg convert sscd`` output) or ``"clip:DIR_OR_HUB_ID"``.
+    Returns ``(embed [b, H, W, 3] -> [b, E], name, size (H, W), bank kind)``; ``size`` defaults to
+    SSCD's / CLIP's input size (pixel banks need it given)."""
+    kind, _, arg = str(spec).partition(":")
+    if kind not in EMBEDDERS or (kind != "pixel" and not arg):
+        raise ValueError(f"index build: embedder must be 'pixel', 'sscd:PARAMS.npz' or 'clip:DIR_OR_HUB_ID', got {spec!r}")
+    if kind == "pixel":
+        if size is None:
+            raise ValueError("index build: a pixel bank needs --size H W (the model's image size)")
+        return (lambda x: np.asarray(x, np.float32)), "pixel", tuple(size), "pixel"
+    if kind == "sscd":
+        from amg_jax.similarity import sscd
+
+        params, config = sscd.load_params(arg)
+        if size is None:
+            s = config.image_size
+            size = (s, s) if isinstance(s, int) else (tuple(s) if s is not None else (288, 288))
+        return sharded_embedder(sscd.make_embed_fn(config), params), f"sscd:{os.path.abspath(arg)}", tuple(size), "embedding"
+    from amg_jax.similarity import clip
+
+    bundle = clip.load_clip(arg, dtype=dtype)
+    if size is None:
+        size = (bundle.resize_size, bundle.resize_size)
+    return (sharded_embedder(bundle.embed_fn, bundle.vision_params), f"clip:{bundle.source}", tuple(size),
+            "embedding")
+
+
 def load_captions(bank_path: str) -> list[str]:
     """The captions of a bank written by ``build_index`` (label id -> caption)."""
     path = bank_path + ".captions.json"
@@ -244,4 +300,4 @@ def load_captions(bank_path: str) -> list[str]:
     return list(json.load(open(path))["captions"])
 
 
-__all__ = ["IMAGE_EXTENSIONS", "build_index", "list_images", "load_captions", "load_image", "read_captions"]
+__all__ = ["EMBEDDERS", "IMAGE_EXTENSIONS", "build_index", "image_embedder", "sharded_embedder", "list_images", "load_captions", "load_image", "read_captions"]

@@ -124,3 +124,44 @@ def test_load_image_crops_to_size(tmp_path):
     x = load_image(str(tmp_path / "w.png"), (10, 10))
     assert x.shape == (10, 10, 3) and x.min() >= -1 and x.max() <= 1
     assert x[:, 3:7].mean() > 0.9                     # the centre crop is the band
+
+
+def test_cli_index_build_with_sscd_and_pixel(tmp_path, capsys):
+    """`amg index build` end to end with a tiny SSCD (batches sharded over the 4 test devices)."""
+    from amg_jax import cli
+    from amg_jax.similarity import sscd
+
+    folder = str(tmp_path / "imgs")
+    _write_images(folder, 5, size=16)
+    cfg = sscd.SSCDConfig(stage_sizes=(1, 1), width=4, embed_dim=8, image_size=16)
+    params = sscd.init_params(cfg, seed=0)
+    sscd.save_params(str(tmp_path / "sscd.npz"), params, cfg)
+    out = str(tmp_path / "bank.npz")
+    assert cli.main(["index", "build", folder, "--out", out, "--embedder", f"sscd:{tmp_path / 'sscd.npz'}",
+                     "--batch", "3", "--no-progress"]) == 0
+    assert "5 rows of 8" in capsys.readouterr().out
+    bank = load_bank(out)
+    imgs = np.stack([load_image(os.path.join(folder, f), (16, 16)) for f in list_images(folder)])
+    e = sscd.embed_images(params, imgs, cfg)
+    np.testing.assert_allclose(np.asarray(bank.rows), e / np.linalg.norm(e, axis=1, keepdims=True), atol=1e-5)
+    assert cli.main(["index", "build", folder, "--out", str(tmp_path / "px.npz"), "--size", "8", "8",
+                     "--no-progress"]) == 0
+    assert load_bank(str(tmp_path / "px.npz")).sample_shape == (8, 8, 3)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["index", "build", "/no/such/dir", "--out", "b.npz"], "is not a directory"),
+    (["index", "build", "{folder}", "--out", "b.npz"], "needs --size H W"),
+    (["index", "build", "{folder}", "--out", "b.npz", "--embedder", "sscd"], "embedder must be"),
+    (["index", "build", "{folder}", "--out", "b.npz", "--embedder", "sscd:/no/file.npz"], "file.npz"),
+    (["convert", "sscd", "/no/such.pt", "out.npz"], "does not exist"),
+])
+def test_cli_bad_index_and_convert_arguments(tmp_path, capsys, args, message):
+    from amg_jax import cli
+
+    folder = str(tmp_path / "imgs")
+    _write_images(folder, 1)
+    with pytest.raises(SystemExit) as e:
+        cli.main([a.format(folder=folder) for a in args])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
