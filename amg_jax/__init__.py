@@ -16,7 +16,7 @@ pure ``sample`` loop (``lax.scan`` over a sampler's steps, jitted once, batched 
     res = amg.sample(den, amg.make_amg(amg.make_guidance("cfg"), det, gradient="cheap", c3=1e4), ...)
     res.trace["sigma"], res.trace["gate"]                      # [8, 50] each
 """
-from amg_jax import metrics
+from amg_jax import metrics, prompt_baselines
 from amg_jax.data.testbed import Testbed, TestbedConfig, make_testbed
 from amg_jax.guidance import (
     AMG,
@@ -36,7 +36,9 @@ from amg_jax.index import ReferenceBank, bank_from_testbed, build_bank, load_ban
 from amg_jax.models import Denoiser, empirical_denoiser, fit_mixture, mixture_denoiser
 from amg_jax.samplers import SAMPLERS, SampleResult, SamplerConfig, keys_from_seeds, sample, sample_loop
 from amg_jax.schedules import Schedule
-from amg_jax.similarity import Detection, PixelDetectorConfig, embedding_detector, nl2, pixel_detector
+from amg_jax.prompt_baselines import PROMPT_BASELINES, apply_baseline
+from amg_jax.similarity import (Detection, PixelDetectorConfig, SSCDConfig, embedding_detector, nl2, pixel_detector,
+                                sscd_detector, through_decoder)
 
 __version__ = "0.1.0"
 
@@ -48,4 +50,5 @@ __all__ = [
     "StepContext", "Testbed", "TestbedConfig", "Unguided", "empirical_denoiser", "fit_mixture",
     "keys_from_seeds", "make_guidance", "make_testbed", "metrics", "mixture_denoiser", "nl2",
     "pixel_detector", "sample", "sample_loop",
+    "PROMPT_BASELINES", "SSCDConfig", "apply_baseline", "prompt_baselines", "sscd_detector", "through_decoder",
 ]
