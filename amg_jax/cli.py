@@ -110,7 +110,69 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evalnet(sub)
     _add_convert(sub)
     _add_index(sub)
+    _add_sample(sub)
     return parser
+
+
+def _add_sample(sub) -> None:
+    from amg_jax.guidance.amg import GRADIENTS, THRESHOLDS
+    from amg_jax.prompt_baselines import PROMPT_BASELINES
+    from amg_jax.samplers import SAMPLERS
+    from amg_jax.sd_guidance import METHODS
+
+    s = sub.add_parser(
+        "sample", help="sample Stable Diffusion with CFG, a basin method or AMG; write images and traces",
+        description="Sample a Stable Diffusion model (sd:DIR in diffusers layout, Flax or PyTorch weights, or "
+                    "sd:HUB_ID when online) for each --prompt and seed, batches sharded over all devices, and "
+                    "write OUT/images/*.png, OUT/trace.npz (per-step similarity, gate, scales) and "
+                    "OUT/samples.json. AMG decodes x0_hat with the VAE and compares its SSCD or CLIP embedding "
+                    "with a bank from `amg index build`.",
+        formatter_class=_Help)
+    s.add_argument("--model", required=True, help="sd:PATH_OR_HUB_ID")
+    s.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--guidance", dest="method", choices=METHODS, default="cfg", help="method")
+    s.add_argument("--base", choices=METHODS[:-1], default="cfg", help="the guidance AMG wraps")
+    s.add_argument("--seeds", type=_positive_int, default=1, help="seeds per prompt")
+    s.add_argument("--seed", type=int, default=0, help="first seed")
+    s.add_argument("--scale", type=_finite_float, default=7.5, help="guidance scale")
+    s.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="sampler")
+    s.add_argument("--steps", type=_positive_int, default=50, help="sampling steps")
+    s.add_argument("--height", type=_positive_int, help="image height (default: the model's)")
+    s.add_argument("--width", type=_positive_int, help="image width (default: the model's)")
+    s.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="compute dtype")
+    s.add_argument("--batch", type=_positive_int, default=8, help="images per sampler call")
+    s.add_argument("--baseline", choices=sorted(PROMPT_BASELINES),
+                   help="a Somepalli et al. mitigation on the prompts (gni: noise on the text embedding)")
+    s.add_argument("--detector", help="AMG's detector: sscd:PARAMS.npz (amg convert sscd) or clip:DIR_OR_HUB_ID")
+    s.add_argument("--bank", help="AMG's reference bank (amg index build, with the same embedder)")
+    a = s.add_argument_group("AMG settings (defaults: the papers' SD settings c1=4, c2=3, c3=100 raw)")
+    a.add_argument("--c1", type=_finite_float, help="despecification strength")
+    a.add_argument("--c2", type=_finite_float, help="caption deduplication strength")
+    a.add_argument("--c3", type=_finite_float, help="dissimilarity strength (raw)")
+    a.add_argument("--threshold", choices=THRESHOLDS, help="gate schedule")
+    a.add_argument("--lambda-min", type=_finite_float, help="gate threshold early (default sscd 0.2, clip 0.7)")
+    a.add_argument("--lambda-max", type=_finite_float, help="gate threshold at the end (default sscd 0.5, clip 0.9)")
+    a.add_argument("--gradient", choices=GRADIENTS, help="full (through the UNet) or cheap G_sim gradient")
+
+
+def _run_sample(args, parser) -> None:
+    from amg_jax.sd_guidance import SampleRun, run_sample
+
+    if not args.model.startswith("sd:") or len(args.model) < 4:
+        parser.error(f"sample: --model must be sd:PATH_OR_HUB_ID (a Stable Diffusion in diffusers layout), got "
+                     f"{args.model!r}; the testbed models are sampled by `amg eval` / `amg demo`")
+    amg = tuple((f, getattr(args, f)) for f in ("c1", "c2", "c3", "threshold", "lambda_min", "lambda_max", "gradient")
+                if getattr(args, f) is not None)
+    try:
+        run = SampleRun(model=args.model, prompts=tuple(args.prompt), out=args.out, seeds=args.seeds, seed=args.seed,
+                        method=args.method, base=args.base, scale=args.scale, sampler=args.sampler, steps=args.steps,
+                        height=args.height, width=args.width, dtype=args.dtype, detector=args.detector,
+                        bank=args.bank, amg=amg, baseline=args.baseline, batch=args.batch)
+        report = run_sample(run)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    print(f"wrote {len(report['samples'])} images to {args.out} ({report['seconds']:.1f}s)")
 
 
 def _add_convert(sub) -> None:
@@ -372,6 +434,8 @@ def main(argv=None) -> int:
         _run_convert(args, parser)
     elif args.command == "index":
         _run_index(args, parser)
+    elif args.command == "sample":
+        _run_sample(args, parser)
     return 0
 
 
