@@ -37,6 +37,7 @@ from amg_jax.models import Denoiser, empirical_denoiser, fit_mixture, mixture_de
 from amg_jax.samplers import SAMPLERS, SampleResult, SamplerConfig, keys_from_seeds, sample, sample_loop
 from amg_jax.schedules import Schedule
 from amg_jax.prompt_baselines import PROMPT_BASELINES, apply_baseline
+from amg_jax.sharding import make_mesh, maybe_initialize_distributed, sample_pmap, sample_sharded
 from amg_jax.similarity import (Detection, PixelDetectorConfig, SSCDConfig, embedding_detector, nl2, pixel_detector,
                                 sscd_detector, through_decoder)
 
@@ -51,4 +52,5 @@ __all__ = [
     "keys_from_seeds", "make_guidance", "make_testbed", "metrics", "mixture_denoiser", "nl2",
     "pixel_detector", "sample", "sample_loop",
     "PROMPT_BASELINES", "SSCDConfig", "apply_baseline", "prompt_baselines", "sscd_detector", "through_decoder",
+    "make_mesh", "maybe_initialize_distributed", "sample_pmap", "sample_sharded",
 ]

@@ -259,7 +259,7 @@ class AMG:
         nonfinite = (bad(eps_base).astype(jnp.int32) | (bad(g_spe).astype(jnp.int32) << 1)
                      | (bad(g_dup).astype(jnp.int32) << 2) | (bad(g_sim).astype(jnp.int32) << 3))
         trace = dict(trace, sigma=det.sigma.astype(jnp.float32), index=det.index, label=det.label,
-                     gate=gate, s1=s1, s2=s2, grad_norm=gnorm, fallback=fb & gate, nonfinite=nonfinite,
+                     gate=gate, s1=s1, s2=s2, grad_norm=jnp.where(gate, gnorm, 0.0), fallback=fb & gate, nonfinite=nonfinite,
                      **{"lambda": jnp.broadcast_to(lam, (b,)).astype(jnp.float32)})
         return eps_hat, AMGState(base=base_state), trace
 
