@@ -1,0 +1,696 @@
+"""Stable Diffusion (diffusers' Flax UNet + VAE + transformers' Flax CLIP text encoder) as one ``Denoiser``.
+
+- ``load_stable_diffusion(path_or_hub_id, dtype=...)``: a diffusers SD 1.x / 2.x directory (or a
+  hub id, downloaded with ``huggingface_hub``) -> a frozen ``StableDiffusion`` bundle. Flax
+  weights are used when present, else the PyTorch weights (``.safetensors`` or ``.bin``) are
+  converted (``from_pt``). The layout is checked first: missing folders / files, another
+  pipeline class or an unsupported UNet raise FileNotFoundError / ValueError naming them.
+- ``encode_prompts(sd, prompts) -> [B, 77, D]``: CLIP text embeddings exactly as diffusers'
+  pipelines compute them (padded to 77 tokens, over-long prompts truncated with a warning);
+  ``sd.null_embedding`` [77, D] is the empty prompt's, CFG's unconditional.
+- ``sd_denoiser(sd, height, width) -> Denoiser`` on latents [B, h/8, w/8, 4] (NHWC; the Flax UNet
+  is NCHW, transposed inside ``eps_fn``). v-prediction models are converted to eps with the
+  schedule. ``decode``: latents -> pixels [B, H, W, 3] in [-1, 1] via the VAE.
+- ``sd_sampler_config(sd, num_steps, name)``: the ``SamplerConfig`` of the model's
+  scheduler_config.json (spacing, steps_offset, set_alpha_to_one, clip_sample).
+- ``write_tiny_sd(directory, seed, framework)``: a tiny random-weight SD in diffusers format
+  (Flax or PyTorch weights) that ``FlaxStableDiffusionPipeline.from_pretrained`` also loads.
+
+dtype: params (and the networks' computation) in float32 / bfloat16 / float16; the sampler
+state, eps and the decoded pixels are float32.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import re
+import warnings
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from amg_jax.models.base import Denoiser
+from amg_jax.samplers import SamplerConfig
+from amg_jax.schedules import Schedule
+
+Array = jax.Array
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+PIPELINE_CLASSES = ("StableDiffusionPipeline", "FlaxStableDiffusionPipeline")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+CONFIG_FILES = {"unet": ("config.json",), "vae": ("config.json",), "text_encoder": ("config.json",),
+                "tokenizer": ("vocab.json", "merges.txt"), "scheduler": ("scheduler_config.json",)}
+FLAX_WEIGHTS = {"unet": ("diffusion_flax_model.msgpack",), "vae": ("diffusion_flax_model.msgpack",),
+                "text_encoder": ("flax_model.msgpack",)}
+PT_WEIGHTS = {"unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+              "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+              "text_encoder": ("model.safetensors", "pytorch_model.bin")}
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+# ----------------------------------------------------------------------------- quiet libraries
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """Silence diffusers' / transformers' "Flax classes are deprecated" messages: their loggers are
+    set to errors only (and left so: diffusers' Flax attention modules log it each time they are
+    traced), and Future / Deprecation warnings are ignored inside the block."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*[Ff]lax.*deprecated.*")
+        yield
+
+
+# ----------------------------------------------------------------------------- the bundle
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetEps:
+    """The denoiser contract on SD latents (a callable, hashable by value: two loads of one model
+    share compiled functions): ``(params, x_t [B, h, w, C] NHWC, t [B] int32, cond [B, L, D]) -> eps``
+    in x_t's dtype. The UNet runs in ``dtype`` on NCHW; v-prediction is converted to eps."""
+
+    unet: Any = dataclasses.field(compare=False)
+    prediction_type: str
+    schedule: Schedule
+    dtype: str = "float32"
+    config_key: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "config_key", _config_key(self.unet))
+
+    def __call__(self, params, x_t: Array, t: Array, cond: Array) -> Array:
+        dt = DTYPES[self.dtype]
+        x = jnp.transpose(x_t, (0, 3, 1, 2)).astype(dt)
+        out = self.unet.apply({"params": params}, x, jnp.asarray(t, jnp.int32),
+                              encoder_hidden_states=jnp.asarray(cond).astype(dt)).sample
+        out = jnp.transpose(out, (0, 2, 3, 1)).astype(x_t.dtype)
+        if self.prediction_type == "epsilon":
+            return out
+        ab = jnp.take(jnp.asarray(self.schedule.alphas_cumprod(), x_t.dtype), jnp.asarray(t, jnp.int32))
+        ab = ab.reshape((-1,) + (1,) * (x_t.ndim - 1))
+        return jnp.sqrt(ab) * out + jnp.sqrt(1.0 - ab) * x_t
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """A model as a jit static argument, equal by (config, dtype): loaded configs hold lists, so the
+    Flax modules themselves are unhashable."""
+
+    key: tuple
+    model: Any = dataclasses.field(compare=False)
+
+
+_META_KEYS = ("architectures", "transformers_version", "torch_dtype", "dtype", "name_or_path", "model_type")
+
+
+def _config_key(model) -> str:
+    """The architecture part of a model's config as a string (bookkeeping keys dropped, so the Flax and
+    the PyTorch copies of one model share compiled functions)."""
+    config = model.config
+    config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    config = {k: v for k, v in config.items() if not k.startswith("_") and k not in _META_KEYS}
+    return type(model).__name__ + json.dumps(config, sort_keys=True, default=str)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StableDiffusion:
+    """A loaded Stable Diffusion (hashable by identity).
+
+    unet / vae / text_encoder: diffusers' FlaxUNet2DConditionModel, FlaxAutoencoderKL and
+    transformers' FlaxCLIPTextModel (built with ``dtype``); *_params: their params, cast to
+    ``dtype``; tokenizer: CLIPTokenizer; schedule: the training noise schedule;
+    scheduler_config: scheduler_config.json (a dict; read only); prediction_type: "epsilon" |
+    "v_prediction"; vae_scaling_factor: latents = VAE latents * this; latent_channels: C of the
+    latents; vae_factor: pixels per latent (8); image_size: default pixel size (unet
+    sample_size * vae_factor); null_embedding: [L, D] float32, the empty prompt's embedding;
+    eps_fn: the ``UNetEps`` denoiser function; dtype: "float32" | "bfloat16" | "float16";
+    source: where it was loaded from.
+    """
+
+    unet: Any
+    unet_params: Any
+    vae: Any
+    vae_params: Any
+    text_encoder: Any
+    text_params: Any
+    tokenizer: Any
+    schedule: Schedule
+    scheduler_config: dict
+    prediction_type: str
+    vae_scaling_factor: float
+    latent_channels: int
+    vae_factor: int
+    image_size: int
+    null_embedding: Array
+    eps_fn: UNetEps
+    dtype: str = "float32"
+    source: str = ""
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def max_tokens(self) -> int:
+        return int(self.tokenizer.model_max_length)
+
+    @property
+    def size_multiple(self) -> int:
+        """Pixel sizes must be multiples of this: the VAE factor times the Flax UNet's downsampling
+        (the Flax UNet, unlike the PyTorch one, cannot upsample back to odd latent sizes)."""
+        return self.vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def decode(self, latents: Array) -> Array:
+        """latents [B, h, w, C] -> pixels [B, h*f, w*f, 3] float32, clipped to [-1, 1] (as the pipeline
+        clips its [0, 1] images): the VAE decoder applied to latents / scaling_factor."""
+        return _vae_decode(self._vae_static, self.vae_params, latents)
+
+    @functools.cached_property
+    def _vae_static(self) -> "_Static":
+        return _Static((_config_key(self.vae), self.vae_scaling_factor, self.dtype), self.vae)
+
+    @functools.cached_property
+    def _text_static(self) -> "_Static":
+        return _text_model(self.text_encoder, self.dtype)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _vae_decode(static: _Static, params, latents: Array) -> Array:
+    vae, (_, scaling, dtype) = static.model, static.key
+    z = (latents.astype(jnp.float32) / scaling).astype(DTYPES[dtype])
+    img = vae.apply({"params": params}, z, method=vae.decode).sample      # [B, 3, H, W]
+    return jnp.clip(jnp.transpose(img, (0, 2, 3, 1)).astype(jnp.float32), -1.0, 1.0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _text_forward(text: _Static, params, ids: Array) -> Array:
+    return text.model(ids, params=params)[0].astype(jnp.float32)
+
+
+def _text_model(text_encoder, dtype: str) -> _Static:
+    return _Static((_config_key(text_encoder), dtype), text_encoder)
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def tokenize(tokenizer, prompts: Sequence[str]) -> np.ndarray:
+    """[B, 77] int32 token ids, padded / truncated as diffusers' pipelines do. Over-long prompts
+    are truncated with a warning naming the prompt and its token count."""
+    max_len = int(tokenizer.model_max_length)
+    for p in prompts:
+        n = len(tokenizer(p, truncation=False).input_ids)
+        if n > max_len:
+            warnings.warn(f"prompt {p!r} has {n} tokens (with the start / end tokens), more than the text "
+                          f"encoder's {max_len}; it is truncated to {max_len}", UserWarning, stacklevel=4)
+    ids = tokenizer(list(prompts), padding="max_length", max_length=max_len, truncation=True,
+                    return_tensors="np").input_ids
+    return np.asarray(ids, np.int32)
+
+
+def _encode(text: _Static, text_params, tokenizer, prompts) -> Array:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+    return _text_forward(text, text_params, jnp.asarray(tokenize(tokenizer, prompts)))
+
+
+def encode_prompts(sd: StableDiffusion, prompts: str | Sequence[str]) -> Array:
+    """CLIP text embeddings [B, 77, D] float32 of ``prompts`` (the UNet's ``encoder_hidden_states``)."""
+    return _encode(sd._text_static, sd.text_params, sd.tokenizer, prompts)
+
+
+# ----------------------------------------------------------------------------- the denoiser
+
+
+def check_image_size(sd: StableDiffusion, height: int, width: int) -> None:
+    """Raise ValueError unless height and width are positive multiples of ``sd.size_multiple``."""
+    m = sd.size_multiple
+    for field, v in (("height", height), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+            raise ValueError(f"Stable Diffusion {field} must be a positive integer, got {v!r}")
+        if v % sd.vae_factor:
+            raise ValueError(f"Stable Diffusion {field}={v} is not divisible by {sd.vae_factor} (the VAE's "
+                             f"downsampling factor)")
+        if v % m:
+            raise ValueError(f"Stable Diffusion {field}={v} is not a multiple of {m}: the VAE downsamples by "
+                             f"{sd.vae_factor} and the Flax UNet by {m // sd.vae_factor} more")
+
+
+def sd_denoiser(sd: StableDiffusion, height: int | None = None, width: int | None = None,
+                name: str = "stable-diffusion") -> Denoiser:
+    """``sd`` as a ``Denoiser`` on latents [B, height/f, width/f, C] (f = ``sd.vae_factor``, 8).
+
+    params: the UNet's; cond: text embeddings [B, L, D] (``encode_prompts``); null_cond: the empty
+    prompt's [L, D]; decode: latents -> pixels [B, height, width, 3] in [-1, 1].
+    height / width default to ``sd.image_size``.
+    """
+    height = sd.image_size if height is None else height
+    width = sd.image_size if width is None else width
+    check_image_size(sd, height, width)
+    f = sd.vae_factor
+    return Denoiser(params=sd.unet_params, null_cond=sd.null_embedding, eps_fn=sd.eps_fn,
+                    sample_shape=(height // f, width // f, sd.latent_channels), schedule=sd.schedule,
+                    num_conditions=None, decode=sd.decode, name=name)
+
+
+def sd_sampler_config(sd: StableDiffusion, num_steps: int = 50, name: str = "ddim", **overrides) -> SamplerConfig:
+    """The ``SamplerConfig`` diffusers builds from the model's scheduler_config.json for ``name``
+    (e.g. ``DDIMScheduler.from_config``): timestep_spacing, steps_offset, set_alpha_to_one,
+    clip_sample / clip_sample_range (missing keys take DDIMScheduler's defaults). ``overrides``
+    replace any field (e.g. ``eta=1.0``)."""
+    c = sd.scheduler_config
+    fields = dict(name=name, num_steps=num_steps, spacing=c.get("timestep_spacing", "leading"),
+                  steps_offset=int(c.get("steps_offset", 0)))
+    probe = SamplerConfig(name=name, num_steps=num_steps)
+    if probe.name in ("ddim", "ddpm"):
+        fields.update(clip_sample=bool(c.get("clip_sample", True)),
+                      clip_range=float(c.get("clip_sample_range", 1.0)))
+    if probe.name == "ddpm" and c.get("variance_type") in ("fixed_small", "fixed_large"):
+        fields["variance_type"] = c["variance_type"]
+    if probe.name == "ddim":
+        fields["set_alpha_to_one"] = bool(c.get("set_alpha_to_one", True))
+    fields.update(overrides)
+    return SamplerConfig(**fields)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _dtype_name(dtype) -> str:
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in DTYPES:
+        raise ValueError(f"load_stable_diffusion: dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    return name
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def _first_existing(folder: str, names: Sequence[str]) -> str | None:
+    for n in names:
+        if os.path.isfile(os.path.join(folder, n)):
+            return os.path.join(folder, n)
+    return None
+
+
+def check_layout(path: str, from_pt: bool | None = None) -> bool:
+    """Validate a local diffusers Stable Diffusion directory; returns ``from_pt`` (resolved when None:
+    Flax weights when all three are present, else PyTorch weights).
+
+    Raises FileNotFoundError naming the missing folder / file, ValueError for another pipeline class.
+    """
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"Stable Diffusion directory {path!r} does not exist")
+    index_file = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index_file):
+        raise FileNotFoundError(f"{path!r} is not a diffusers pipeline directory: it has no model_index.json")
+    index = _read_json(index_file)
+    cls = index.get("_class_name")
+    if cls not in PIPELINE_CLASSES:
+        raise ValueError(f"{index_file}: _class_name is {cls!r}, not a Stable Diffusion text-to-image pipeline "
+                         f"(expected one of {list(PIPELINE_CLASSES)})")
+    for comp in COMPONENTS:
+        folder = os.path.join(path, comp)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"Stable Diffusion directory {path!r} has no {comp}/ subfolder")
+        for name in CONFIG_FILES[comp]:
+            if not os.path.isfile(os.path.join(folder, name)):
+                raise FileNotFoundError(f"Stable Diffusion directory {path!r}: missing {comp}/{name}")
+
+    def missing(table):
+        return [f"{c}/{' or '.join(names)}" for c, names in table.items()
+                if _first_existing(os.path.join(path, c), names) is None]
+
+    flax_missing, pt_missing = missing(FLAX_WEIGHTS), missing(PT_WEIGHTS)
+    if from_pt is None:
+        if not flax_missing:
+            return False
+        if not pt_missing:
+            return True
+        raise FileNotFoundError(f"Stable Diffusion directory {path!r} has neither complete Flax weights "
+                                f"(missing {', '.join(flax_missing)}) nor complete PyTorch weights "
+                                f"(missing {', '.join(pt_missing)})")
+    absent = pt_missing if from_pt else flax_missing
+    if absent:
+        kind = "PyTorch" if from_pt else "Flax"
+        raise FileNotFoundError(f"Stable Diffusion directory {path!r}: missing {kind} weights "
+                                f"{', '.join(absent)}")
+    return bool(from_pt)
+
+
+def _download(repo_id: str, revision: str | None, from_pt: bool | None) -> tuple[str, bool]:
+    """Fetch the files of a hub repo that loading needs (configs, tokenizer, one set of weights)."""
+    from huggingface_hub import list_repo_files, snapshot_download
+
+    try:
+        files = set(list_repo_files(repo_id, revision=revision))
+    except Exception as e:   # not found, gated, offline, ...: say what was tried
+        raise FileNotFoundError(f"{repo_id!r} is not a local directory, and listing it as a hub repo "
+                                f"(revision={revision!r}) failed: {type(e).__name__}: {e}") from e
+
+    def complete(table):
+        return all(any(f"{c}/{n}" in files for n in names) for c, names in table.items())
+
+    if from_pt is None:
+        from_pt = not complete(FLAX_WEIGHTS)
+    table = PT_WEIGHTS if from_pt else FLAX_WEIGHTS
+    weights = []
+    for c, names in table.items():
+        present = [n for n in names if f"{c}/{n}" in files]
+        weights += [f"{c}/{present[0]}"] if present else []
+    patterns = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*"] + weights
+    return snapshot_download(repo_id, revision=revision, allow_patterns=patterns), from_pt
+
+
+def _cast(params, dtype):
+    """Floating leaves cast to ``dtype`` (in numpy: an eager jnp cast would compile once per shape)."""
+    def cast(p):
+        if not jnp.issubdtype(p.dtype, jnp.floating) or p.dtype == dtype:
+            return p
+        return jnp.asarray(np.asarray(p).astype(dtype))
+    return jax.tree.map(cast, params)
+
+
+def _check_converted(state: dict, expected: dict, weights_file: str):
+    """Keep the converted weights the Flax model expects; ValueError naming missing / mismatched ones."""
+    from flax.traverse_util import unflatten_dict
+
+    for key, leaf in expected.items():
+        if key in state and tuple(state[key].shape) != tuple(leaf.shape):
+            raise ValueError(f"{weights_file}: weight {'.'.join(key)} has shape {tuple(state[key].shape)}, the "
+                             f"Flax model expects {tuple(leaf.shape)}")
+    absent = sorted(".".join(k) for k in set(expected) - set(state))
+    if absent:
+        raise ValueError(f"{weights_file}: missing {len(absent)} weights, e.g. {absent[:3]}")
+    return unflatten_dict({k: jnp.asarray(v, jnp.float32) for k, v in state.items() if k in expected})
+
+
+def _convert_pt(model, weights_file: str):
+    """PyTorch weights (.safetensors / .bin) -> the Flax params of ``model`` (a diffusers Flax model),
+    with diffusers' own renaming (its from_pt reads only .bin files)."""
+    from diffusers.models.modeling_flax_pytorch_utils import rename_key, rename_key_and_reshape_tensor
+    from flax.traverse_util import flatten_dict
+
+    if weights_file.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+        state = load_file(weights_file)
+    else:
+        import torch
+        state = {k: v.float().numpy() for k, v in torch.load(weights_file, map_location="cpu",
+                                                              weights_only=True).items()}
+    expected = flatten_dict(jax.eval_shape(model.init_weights, jax.random.PRNGKey(0)))
+    out = {}
+    for pt_key, tensor in state.items():
+        key, tensor = rename_key_and_reshape_tensor(tuple(rename_key(pt_key).split(".")), np.asarray(tensor),
+                                                    expected)
+        out[key] = tensor
+    return _check_converted(out, expected, weights_file)
+
+
+def _load_text_encoder(folder: str, dtype, from_pt: bool):
+    """(FlaxCLIPTextModel, params) without running its random init (transformers' from_pt would)."""
+    from transformers import CLIPTextConfig, FlaxCLIPTextModel
+
+    if not from_pt:
+        return FlaxCLIPTextModel.from_pretrained(folder, dtype=dtype, _do_init=False)
+    import types
+
+    from flax.traverse_util import flatten_dict
+    from transformers.modeling_flax_pytorch_utils import load_pytorch_checkpoint_in_flax_state_dict
+
+    model = FlaxCLIPTextModel(CLIPTextConfig.from_pretrained(folder), dtype=dtype, _do_init=False)
+    shapes = model.params_shape_tree
+    weights_file = _first_existing(folder, PT_WEIGHTS["text_encoder"])
+    proxy = types.SimpleNamespace(params=shapes, base_model_prefix=model.base_model_prefix)
+    state = flatten_dict(load_pytorch_checkpoint_in_flax_state_dict(proxy, weights_file, is_sharded=False))
+    return model, _check_converted(state, flatten_dict(shapes), weights_file)
+
+
+def _load_diffusers_model(cls, folder: str, dtype, from_pt: bool):
+    if not from_pt:
+        return cls.from_pretrained(folder, dtype=dtype)
+    config = cls.load_config(folder)
+    model = cls.from_config(config, dtype=dtype)
+    return model, _convert_pt(model, _first_existing(folder, PT_WEIGHTS[os.path.basename(folder)]))
+
+
+def _scheduler_settings(config: dict, where: str) -> tuple[Schedule, str]:
+    if config.get("trained_betas") is not None:
+        raise ValueError(f"{where}: trained_betas are not supported (use beta_schedule)")
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise ValueError(f"{where}: prediction_type {prediction!r} is not supported; expected one of "
+                         f"{list(PREDICTION_TYPES)}")
+    try:
+        schedule = Schedule(beta_schedule=config.get("beta_schedule", "linear"),
+                            num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
+                            beta_start=float(config.get("beta_start", 0.0001)),
+                            beta_end=float(config.get("beta_end", 0.02)))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e
+    return schedule, prediction
+
+
+def load_stable_diffusion(path_or_hub_id: str | os.PathLike, *, dtype="float32", from_pt: bool | None = None,
+                          revision: str | None = None) -> StableDiffusion:
+    """Load a diffusers Stable Diffusion (1.x / 2.x) from a local directory or a hub id.
+
+    dtype: "float32" | "bfloat16" | "float16" (params cast to it; the networks compute in it).
+    from_pt: None = Flax weights when present, else convert the PyTorch ones; True / False forces.
+    revision: a hub branch / tag / commit (hub ids only).
+    Raises ValueError (bad dtype, not an SD layout, unsupported model) or FileNotFoundError
+    (missing folder / file, naming it) before any model is built.
+    """
+    dtype = _dtype_name(dtype)
+    source = os.fspath(path_or_hub_id)
+    if os.path.isdir(source):
+        if revision is not None:
+            raise ValueError(f"load_stable_diffusion: revision={revision!r} applies to hub ids, but {source!r} "
+                             "is a local directory")
+        from_pt = check_layout(source, from_pt)
+        path = source
+    elif not os.path.exists(source) and HUB_ID.match(source) and not source.startswith((".", "/", "~")):
+        path, from_pt = _download(source, revision, from_pt)
+        from_pt = check_layout(path, from_pt)
+    else:
+        raise FileNotFoundError(f"Stable Diffusion directory {source!r} does not exist (and is not a hub id "
+                                "such as 'owner/name')")
+
+    sched_file = os.path.join(path, "scheduler", "scheduler_config.json")
+    sched_cfg = _read_json(sched_file)
+    schedule, prediction = _scheduler_settings(sched_cfg, sched_file)
+    unet_cfg = _read_json(os.path.join(path, "unet", "config.json"))
+    text_cfg = _read_json(os.path.join(path, "text_encoder", "config.json"))
+    vae_cfg = _read_json(os.path.join(path, "vae", "config.json"))
+    where = os.path.join(path, "unet", "config.json")
+    if unet_cfg.get("addition_embed_type") is not None:
+        raise ValueError(f"{where}: addition_embed_type={unet_cfg['addition_embed_type']!r} (an SDXL-style UNet) "
+                         "is not supported")
+    if unet_cfg.get("in_channels", 4) != unet_cfg.get("out_channels", 4):
+        raise ValueError(f"{where}: in_channels={unet_cfg.get('in_channels')} != out_channels="
+                         f"{unet_cfg.get('out_channels')} (an inpainting / depth UNet) is not supported")
+    if unet_cfg.get("in_channels", 4) != vae_cfg.get("latent_channels", 4):
+        raise ValueError(f"{where}: in_channels={unet_cfg.get('in_channels')} does not match the VAE's "
+                         f"latent_channels={vae_cfg.get('latent_channels')}")
+    if unet_cfg.get("cross_attention_dim") != text_cfg.get("hidden_size"):
+        raise ValueError(f"{where}: cross_attention_dim={unet_cfg.get('cross_attention_dim')} does not match the "
+                         f"text encoder's hidden_size={text_cfg.get('hidden_size')}")
+
+    jdt = DTYPES[dtype]
+    with quiet_libraries():   # diffusers' Flax modules log a deprecation warning when imported
+        from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
+        from transformers import CLIPTokenizer
+
+        unet, unet_params = _load_diffusers_model(FlaxUNet2DConditionModel, os.path.join(path, "unet"), jdt, from_pt)
+        vae, vae_params = _load_diffusers_model(FlaxAutoencoderKL, os.path.join(path, "vae"), jdt, from_pt)
+        text_encoder, text_params = _load_text_encoder(os.path.join(path, "text_encoder"), jdt, from_pt)
+        tokenizer = CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
+    unet_params, vae_params = _cast(unet_params, jdt), _cast(vae_params, jdt)
+    text_params = _cast(text_params, jdt)
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    null = _encode(_text_model(text_encoder, dtype), text_params, tokenizer, [""])[0]
+    return StableDiffusion(
+        unet=unet, unet_params=unet_params, vae=vae, vae_params=vae_params, text_encoder=text_encoder,
+        text_params=text_params, tokenizer=tokenizer, schedule=schedule, scheduler_config=dict(sched_cfg),
+        prediction_type=prediction, vae_scaling_factor=float(vae.config.scaling_factor),
+        latent_channels=int(vae.config.latent_channels), vae_factor=vae_factor,
+        image_size=int(unet.config.sample_size) * vae_factor, null_embedding=null,
+        eps_fn=UNetEps(unet, prediction, schedule, dtype), dtype=dtype, source=source)
+
+
+# ----------------------------------------------------------------------------- a tiny SD for tests
+
+
+SD_V1_SCHEDULER = {
+    "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+    "clip_sample": False, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+    "steps_offset": 1, "trained_betas": None,
+}
+
+
+def tiny_configs(sample_size: int = 8, text_dim: int = 32, vocab_size: int = 1000) -> dict:
+    """Configs of a tiny SD: UNet (32, 64) channels, 4-block VAE (factor 8), 2-layer CLIP text encoder."""
+    unet = dict(sample_size=sample_size, in_channels=4, out_channels=4,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(32, 64),
+                layers_per_block=1, attention_head_dim=4, cross_attention_dim=text_dim)
+    vae = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+               up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 16, 16, 16), layers_per_block=1,
+               latent_channels=4, norm_num_groups=8, sample_size=sample_size * 8)
+    text = dict(vocab_size=vocab_size, hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=77, projection_dim=text_dim, hidden_act="quick_gelu")
+    return {"unet": unet, "vae": vae, "text_encoder": text}
+
+
+def random_params(init_fn, rng: np.random.Generator):
+    """Random params with the structure of ``init_fn(key)`` without running (or compiling) it:
+    kernels N(0, 1 / fan_in), embeddings N(0, 0.5^2), norm scales 1 + N(0, 0.02^2), biases N(0, 0.02^2).
+    Building a tiny model's params this way takes milliseconds instead of an XLA compilation."""
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    shapes = flatten_dict(jax.eval_shape(init_fn, jax.random.PRNGKey(0)))
+    out = {}
+    for key, leaf in shapes.items():
+        shape, name = tuple(leaf.shape), key[-1]
+        z = rng.standard_normal(shape).astype(np.float32)
+        if name == "kernel":
+            z = z / np.sqrt(max(1, int(np.prod(shape[:-1]))))
+        elif name == "embedding":
+            z = 0.5 * z
+        elif name == "scale":
+            z = 1.0 + 0.02 * z
+        else:
+            z = 0.02 * z
+        out[key] = jnp.asarray(z, leaf.dtype)
+    return unflatten_dict(out)
+
+
+def write_tiny_tokenizer(directory: str, extra_merges: int = 200):
+    """A CLIPTokenizer (vocab.json + merges.txt) with CLIP's 512 byte-level symbols, ``extra_merges``
+    merges of frequent English letter pairs, and the start / end tokens (end = the highest id, as in
+    CLIP). Any text tokenizes without unknown tokens. Returns the tokenizer."""
+    from transformers import CLIPTokenizer
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+    os.makedirs(directory, exist_ok=True)
+    symbols = list(bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols]
+    letters = "etaoinshrdlcumwfgypbvkjxqz"
+    merges = []
+    for a in letters:
+        for b in letters:
+            if len(merges) < extra_merges:
+                merges.append((a, b + "</w>") if (len(merges) % 2) else (a, b))
+    vocab += [a + b for a, b in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab_file, merges_file = os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt")
+    with open(vocab_file, "w") as f:
+        json.dump({tok: i for i, tok in enumerate(vocab)}, f)
+    with open(merges_file, "w") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    with quiet_libraries():
+        tok = CLIPTokenizer(vocab_file, merges_file, model_max_length=77)
+        tok.save_pretrained(directory)
+    return tok
+
+
+def write_tiny_sd(directory: str | os.PathLike, seed: int = 0, *, framework: str = "flax",
+                  sample_size: int = 8, scheduler_config: dict | None = None) -> str:
+    """Write a tiny random-weight Stable Diffusion in diffusers' layout; returns the directory.
+
+    framework: "flax" (diffusion_flax_model.msgpack / flax_model.msgpack) or "pt" (diffusers'
+    UNet2DConditionModel / AutoencoderKL and transformers' CLIPTextModel, .safetensors; needs torch).
+    sample_size: latent size (the image is 8x larger). scheduler_config: replaces SD v1.x's
+    (PNDM, scaled_linear, steps_offset 1, set_alpha_to_one False, clip_sample False) keys.
+    ``FlaxStableDiffusionPipeline.from_pretrained(directory, safety_checker=None,
+    feature_extractor=None)`` loads the Flax one.
+    """
+    if framework not in ("flax", "pt"):
+        raise ValueError(f"write_tiny_sd: framework must be 'flax' or 'pt', got {framework!r}")
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    tok = write_tiny_tokenizer(os.path.join(directory, "tokenizer"))
+    vocab = tok.get_vocab()
+    cfg = tiny_configs(sample_size=sample_size, vocab_size=len(vocab))
+    cfg["text_encoder"].update(bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                               pad_token_id=vocab["<|endoftext|>"])
+    sched = dict(SD_V1_SCHEDULER, **(scheduler_config or {}))
+    with quiet_libraries():
+        from transformers import CLIPTextConfig
+        text_config = CLIPTextConfig(**cfg["text_encoder"])
+        if framework == "flax":
+            from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
+            from transformers import FlaxCLIPTextModel
+
+            rng = np.random.default_rng(seed)
+            unet = FlaxUNet2DConditionModel(**cfg["unet"])
+            unet.save_pretrained(os.path.join(directory, "unet"), params=random_params(unet.init_weights, rng))
+            vae = FlaxAutoencoderKL(**cfg["vae"])
+            vae_params = random_params(vae.init_weights, rng)
+            # a smaller output layer keeps the random decoder's pixels mostly inside [-1, 1]
+            out = vae_params["decoder"]["conv_out"]
+            out["kernel"] = 0.3 * out["kernel"]
+            vae.save_pretrained(os.path.join(directory, "vae"), params=vae_params)
+            text = FlaxCLIPTextModel(text_config, _do_init=False)
+            text.save_pretrained(os.path.join(directory, "text_encoder"),
+                                 params=random_params(lambda k: text.init_weights(k, (1, 77)), rng))
+        else:
+            import torch
+            from diffusers import AutoencoderKL, UNet2DConditionModel
+            from transformers import CLIPTextModel
+
+            torch.manual_seed(seed)
+            UNet2DConditionModel(**cfg["unet"], norm_num_groups=32).save_pretrained(os.path.join(directory, "unet"))
+            vae = AutoencoderKL(**cfg["vae"])
+            with torch.no_grad():
+                vae.decoder.conv_out.weight.mul_(0.3)   # as for Flax: pixels mostly inside [-1, 1]
+            vae.save_pretrained(os.path.join(directory, "vae"))
+            CLIPTextModel(text_config).save_pretrained(os.path.join(directory, "text_encoder"))
+    os.makedirs(os.path.join(directory, "scheduler"), exist_ok=True)
+    with open(os.path.join(directory, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(sched, f, indent=2)
+    import diffusers
+
+    # what each library's pipeline.save_pretrained writes: Flax class names for Flax weights
+    flax = "Flax" if framework == "flax" else ""
+    index = {"_class_name": f"{flax}StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+             "feature_extractor": [None, None], "safety_checker": [None, None],
+             "scheduler": ["diffusers", flax + sched["_class_name"]],
+             "text_encoder": ["transformers", f"{flax}CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "unet": ["diffusers", f"{flax}UNet2DConditionModel"], "vae": ["diffusers", f"{flax}AutoencoderKL"]}
+    if framework == "pt":
+        index["requires_safety_checker"] = False
+    with open(os.path.join(directory, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+    return directory
+
+
+__all__ = [
+    "DTYPES", "SD_V1_SCHEDULER", "StableDiffusion", "check_image_size", "check_layout", "encode_prompts",
+    "load_stable_diffusion", "quiet_libraries", "sd_denoiser", "sd_sampler_config", "tiny_configs", "tokenize",
+    "write_tiny_sd", "write_tiny_tokenizer", "random_params", "UNetEps",
+]

@@ -1,0 +1,284 @@
+"""Stable Diffusion through the denoiser contract, on a tiny random-weight SD written in diffusers' layout.
+
+Parity: our ``sample`` (CFG 7.5, DDIM as configured by SD's scheduler_config.json) + ``decode``
+against diffusers' FlaxStableDiffusionPipeline (its pmap path, same initial latents) and, from the
+PyTorch weights, against diffusers' PyTorch StableDiffusionPipeline. Loading errors, prompt
+truncation, image sizes, v-prediction and bfloat16.
+"""
+import json
+import math
+import os
+import types
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from amg_jax.guidance import make_guidance
+from amg_jax.models import stable_diffusion as sdm
+from amg_jax.models.base import Denoiser
+from amg_jax.samplers import keys_from_seeds, sample, sampler_timesteps
+from amg_jax.schedules import Schedule
+
+STEPS = 10
+SCALE = 7.5
+PROMPTS = ["a red cube", "a blue sphere on a wooden table", "the cat", "an astronaut riding a horse"]
+
+
+def _batch() -> int:
+    """Prompts per run: a multiple of the device count (the pipeline's pmap path shards them)."""
+    n = jax.local_device_count()
+    return n * math.ceil(len(PROMPTS) / n)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return sdm.write_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd", seed=0)
+
+
+@pytest.fixture(scope="module")
+def sd(tiny_dir):
+    return sdm.load_stable_diffusion(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    b = _batch()
+    return [PROMPTS[i % len(PROMPTS)] + ("" if i < len(PROMPTS) else f" {i}") for i in range(b)]
+
+
+@pytest.fixture(scope="module")
+def latents(sd, prompts):
+    den = sdm.sd_denoiser(sd)
+    return jax.random.normal(jax.random.PRNGKey(7), (len(prompts),) + den.sample_shape, jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def ours(sd, prompts, latents):
+    """Our CFG + DDIM sample and its decoded images [B, H, W, 3] in [0, 1]."""
+    den = sdm.sd_denoiser(sd)
+    res = sample(den, make_guidance("cfg", scale=SCALE), sdm.sd_sampler_config(sd, STEPS),
+                 keys_from_seeds(range(len(prompts))), sdm.encode_prompts(sd, prompts), x_T=latents)
+    return res.x0, np.asarray(den.decode(res.x0)) / 2 + 0.5
+
+
+def test_bundle_and_denoiser(sd):
+    assert (sd.vae_factor, sd.image_size, sd.latent_channels, sd.prediction_type) == (8, 64, 4, "epsilon")
+    assert sd.schedule == Schedule("scaled_linear", 1000, 0.00085, 0.012)
+    den = sdm.sd_denoiser(sd)
+    assert isinstance(den, Denoiser)
+    assert den.sample_shape == (8, 8, 4) and den.num_conditions is None
+    chex.assert_shape(den.null_cond, (77, 32))
+    assert sdm.sd_denoiser(sd, height=128, width=64).sample_shape == (16, 8, 4)
+    params = (sd.unet_params, sd.vae_params, sd.text_params)
+    assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+
+
+def test_sampler_config_follows_scheduler_config(sd):
+    cfg = sdm.sd_sampler_config(sd, STEPS)
+    assert (cfg.name, cfg.spacing, cfg.steps_offset, cfg.set_alpha_to_one, cfg.clip_sample) == (
+        "ddim", "leading", 1, False, False)
+    np.testing.assert_array_equal(sampler_timesteps(cfg, sd.schedule), np.arange(901, 0, -100))
+    assert sdm.sd_sampler_config(sd, 20, "dpm++2m").steps_offset == 1
+    assert sdm.sd_sampler_config(sd, 20, eta=1.0).eta == 1.0
+
+
+def test_encode_prompts(sd, prompts):
+    emb = sdm.encode_prompts(sd, prompts)
+    chex.assert_shape(emb, (len(prompts), 77, 32))
+    chex.assert_type(emb, jnp.float32)
+    np.testing.assert_array_equal(np.asarray(sdm.encode_prompts(sd, [""])[0]), np.asarray(sd.null_embedding))
+    assert float(jnp.abs(emb[0] - emb[1]).max()) > 1e-2   # prompts differ
+    with pytest.raises(ValueError, match="prompts"):
+        sdm.encode_prompts(sd, [])
+
+
+def test_long_prompt_warns_and_truncates(sd):
+    long = " ".join(["zebra"] * 60)
+    with pytest.warns(UserWarning, match=r"has \d+ tokens.*truncated to 77"):
+        ids = sdm.tokenize(sd.tokenizer, [long])
+    chex.assert_shape(ids, (1, 77))
+    assert ids[0, -1] == sd.tokenizer.eos_token_id
+    with pytest.warns(UserWarning, match="zebra zebra"):
+        a = sdm.encode_prompts(sd, long)
+    with pytest.warns(UserWarning):
+        b = sdm.encode_prompts(sd, long + " and more words")
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))   # the same 77 tokens
+
+
+def test_matches_flax_pipeline(sd, tiny_dir, prompts, latents, ours):
+    """Same initial latents through diffusers' FlaxStableDiffusionPipeline (pmap path, DDIM from the
+    same scheduler config): the images agree to float32 round-off."""
+    from flax.jax_utils import replicate
+    from flax.training.common_utils import shard
+
+    with sdm.quiet_libraries():
+        from diffusers import FlaxDDIMScheduler, FlaxStableDiffusionPipeline
+
+        scheduler, scheduler_state = FlaxDDIMScheduler.from_pretrained(tiny_dir, subfolder="scheduler")
+        pipe, params = FlaxStableDiffusionPipeline.from_pretrained(
+            tiny_dir, scheduler=scheduler, safety_checker=None, feature_extractor=None)
+    params["scheduler"] = scheduler_state
+    n, b = jax.local_device_count(), len(prompts)
+    ids = pipe.prepare_inputs(prompts)
+    lat = jnp.asarray(np.asarray(latents).transpose(0, 3, 1, 2).reshape(n, b // n, 4, 8, 8))   # NCHW per device
+    params = replicate(jax.tree.map(np.asarray, params))   # numpy leaves: replicate stacks without compiling
+    images = pipe(shard(ids), params, jax.random.split(jax.random.PRNGKey(0), n),
+                  num_inference_steps=STEPS, guidance_scale=SCALE, latents=lat, jit=True).images
+    want = np.asarray(images).reshape(b, 64, 64, 3)
+    x0, got = ours
+    assert np.all(np.isfinite(np.asarray(x0)))
+    assert 0.05 < got.std() and np.mean((got > 0) & (got < 1)) > 0.9   # not saturated: a real comparison
+    diff = float(np.abs(got - want).max())
+    print(f"\nmax |ours - FlaxStableDiffusionPipeline| on [0, 1] images: {diff:.3g}")
+    assert diff < 1e-4
+
+
+@pytest.mark.torch
+def test_from_pt_matches_torch_pipeline(tmp_path, prompts, latents):
+    """PyTorch weights (.safetensors) are converted on load (auto-detected); our sample + decode
+    matches diffusers' PyTorch StableDiffusionPipeline with DDIMScheduler.from_config."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    path = sdm.write_tiny_sd(tmp_path / "pt", seed=1, framework="pt")
+    assert not os.path.exists(os.path.join(path, "unet", "diffusion_flax_model.msgpack"))
+    assert sdm.check_layout(path) is True
+    sd = sdm.load_stable_diffusion(path)
+    den = sdm.sd_denoiser(sd)
+    res = sample(den, make_guidance("cfg", scale=SCALE), sdm.sd_sampler_config(sd, STEPS),
+                 keys_from_seeds(range(len(prompts))), sdm.encode_prompts(sd, prompts), x_T=latents)
+    got = np.asarray(den.decode(res.x0)) / 2 + 0.5
+
+    with sdm.quiet_libraries():
+        pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # tiny ops: thread hand-offs would cost 100x the work on busy cores
+    try:
+        with torch.no_grad():
+            want = pipe(prompts, num_inference_steps=STEPS, guidance_scale=SCALE, height=64, width=64,
+                        latents=torch.from_numpy(np.asarray(latents).transpose(0, 3, 1, 2).copy()),
+                        output_type="np").images
+    finally:
+        torch.set_num_threads(threads)
+    assert 0.05 < got.std() and np.mean((got > 0) & (got < 1)) > 0.9
+    diff = float(np.abs(got - want).max())
+    print(f"\nmax |ours (from_pt) - torch StableDiffusionPipeline| on [0, 1] images: {diff:.3g}")
+    assert diff < 1e-4
+
+
+def test_bfloat16_loads_and_samples(tiny_dir, prompts, latents):
+    sd16 = sdm.load_stable_diffusion(tiny_dir, dtype="bfloat16")
+    assert sd16.dtype == "bfloat16"
+    assert {p.dtype for p in jax.tree.leaves(sd16.unet_params)} == {jnp.dtype(jnp.bfloat16)}
+    den = sdm.sd_denoiser(sd16)
+    res = sample(den, make_guidance("cfg", scale=SCALE), sdm.sd_sampler_config(sd16, 3),
+                 keys_from_seeds([0]), sdm.encode_prompts(sd16, prompts[:1]), x_T=latents[:1])
+    chex.assert_type(res.x0, jnp.float32)
+    chex.assert_tree_all_finite(res.x0)
+    assert float(jnp.abs(res.x0).max()) > 0.1
+
+
+def test_v_prediction_is_converted_to_eps():
+    """eps = sqrt(ab) v + sqrt(1 - ab) x_t, so DDIM's x0 from eps equals x0 = sqrt(ab) x_t - sqrt(1 - ab) v."""
+    v = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 4))
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 4, 4))
+
+    class FakeUNet:   # returns v (NCHW, as the Flax UNet does) whatever its input
+        config = {"name": "fake"}
+
+        def apply(self, params, sample, t, encoder_hidden_states):
+            return types.SimpleNamespace(sample=jnp.transpose(v, (0, 3, 1, 2)))
+
+    schedule = Schedule("scaled_linear", 1000, 0.00085, 0.012)
+    t = jnp.array([999, 10], jnp.int32)
+    eps = jax.jit(sdm.UNetEps(FakeUNet(), "v_prediction", schedule))(None, x, t, jnp.zeros((2, 3, 8)))
+    ab = schedule.alphas_cumprod()[np.asarray(t)].reshape(2, 1, 1, 1)
+    x0_from_eps = (x - np.sqrt(1 - ab) * eps) / np.sqrt(ab)
+    np.testing.assert_allclose(np.asarray(x0_from_eps), np.sqrt(ab) * x - np.sqrt(1 - ab) * v, atol=2e-5)
+    same = sdm.UNetEps(FakeUNet(), "epsilon", schedule)(None, x, t, jnp.zeros((2, 3, 8)))
+    np.testing.assert_array_equal(np.asarray(same), np.asarray(v))
+
+
+def test_image_size_errors(sd):
+    with pytest.raises(ValueError, match="height=60 is not divisible by 8"):
+        sdm.sd_denoiser(sd, height=60)
+    with pytest.raises(ValueError, match="width=72 is not a multiple of 16"):
+        sdm.sd_denoiser(sd, width=72)
+    with pytest.raises(ValueError, match="height must be a positive integer"):
+        sdm.sd_denoiser(sd, height=0)
+
+
+def _layout_copy(src, dst, skip=(), index=None):
+    """dst: a diffusers layout linking src's component folders (except ``skip``), with its own model_index."""
+    os.makedirs(dst)
+    for comp in sdm.COMPONENTS:
+        if comp not in skip:
+            os.symlink(os.path.join(src, comp), os.path.join(dst, comp))
+    with open(os.path.join(src, "model_index.json")) as f:
+        idx = json.load(f)
+    with open(os.path.join(dst, "model_index.json"), "w") as f:
+        json.dump(dict(idx, **(index or {})), f)
+    return str(dst)
+
+
+def test_loading_errors(tiny_dir, tmp_path):
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        sdm.load_stable_diffusion(tiny_dir, dtype="int8")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        sdm.load_stable_diffusion(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="no model_index.json"):
+        sdm.load_stable_diffusion(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no unet/ subfolder"):
+        sdm.load_stable_diffusion(_layout_copy(tiny_dir, tmp_path / "a", skip=("unet",)))
+    with pytest.raises(ValueError, match="StableDiffusionXLPipeline.*not a Stable Diffusion"):
+        sdm.load_stable_diffusion(_layout_copy(tiny_dir, tmp_path / "b",
+                                               index={"_class_name": "StableDiffusionXLPipeline"}))
+    with pytest.raises(FileNotFoundError, match="missing PyTorch weights unet/diffusion_pytorch_model"):
+        sdm.load_stable_diffusion(tiny_dir, from_pt=True)
+    with pytest.raises(ValueError, match="revision"):
+        sdm.load_stable_diffusion(tiny_dir, revision="bf16")
+
+    c = _layout_copy(tiny_dir, tmp_path / "c", skip=("unet", "scheduler"))
+    os.makedirs(os.path.join(c, "unet"))
+    os.symlink(os.path.join(tiny_dir, "unet", "config.json"), os.path.join(c, "unet", "config.json"))
+    with pytest.raises(FileNotFoundError, match="no scheduler/ subfolder"):
+        sdm.load_stable_diffusion(c)
+    os.makedirs(os.path.join(c, "scheduler"))
+    with pytest.raises(FileNotFoundError, match="missing scheduler/scheduler_config.json"):
+        sdm.load_stable_diffusion(c)
+    with open(os.path.join(c, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(dict(sdm.SD_V1_SCHEDULER, prediction_type="sample"), f)
+    with pytest.raises(FileNotFoundError, match="unet/diffusion_flax_model.msgpack"):
+        sdm.load_stable_diffusion(c)
+    os.symlink(os.path.join(tiny_dir, "unet", "diffusion_flax_model.msgpack"),
+               os.path.join(c, "unet", "diffusion_flax_model.msgpack"))
+    with pytest.raises(ValueError, match="prediction_type 'sample' is not supported"):
+        sdm.load_stable_diffusion(c)
+
+
+def test_hub_id_downloads_one_set_of_weights(tiny_dir, monkeypatch):
+    """A hub id: the repo's file list decides Flax vs PyTorch weights, and only those are fetched."""
+    import huggingface_hub
+
+    files = [os.path.relpath(os.path.join(r, f), tiny_dir) for r, _, fs in os.walk(tiny_dir) for f in fs]
+    files += ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+              "text_encoder/model.safetensors", "safety_checker/model.safetensors"]
+    calls = {}
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, revision=None: files)
+
+    def fake_snapshot(repo, revision=None, allow_patterns=()):
+        calls.update(repo=repo, revision=revision, patterns=list(allow_patterns))
+        return tiny_dir
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    path, from_pt = sdm._download("owner/tiny-sd", "flax", None)
+    assert (path, from_pt, calls["revision"]) == (tiny_dir, False, "flax")
+    assert "unet/diffusion_flax_model.msgpack" in calls["patterns"]
+    assert not any("safetensors" in p or "safety" in p for p in calls["patterns"])
+    _, from_pt = sdm._download("owner/tiny-sd", None, True)
+    assert from_pt and "text_encoder/model.safetensors" in calls["patterns"]
