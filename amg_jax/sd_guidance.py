@@ -176,6 +176,13 @@ class SampleRun:
         if self.method == "amg":
             if not self.detector or self.detector.partition(":")[0] not in DETECTOR_KINDS or ":" not in self.detector:
                 fail("detector", f"AMG needs --detector sscd:PARAMS.npz or clip:DIR, got {self.detector!r}")
+            kind, _, weights = self.detector.partition(":")
+            if kind == "sscd" and not os.path.isfile(weights):
+                fail("detector", f"SSCD params file {weights!r} does not exist (make it with amg convert sscd)")
+            for field, v in self.amg:
+                if field in ("lambda_min", "lambda_max") and not -1.0 < float(v) < 1.0:
+                    fail("amg", f"{field}={v} lies outside the {kind} similarity's range (-1, 1): the gate would "
+                                "be always or never open")
             if not self.bank:
                 fail("bank", "AMG needs --bank BANK.npz (amg index build)")
             if not os.path.isfile(self.bank):
@@ -239,7 +246,7 @@ def run_sample(run: SampleRun, *, progress: bool = True, echo=print) -> dict:
     for lo in range(0, len(prompts), run.batch):
         sl = slice(lo, lo + run.batch)
         res = sample_sharded(den, guidance, sampler, keys_from_seeds(seeds[sl]), cond[sl])
-        img = to_uint8(np.asarray(den.decode(res.x0)))
+        img = to_uint8(np.asarray(den.decode(np.asarray(res.x0))))       # gathered from the devices first
         trace = {k: np.asarray(v) for k, v in res.trace.items()}
         traces.append(trace)
         for j in range(img.shape[0]):
