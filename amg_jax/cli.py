@@ -433,8 +433,14 @@ def main(argv=None) -> int:
     elif args.command == "convert":
         _run_convert(args, parser)
     elif args.command == "index":
+        from amg_jax.sharding import maybe_initialize_distributed
+
+        maybe_initialize_distributed()
         _run_index(args, parser)
     elif args.command == "sample":
+        from amg_jax.sharding import maybe_initialize_distributed
+
+        maybe_initialize_distributed()          # several hosts (TPU pod, SLURM, ...): one global mesh
         _run_sample(args, parser)
     return 0
 

@@ -313,6 +313,14 @@ def _merge_devices(tree, n: int, where: str):
     return jax.tree.map(merge, tree)
 
 
+def _uncommitted(a):
+    """``a`` as an array pmap may place itself: an input committed to one device (e.g. the output
+    of an earlier jit) would otherwise be refused by pmap's input sharding check."""
+    if isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(np.asarray(jax.random.key_data(a)), impl=jax.random.key_impl(a))
+    return np.asarray(a)
+
+
 def sample_pmap(denoiser, guidance, sampler_cfg: SamplerConfig, keys, cond, *, x_T: Array | None = None,
                 sharded: bool = False) -> SampleResult:
     """``samplers.sample`` as a ``jax.pmap`` over the local devices (diffusers' Flax layout).
@@ -355,7 +363,7 @@ def sample_pmap(denoiser, guidance, sampler_cfg: SamplerConfig, keys, cond, *, x
         keys, x_T = _validate(denoiser, guidance, sampler_cfg, keys, cond, x_T, where)
         (keys, cond, x_T), batch = pad_batch((keys, cond, x_T), n)
         nd, params = n, replicate(denoiser.params, jax.local_devices()[:n])
-    keys, cond, x_T = jax.tree.map(lambda a: a.reshape((nd, -1) + a.shape[1:]), (keys, cond, x_T))
+    keys, cond, x_T = jax.tree.map(lambda a: _uncommitted(a.reshape((nd, -1) + a.shape[1:])), (keys, cond, x_T))
     traced = _unshard_banks(_as_traced_guidance(guidance))
     out = _pmap_sample(params, denoiser.replace(params=None), traced, sampler_cfg, keys, cond, x_T)
     res = _cut(jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), out), batch)
