@@ -506,6 +506,28 @@ def check_guidance(guidance) -> None:
             raise ValueError(f"guidance {type(guidance).__name__} has a first_pass but no after_first_pass()")
 
 
+def validate_inputs(denoiser, guidance, sampler_cfg, keys, cond, x_T=None, where: str = ""):
+    """Every check ``sample`` makes before compiling (ValueError naming the problem, prefixed by
+    ``where``); returns ``(keys [B] typed, x_T as an array or None)``. Shared by the sharded and
+    ``pmap`` entry points (``amg_jax.sharding``)."""
+    pre = f"{where}: " if where else ""
+    if not isinstance(sampler_cfg, SamplerConfig):
+        raise ValueError(f"{pre}sampler_cfg must be a SamplerConfig, got {type(sampler_cfg).__name__}")
+    sampler_cfg.check(denoiser.schedule)
+    check_guidance(guidance)
+    keys = as_keys(keys)
+    batch = keys.shape[0]
+    if batch < 1:
+        raise ValueError(f"{pre}keys is empty: pass one PRNG key per sample")
+    denoiser.validate_cond(cond, batch)
+    if x_T is not None:
+        denoiser.validate_x(x_T)
+        if np.shape(x_T)[0] != batch:
+            raise ValueError(f"{pre}x_T batch {np.shape(x_T)[0]} does not match the number of keys {batch}")
+        x_T = jnp.asarray(x_T)
+    return keys, x_T
+
+
 def sample(denoiser, guidance, sampler_cfg: SamplerConfig, keys, cond, *, x_T: Array | None = None,
            jit: bool = True) -> SampleResult:
     """Sample B = len(keys) images with ``guidance`` and the sampler of ``sampler_cfg``.
@@ -522,20 +544,7 @@ def sample(denoiser, guidance, sampler_cfg: SamplerConfig, keys, cond, *, x_T: A
     A guidance with ``check_trace(trace) -> message | None`` (AMG: NaN/inf in a term) has its
     message issued as a RuntimeWarning; the samples are returned all the same.
     """
-    if not isinstance(sampler_cfg, SamplerConfig):
-        raise ValueError(f"sampler_cfg must be a SamplerConfig, got {type(sampler_cfg).__name__}")
-    sampler_cfg.check(denoiser.schedule)
-    check_guidance(guidance)
-    keys = as_keys(keys)
-    batch = keys.shape[0]
-    if batch < 1:
-        raise ValueError("keys is empty: pass one PRNG key per sample")
-    denoiser.validate_cond(cond, batch)
-    if x_T is not None:
-        denoiser.validate_x(x_T)
-        if np.shape(x_T)[0] != batch:
-            raise ValueError(f"x_T batch {np.shape(x_T)[0]} does not match the number of keys {batch}")
-        x_T = jnp.asarray(x_T)
+    keys, x_T = validate_inputs(denoiser, guidance, sampler_cfg, keys, cond, x_T)
     if not jit:
         res = sample_loop(denoiser, guidance, sampler_cfg, keys, cond, x_T)
     else:
@@ -552,5 +561,5 @@ __all__ = [
     "DDIMTables", "DDPMTables", "DPMSolverTables", "SAMPLERS", "SampleResult", "Sampler", "SamplerConfig",
     "as_keys", "check_guidance", "ddim_step", "ddim_tables", "ddpm_step", "ddpm_tables", "dpm_solver_step",
     "dpm_solver_tables", "fold_keys", "initial_noise", "keys_from_seeds", "make_sampler", "run_loop",
-    "sample", "sample_loop", "sampler_timesteps", "step_noise",
+    "sample", "sample_loop", "sampler_timesteps", "step_noise", "validate_inputs",
 ]

@@ -149,22 +149,8 @@ def _cut(res: SampleResult, batch: int) -> SampleResult:
 
 
 def _validate(denoiser, guidance, sampler_cfg, keys, cond, x_T, where: str):
-    """``samplers.sample``'s checks, in its order; returns (keys [B] typed, x_T or None)."""
-    if not isinstance(sampler_cfg, SamplerConfig):
-        raise ValueError(f"{where}: sampler_cfg must be a SamplerConfig, got {type(sampler_cfg).__name__}")
-    sampler_cfg.check(denoiser.schedule)
-    samplers.check_guidance(guidance)
-    keys = samplers.as_keys(keys)
-    batch = keys.shape[0]
-    if batch < 1:
-        raise ValueError(f"{where}: keys is empty: pass one PRNG key per sample")
-    denoiser.validate_cond(cond, batch)
-    if x_T is not None:
-        denoiser.validate_x(x_T)
-        if np.shape(x_T)[0] != batch:
-            raise ValueError(f"{where}: x_T batch {np.shape(x_T)[0]} does not match the number of keys {batch}")
-        x_T = jnp.asarray(x_T)
-    return keys, x_T
+    """``samplers.sample``'s checks; returns (keys [B] typed, x_T or None)."""
+    return samplers.validate_inputs(denoiser, guidance, sampler_cfg, keys, cond, x_T, where)
 
 
 def _warn_trace(guidance, res: SampleResult) -> None:
