@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -169,6 +170,46 @@ def model_detector(name: str) -> str:
     (text model: 8.5% copies with nL2, 1.3% with the distance gate, same FD); the closed-form
     models' settings were measured with nL2."""
     return "nl2-bank" if name in TRAINED else "nl2"
+
+
+def baseline_conditions(name: str, bed: tb.Testbed, bench, baseline: str, params: dict | None = None,
+                        seed: int = 0):
+    """The Somepalli et al. (2023) mitigation ``baseline`` ("gni" | "rt" | "cwr" | "rna") on the
+    bench's prompts for model ``name``: ``(denoiser, cond)`` to sample in place of
+    ``(build_model(name, bed), bench.cond)``. The text UNet is re-exposed on token conditions
+    (``unet.token_denoiser``): rt / cwr / rna edit each sample's caption (words drawn from the
+    model's vocabulary; a word it does not know, e.g. a number, becomes <unk>) and re-tokenize
+    it, gni adds N(0, std^2) noise to its text embedding. Each sample gets its own stream
+    (``apply_baseline``'s per-prompt streams), seeded by ``seed``. Only text models have a
+    prompt to mitigate."""
+    from amg_jax.models.text import CaptionTokenizer
+    from amg_jax.models.unet import token_denoiser
+    from amg_jax.prompt_baselines import EMBEDDING_BASELINES, PROMPT_BASELINES, apply_baseline
+
+    if baseline not in PROMPT_BASELINES:
+        raise ValueError(f"unknown prompt baseline {baseline!r}; choose from {sorted(PROMPT_BASELINES)}")
+    if name not in TRAINED or model_kind(name) != "text":
+        raise ValueError(f"prompt baseline {baseline!r} needs a model with a text encoder (unet-text, or Stable "
+                         f"Diffusion), not {name!r}")
+    lm = load_trained(name, bed)
+    tok = CaptionTokenizer.from_dict(lm.card["tokenizer"])
+    params = dict(params or {})
+    captions = [bed.captions[int(c)] for c in bench.caption_ids]
+    c = lm.model.config
+    if baseline in EMBEDDING_BASELINES:
+        tokens = np.asarray(lm.model.tokens)[np.asarray(bench.caption_ids)]
+        noise = apply_baseline(baseline, jnp.zeros((len(captions), c.max_tokens, c.text_dim), jnp.float32), seed,
+                               **params)
+    else:
+        if baseline in ("rt", "cwr"):
+            params.setdefault("vocab", list(tok.vocab))
+        edited = apply_baseline(baseline, captions, seed, **params)
+        with warnings.catch_warnings():          # edits can make captions longer than the model's tokens
+            warnings.simplefilter("ignore")
+            tokens = tok.encode(edited)
+        noise = jnp.zeros((len(captions), c.max_tokens, c.text_dim), jnp.float32)
+    den = token_denoiser(lm.model, lm.denoiser.params)
+    return den, {"tokens": jnp.asarray(tokens, jnp.int32), "noise": jnp.asarray(noise, jnp.float32)}
 
 
 def model_bank(name: str, bed: tb.Testbed):
@@ -380,4 +421,4 @@ def prepare_bench(bed: tb.Testbed, prompts_per_kind: int, samples_per_prompt: in
 
 __all__ = ["Bench", "check_run_fields", "MODELS", "SMALL_TESTBED", "TESTBEDS", "TRAINED", "build_model",
            "bench_evaluator", "build_testbed", "checkpoints_dir", "resolve_testbed", "testbed_config", "UNET_TESTBED", "choose_prompts", "load_trained", "measure", "method_guidance",
-           "model_bank", "model_base", "model_detector", "model_kind", "model_scale", "sample_in_chunks", "prepare_bench"]
+           "baseline_conditions", "model_bank", "model_base", "model_detector", "model_kind", "model_scale", "sample_in_chunks", "prepare_bench"]

@@ -1,4 +1,6 @@
 """The bench: prompts, conditions, references and metrics for text, class and unconditional models."""
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -91,3 +93,50 @@ def test_model_base_and_detector_defaults():
     cfg = evaluate.EvalConfig(model="unet-uncond", method="amg", base="cfg")
     with pytest.raises(ValueError, match="base 'cfg' needs a condition"):
         evaluate.build_guidance(cfg, None)
+
+
+@pytest.fixture(scope="module")
+def text_bench():
+    bed = workbench.build_testbed(workbench.resolve_testbed("auto", ["unet-text"]))
+    return bed, workbench.prepare_bench(bed, 1, 2, 0, conditioning="text")
+
+
+def test_token_denoiser_equals_the_caption_id_denoiser(text_bench):
+    from amg_jax.models.unet import token_denoiser
+
+    bed, bench = text_bench
+    lm = workbench.load_trained("unet-text", bed)
+    tden = token_denoiser(lm.model, lm.denoiser.params)
+    x = jax.random.normal(jax.random.key(0), (len(bench.cond),) + lm.denoiser.sample_shape)
+    t = jnp.full((len(bench.cond),), 500, jnp.int32)
+    tokens = jnp.asarray(np.asarray(lm.model.tokens)[np.asarray(bench.cond)])
+    cond = {"tokens": tokens, "noise": jnp.zeros(tokens.shape + (lm.model.config.text_dim,))}
+    np.testing.assert_allclose(np.asarray(tden(x, t, cond)), np.asarray(lm.denoiser(x, t, bench.cond)), atol=1e-5)
+    null = tden.null_batch(2)
+    np.testing.assert_allclose(np.asarray(tden(x[:2], t[:2], null)),
+                               np.asarray(lm.denoiser(x[:2], t[:2], jnp.full((2,), -1))), atol=1e-5)
+
+
+@pytest.mark.parametrize("baseline", ["gni", "rt", "cwr", "rna"])
+def test_baseline_conditions(text_bench, baseline):
+    bed, bench = text_bench
+    den, cond = workbench.baseline_conditions("unet-text", bed, bench, baseline, seed=1)
+    lm = workbench.load_trained("unet-text", bed)
+    tokens = np.asarray(lm.model.tokens)[np.asarray(bench.cond)]
+    if baseline == "gni":
+        np.testing.assert_array_equal(np.asarray(cond["tokens"]), tokens)
+        assert 0.05 < float(np.std(np.asarray(cond["noise"]))) < 0.2
+    else:
+        assert (np.asarray(cond["tokens"]) != tokens).any(axis=1).all()      # every caption edited
+        assert not np.asarray(cond["noise"]).any()
+    den.validate_cond(cond, len(bench.cond))
+    again = workbench.baseline_conditions("unet-text", bed, bench, baseline, seed=1)[1]
+    np.testing.assert_array_equal(np.asarray(again["tokens"]), np.asarray(cond["tokens"]))
+
+
+def test_baseline_conditions_errors(text_bench):
+    bed, bench = text_bench
+    with pytest.raises(ValueError, match="unknown prompt baseline"):
+        workbench.baseline_conditions("unet-text", bed, bench, "xyz")
+    with pytest.raises(ValueError, match="needs a model with a text encoder"):
+        workbench.baseline_conditions("unet-class", bed, bench, "rna")

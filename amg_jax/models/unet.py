@@ -163,7 +163,9 @@ class UNet(nn.Module):
     config: UNetConfig
 
     @nn.compact
-    def __call__(self, x, t, cond=None):
+    def __call__(self, x, t, cond=None, context_noise=None):
+        """context_noise: optional [B, L, text_dim] added to the text encoder's output (Gaussian
+        noise on the text embedding, Somepalli et al.'s GNI baseline); text conditioning only."""
         c = self.config
         emb_dim = c.channels * 4
         emb = timestep_embedding(t, c.channels)
@@ -175,6 +177,8 @@ class UNet(nn.Module):
         elif c.conditioning == "text":
             context, mask = TextEncoder(c.vocab_size, c.max_tokens, c.text_dim, c.text_layers, c.num_heads,
                                         name="text_encoder")(cond)
+            if context_noise is not None:
+                context = context + context_noise.astype(context.dtype)
             emb = emb + nn.Dense(emb_dim, name="text_pool")(pooled(context, mask))
 
         def attn(h, res):
@@ -277,7 +281,20 @@ class UNetModel:
 
     def eps_fn(self, params, x_t, t, cond):
         """The denoiser contract: x_t [B, H, W, C], t [B] int32, cond [B] int32 ids (-1 = null) -> eps."""
-        out = self.output_fn(params, x_t, t, cond)
+        return self._to_eps(self.output_fn(params, x_t, t, cond), x_t, t)
+
+    def token_eps_fn(self, params, x_t, t, cond):
+        """The denoiser contract on token conditions (text models): cond = {"tokens": [B, L] int32
+        token ids (any caption, e.g. edited by a prompt baseline), "noise": [B, L, text_dim] added
+        to the text embedding}; the null condition is the empty caption with zero noise."""
+        if self.config.conditioning != "text":
+            raise ValueError(f"token conditions need a text-conditional UNet, not {self.config.conditioning!r}")
+        out = self.module.apply({"params": params}, x_t, t, jnp.asarray(cond["tokens"], jnp.int32),
+                                context_noise=cond["noise"])
+        return self._to_eps(out, x_t, t)
+
+    def _to_eps(self, out, x_t, t):
+        """The network output (eps or v) as eps."""
         if self.config.prediction == "eps":
             return out
         ab = jnp.take(jnp.asarray(self.schedule.alphas_cumprod(), jnp.float32), jnp.asarray(t, jnp.int32))
@@ -309,5 +326,19 @@ def unet_denoiser(model: UNetModel, params, *, schedule: Schedule | None = None,
                     name=model.name)
 
 
+def token_denoiser(model: UNetModel, params, *, schedule: Schedule | None = None) -> Denoiser:
+    """A text UNet as a ``Denoiser`` on token conditions ``{"tokens": [B, L], "noise": [B, L, D]}``
+    (``UNetModel.token_eps_fn``): captions the model was not trained on (prompt baselines) and
+    noise on the text embedding. Null condition: the empty caption, zero noise."""
+    c = model.config
+    if c.conditioning != "text":
+        raise ValueError(f"token_denoiser: needs a text-conditional UNet, got {c.conditioning!r}")
+    null = {"tokens": jnp.asarray(model.null_tokens, jnp.int32),
+            "noise": jnp.zeros((c.max_tokens, c.text_dim), jnp.float32)}
+    return Denoiser(params=params, null_cond=null, eps_fn=model.token_eps_fn,
+                    sample_shape=(c.image_size, c.image_size, c.in_channels),
+                    schedule=schedule if schedule is not None else model.schedule, name=model.name + "-tokens")
+
+
 __all__ = ["AttentionBlock", "CONDITIONINGS", "PREDICTIONS", "ResBlock", "UNetModel", "UNet", "UNetConfig", "count_params",
-           "timestep_embedding", "unet_denoiser"]
+           "timestep_embedding", "token_denoiser", "unet_denoiser"]
