@@ -15,6 +15,16 @@ Conventions (read before comparing with the papers' tables):
   ``frac_nl2_below_1.4`` / ``frac_nl2_below_1.6``  share of samples with nL2 strictly below.
   ``nl2_median``, ``nl2_mean``.
 
+- **Embedding similarity** (SSCD / CLIP cosine, ``similarity_report``): HIGHER = MORE memorized;
+  the AMG paper calls a sample memorized at SSCD ``> 0.5`` (strict: ``> 0.4``). Keys parallel
+  the nL2 ones, with a prefix (default ``sim``; e.g. ``sscd``):
+
+  ``sim_top5pct``  the 95th PERCENTILE (``np.percentile(s, 95)``, linear interpolation): the
+                   papers' "top-5% similarity", the most-memorized 5% end.
+  ``sim_top1``     the MAXIMUM (the single most-memorized sample).
+  ``frac_sim_above_0.5`` / ``frac_sim_above_0.4``  share of samples strictly above.
+  ``sim_median``, ``sim_mean``.
+
 - **Calibrated copy criterion** (DESIGN.md, "Copy criterion on a small data set"): nL2 < 1.4
   cannot tell a copy from a correct render on a few hundred images. A sample is a *copy*
   when its L2 distance to the nearest training image is STRICTLY below a threshold, the 1st
@@ -109,6 +119,39 @@ def nl2_summary(nl2) -> dict:
         "frac_nl2_below_1.4": float(np.mean(v < NL2_THRESHOLD)),
         "frac_nl2_below_1.6": float(np.mean(v < NL2_THRESHOLD_LOOSE)),
     }
+
+
+# ----------------------------------------------------------------------------- embedding similarity
+
+SIM_THRESHOLD = 0.5
+SIM_THRESHOLD_STRICT = 0.4
+
+
+def similarity_report(sims, threshold: float = SIM_THRESHOLD, strict: float = SIM_THRESHOLD_STRICT, *,
+                      name: str = "sim") -> dict:
+    """Summary of similarity scores ``sims [N]`` (SSCD / CLIP cosine; higher = more memorized) as
+    plain floats, the mirror of ``nl2_summary``: ``{name}_median``, ``{name}_mean``,
+    ``{name}_top5pct`` (95th percentile), ``{name}_top1`` (max), ``frac_{name}_above_{threshold}``
+    and ``frac_{name}_above_{strict}`` (strictly above; thresholds written with ``%g``)."""
+    v = np.asarray(sims, np.float64).reshape(-1)
+    if v.size == 0:
+        raise ValueError("similarity_report: no values")
+    if not np.all(np.isfinite(v)):
+        raise ValueError(f"similarity_report: {int(np.sum(~np.isfinite(v)))} of {v.size} values are NaN or inf")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"similarity_report: name must be an identifier such as 'sscd' or 'clip', got {name!r}")
+    for what, t in (("threshold", threshold), ("strict", strict)):
+        if not np.isfinite(float(t)):
+            raise ValueError(f"similarity_report: {what} must be finite, got {t!r}")
+    out = {
+        f"{name}_median": float(np.median(v)),
+        f"{name}_mean": float(np.mean(v)),
+        f"{name}_top5pct": float(np.percentile(v, 95.0)),
+        f"{name}_top1": float(np.max(v)),
+    }
+    for t in (threshold, strict):
+        out[f"frac_{name}_above_{float(t):g}"] = float(np.mean(v > float(t)))
+    return out
 
 
 # ----------------------------------------------------------------------------- calibrated copies

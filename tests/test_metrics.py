@@ -205,3 +205,88 @@ def test_pixel_features():
         metrics.frechet_distance(metrics.pixel_features(x, 4), metrics.pixel_features(y, 4)))
     with pytest.raises(ValueError):
         metrics.pixel_features(x, pool=3)
+
+
+def test_similarity_report_matches_numpy():
+    rng = np.random.default_rng(6)
+    s = np.clip(rng.normal(0.3, 0.2, 237), -1, 1)
+    s[:3] = [0.5, 0.4, 0.97]                  # exactly at the thresholds: not counted (strictly above)
+    r = metrics.similarity_report(s)
+    json.dumps(r)
+    assert all(type(v) is float for v in r.values())
+    assert set(r) == {"sim_median", "sim_mean", "sim_top5pct", "sim_top1", "frac_sim_above_0.5",
+                      "frac_sim_above_0.4"}
+    assert r["sim_top5pct"] == pytest.approx(np.percentile(s, 95), rel=1e-12)
+    assert r["sim_top1"] == 0.97 == s.max()
+    assert r["sim_median"] == pytest.approx(np.median(s)) and r["sim_mean"] == pytest.approx(s.mean())
+    assert r["frac_sim_above_0.5"] == np.sum(s > 0.5) / 237
+    assert r["frac_sim_above_0.4"] == np.sum(s > 0.4) / 237
+    assert r["frac_sim_above_0.5"] < r["frac_sim_above_0.4"]
+    # Direction on a hand-made vector: top5pct is the HIGH (memorized) end, the mirror of nl2_top5pct.
+    vals = np.linspace(0.0, 1.0, 101)
+    r = metrics.similarity_report(vals, threshold=0.9, strict=0.75, name="sscd")
+    assert r["sscd_top5pct"] == pytest.approx(0.95) and r["sscd_top1"] == 1.0
+    assert r["frac_sscd_above_0.9"] == pytest.approx(10 / 101)
+    assert r["frac_sscd_above_0.75"] == pytest.approx(25 / 101)
+    with pytest.raises(ValueError, match="no values"):
+        metrics.similarity_report([])
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.similarity_report([0.1, np.nan])
+    with pytest.raises(ValueError, match="identifier"):
+        metrics.similarity_report([0.1], name="bad name")
+
+
+def _sqrt_psd(s):
+    w, v = np.linalg.eigh(s)
+    return v * np.sqrt(np.clip(w, 0, None))
+
+
+def _gf_nuclear(mu1, s1, mu2, s2):
+    """Independent FD: tr sqrt(S1 S2) = the nuclear norm of L1^T L2 for any factors S = L L^T
+    (exact also for singular covariances)."""
+    tr = np.linalg.svd(_sqrt_psd(s1).T @ _sqrt_psd(s2), compute_uv=False).sum()
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr)
+
+
+def _gf_scipy(mu1, s1, mu2, s2):
+    covmean = np.real(scipy.linalg.sqrtm(s1 @ s2))
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def test_gaussian_frechet_matches_scipy():
+    rng = np.random.default_rng(7)
+    d = 7
+    m1, m2 = rng.normal(size=(d, d)), rng.normal(size=(d, d))
+    s1, s2 = m1 @ m1.T + 0.05 * np.eye(d), m2 @ m2.T + 0.05 * np.eye(d)
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    got = metrics.gaussian_frechet(mu1, s1, mu2, s2)
+    assert got == pytest.approx(_gf_scipy(mu1, s1, mu2, s2), rel=1e-9)
+    assert got == pytest.approx(_gf_nuclear(mu1, s1, mu2, s2), rel=1e-10)
+    assert got == pytest.approx(metrics.gaussian_frechet(mu2, s2, mu1, s1), rel=1e-10)
+    assert abs(metrics.gaussian_frechet(mu1, s1, mu1, s1)) < 1e-10 * np.trace(s1)
+    with pytest.raises(ValueError, match="shapes"):
+        metrics.gaussian_frechet(mu1, s1, mu2[:3], s2)
+
+
+def test_frechet_near_singular_covariance():
+    """Features on a 3-d subspace of R^8 plus 1e-5 noise: covariance eigenvalues ~1 and ~1e-10."""
+    rng = np.random.default_rng(8)
+    w1, w2 = rng.normal(size=(3, 8)), rng.normal(size=(3, 8))
+    a = rng.normal(size=(300, 3)) @ w1 + 1e-5 * rng.normal(size=(300, 8))
+    b = rng.normal(size=(250, 3)) @ w2 + 1e-5 * rng.normal(size=(250, 8)) + 0.2
+    mu1, s1 = a.mean(0), np.cov(a, rowvar=False)
+    mu2, s2 = b.mean(0), np.cov(b, rowvar=False)
+    ev = np.linalg.eigvalsh(s1)
+    assert ev.min() < 1e-8 * ev.max()                       # near-singular indeed
+    got = metrics.frechet_distance(a, b)
+    assert got == pytest.approx(metrics.gaussian_frechet(mu1, s1, mu2, s2), rel=1e-12)
+    want = _gf_nuclear(mu1, s1, mu2, s2)
+    assert got == pytest.approx(want, rel=1e-8)
+    with np.errstate(all="ignore"):
+        ref = _gf_scipy(mu1, s1, mu2, s2)
+    assert got == pytest.approx(ref, rel=1e-6)
+    # The same subspace for both: a small FD with near-null directions in both covariances. The
+    # eigen square roots carry ~sqrt(eps) * |S| per near-null direction (measured: 3e-7 here).
+    c = rng.normal(size=(200, 3)) @ w1 + 1e-5 * rng.normal(size=(200, 8))
+    fd = metrics.frechet_distance(a, c)
+    assert 0.0 <= fd and fd == pytest.approx(_gf_nuclear(mu1, s1, c.mean(0), np.cov(c, rowvar=False)), abs=2e-6)
