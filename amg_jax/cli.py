@@ -187,15 +187,22 @@ def _add_convert(sub) -> None:
                         formatter_class=_Help)
     s.add_argument("src", help="TorchScript / state-dict file")
     s.add_argument("dst", help="output .npz")
+    f = csub.add_parser("inception", help="the standard FID Inception weights -> a .npz of Flax params",
+                        description="Convert pytorch-fid's FID Inception-v3 weights (pt_inception-2015-12-05-"
+                                    "6726825d.pth, a torch state dict) into Flax params (.npz) for the FID "
+                                    "metric (amg_jax.similarity.inception). Needs PyTorch.",
+                        formatter_class=_Help)
+    f.add_argument("src", help="state-dict file (.pth)")
+    f.add_argument("dst", help="output .npz")
 
 
 def _run_convert(args, parser) -> None:
-    from amg_jax.similarity import sscd
+    from amg_jax.similarity import inception, sscd
 
     if not os.path.isfile(args.src):
-        parser.error(f"convert sscd: {args.src!r} does not exist")
+        parser.error(f"convert {args.what}: {args.src!r} does not exist")
     try:
-        print(sscd.convert_file(args.src, args.dst))
+        print((sscd if args.what == "sscd" else inception).convert_file(args.src, args.dst))
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
 

@@ -165,3 +165,27 @@ def test_cli_bad_index_and_convert_arguments(tmp_path, capsys, args, message):
         cli.main([a.format(folder=folder) for a in args])
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.torch
+def test_cli_convert_inception_round_trip(tmp_path, capsys):
+    """`amg convert inception` on a torch state dict (random weights in torchvision's key names)."""
+    import torch
+
+    from amg_jax import cli
+    from amg_jax.similarity import inception
+
+    params = inception.init_params(seed=0)
+    sd = {}
+    for key, path in inception.torch_key_map().items():
+        a = params
+        for p in path.split("/"):
+            a = a[p]
+        a = np.asarray(a)
+        sd[key] = torch.from_numpy(np.ascontiguousarray(a.transpose(3, 2, 0, 1) if a.ndim == 4 else a))
+    torch.save(sd, tmp_path / "fid.pth")
+    assert cli.main(["convert", "inception", str(tmp_path / "fid.pth"), str(tmp_path / "fid.npz")]) == 0
+    assert "fid.npz" in capsys.readouterr().out
+    loaded, _ = inception.load_params(str(tmp_path / "fid.npz"))
+    k = loaded["params"]["Conv2d_1a_3x3"]["conv"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(k), np.asarray(params["params"]["Conv2d_1a_3x3"]["conv"]["kernel"]))
