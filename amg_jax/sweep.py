@@ -1,0 +1,917 @@
+"""`amg sweep CONFIG`: a grid of methods on one model -> resumable cells, a results table, grids, plots.
+
+A sweep is a TOML file (``load_config`` validates all of it before any work)::
+
+    [sweep]
+    name = "text_table"
+    model = "unet-text"          # a workbench model (workbench.MODELS) or "sd:PATH" (not runnable yet)
+    testbed = "auto"             # auto | default | small | unet
+    prompts_per_kind = 8         # text: prompts of each kind; class: ignored (one prompt per shape);
+                                 # uncond: prompts_per_kind * len(kinds) pseudo-prompts
+    samples_per_prompt = 32
+    kinds = ["specific", "duplicated", "generic"]   # optional (default: all three)
+    seed = 0                     # optional (default 0)
+    sampler = "ddim"             # optional (default ddim)
+    steps = 50                   # optional (default 50)
+    scale = 1.5                  # optional: default the model's card scale (7.5 for the closed-form models)
+    chunk = 16                   # optional: seeds per sampler call (AMG's batch-level gate skips per chunk)
+    out = "results/text_table"   # optional: relative to the config file's folder (default results/<name>)
+
+    [[method]]                   # one table per method; `name` and `guidance` are required
+    name = "AMG"
+    guidance = "amg"             # none | cfg | stp | dtp | og | og_dtp | amg
+    base = "auto"                # AMG only: the guidance it wraps (auto: cfg, none for an uncond model)
+    detector = "auto"            # AMG only: auto | nl2 | nl2-bank | cosine
+    amg = { c3 = [1.0, 3.0], threshold = "parabolic" }   # AMG only: AMGConfig fields
+    scale = [1.5, 3.0]           # method-level scale / steps / sampler override the [sweep] ones
+    baseline = "rna"             # a Somepalli et al. prompt baseline: gni | rt | cwr | rna (or none), for
+                                 # models with a text encoder (unet-text, sd:PATH): workbench.baseline_conditions
+    baseline_params = { n = 4 }  # its parameters (prompt_baselines.baseline_params, vocab excepted)
+
+A list anywhere in a method (a scalar field, an ``amg`` or ``baseline_params`` entry) is a grid
+axis: a method gives one *cell* per element of the Cartesian product of its axes. A cell's id
+is the method name and its grid values (``AMG__scale=1.5__c3=1``; filesystem-safe, stable).
+For a cell whose guidance is not AMG the AMG-only axes are dropped (and duplicates merged).
+
+Every cell writes ``out/cells/<id>.npz`` (samples as float16, ``kinds``, ``caption_ids``, and
+AMG's per-step ``sigma`` / ``lambda`` / ``gate`` [B, N]) then ``out/cells/<id>.json`` (metrics
+per prompt kind and "all", the cell's resolved settings, seconds), each atomically. A cell whose
+JSON holds the same settings is skipped on a re-run, so an interrupted sweep resumes and a
+changed config re-runs only the cells it changed (a stale cell is re-run with a warning). A
+failing cell does not stop the others; the sweep raises ``SweepError`` at the end. The bench
+(prompts, threshold, the "true renders" row) is kept in ``out/bench.json``. At the end, from the
+files alone: ``results.csv`` (a row per cell and kind), ``results.md`` (a table per kind group, as
+``experiments/table_md.py`` prints), ``results.json`` (table_md's input format), ``grids/<id>.png``
+(the first samples of each kind), ``plots/similarity.png`` (AMG cells: similarity vs gate
+threshold per step) and ``plots/tradeoff.png`` (memorized fraction vs FD, a point per cell).
+With several hosts only ``jax.process_index() == 0`` writes (and echoes).
+
+A model backend is a small object with ``bench_record() -> dict`` and ``run_cell(cell,
+settings) -> CellRun``: ``TestbedBackend`` for the workbench models; Stable Diffusion
+("sd:PATH") plugs in there later.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import itertools
+import json
+import math
+import os
+import re
+import time
+import tomllib
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from amg_jax import images as img
+from amg_jax import workbench
+from amg_jax.data import testbed as tb
+from amg_jax.evaluate import DETECTORS
+from amg_jax.guidance import GUIDANCES
+from amg_jax.guidance.amg import AMGConfig
+from amg_jax.jsonio import write_atomic, write_json
+from amg_jax.prompt_baselines import EMBEDDING_BASELINES, PROMPT_BASELINES, apply_baseline, baseline_params
+from amg_jax.samplers import SAMPLERS, SamplerConfig
+from amg_jax.workbench import (DEFAULT_SCALE, MODELS, TRAINED, method_guidance, model_base, model_detector,
+                               model_kind, resolve_testbed, sample_in_chunks)
+
+GUIDANCE_NAMES = tuple(GUIDANCES) + ("amg",)
+BASELINES = tuple(PROMPT_BASELINES)
+AMG_FIELDS = tuple(f.name for f in dataclasses.fields(AMGConfig))
+SD_PREFIX = "sd:"
+CELL_FORMAT = "amg_jax.sweep_cell/1"
+BENCH_FORMAT = "amg_jax.sweep_bench/1"
+
+# [sweep] keys and their defaults (REQUIRED: must be given).
+REQUIRED = object()
+SWEEP_KEYS = {"name": None, "model": REQUIRED, "testbed": "auto", "prompts_per_kind": REQUIRED,
+              "samples_per_prompt": REQUIRED, "kinds": tb.KINDS, "seed": 0, "sampler": "ddim", "steps": 50,
+              "scale": None, "chunk": 16, "out": None}
+# [[method]] scalar keys, in the order their grid values appear in a cell id; then amg.*, baseline_params.*
+METHOD_SCALARS = ("guidance", "base", "detector", "baseline", "scale", "steps", "sampler")
+METHOD_KEYS = ("name",) + METHOD_SCALARS + ("amg", "baseline_params")
+AMG_ONLY = ("base", "detector")          # (and every amg.* axis)
+# Models whose captions a prompt baseline can perturb (workbench.baseline_conditions: a text encoder).
+BASELINE_MODELS = ("unet-text",)
+
+
+class SweepError(RuntimeError):
+    """Some cells failed; every other cell was run and written (``failures``: {cell id: exception})."""
+
+    def __init__(self, message: str, failures: dict):
+        super().__init__(message)
+        self.failures = failures
+
+
+# ----------------------------------------------------------------------------- the config
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One run of a sweep: a method at one point of its grid. ``scale`` / ``steps`` / ``sampler``
+    are the method's (else the sweep's; ``scale`` None = the model's card scale); ``amg`` and
+    ``baseline_params`` are ((field, value), ...); ``grid`` the ((axis, value), ...) that name it."""
+
+    id: str
+    method: str
+    guidance: str
+    scale: float | None
+    steps: int
+    sampler: str
+    base: str = "auto"
+    detector: str = "auto"
+    amg: tuple = ()
+    baseline: str | None = None
+    baseline_params: tuple = ()
+    grid: tuple = ()
+
+    @property
+    def label(self) -> str:
+        """The method name and its grid values, for tables and plots: ``AMG (c3=1, scale=1.5)``."""
+        if not self.grid:
+            return self.method
+        return f"{self.method} ({', '.join(f'{_short(a)}={_fmt(v)}' for a, v in self.grid)})"
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """A validated sweep (``load_config``). ``out`` is absolute; ``cells`` in config order."""
+
+    path: str
+    name: str
+    model: str
+    testbed: str
+    prompts_per_kind: int
+    samples_per_prompt: int
+    kinds: tuple
+    seed: int
+    sampler: str
+    steps: int
+    scale: float | None
+    chunk: int
+    out: str
+    cells: tuple
+
+    @property
+    def methods(self) -> list:
+        return list(dict.fromkeys(c.method for c in self.cells))
+
+
+def _short(axis: str) -> str:
+    return axis.rsplit(".", 1)[-1]
+
+
+def _fmt(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def _safe(text: str) -> str:
+    """Filesystem-safe: letters, digits and ``._=+-``; anything else becomes ``_``."""
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", text)
+
+
+def cell_id(method: str, grid) -> str:
+    """``<method>__<axis>=<value>...`` (filesystem-safe), the name of a cell's files."""
+    return "__".join([_safe(method)] + [_safe(f"{_short(a)}={_fmt(v)}") for a, v in grid])
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_value(key: str, v, fail) -> None:
+    """Type / range of one value of method field ``key`` (``amg.*`` and ``baseline_params.*``
+    are checked with their config objects)."""
+    rules = {
+        "guidance": (lambda x: x in GUIDANCE_NAMES, f"one of {list(GUIDANCE_NAMES)}"),
+        "base": (lambda x: x in ("auto",) + tuple(GUIDANCES), f"one of {['auto'] + list(GUIDANCES)}"),
+        "detector": (lambda x: x in DETECTORS, f"one of {list(DETECTORS)}"),
+        "baseline": (lambda x: x in BASELINES + ("none",), f"one of {list(BASELINES) + ['none']}"),
+        "scale": (lambda x: _is_number(x) and x >= 0, "a finite number >= 0"),
+        "steps": (lambda x: _is_int(x) and x >= 1, "an integer >= 1"),
+        "sampler": (lambda x: x in SAMPLERS, f"one of {list(SAMPLERS)}"),
+    }
+    if key in rules:
+        ok, rule = rules[key]
+        if not ok(v):
+            fail(key, f"must be {rule}, got {v!r}")
+    elif key.startswith("amg."):
+        field = key[4:]
+        default = next(f.default for f in dataclasses.fields(AMGConfig) if f.name == field)
+        if isinstance(default, bool):
+            good, rule = isinstance(v, bool), "true or false"
+        elif isinstance(default, str):
+            good, rule = isinstance(v, str), "a string"
+        else:
+            good, rule = _is_number(v), "a finite number"
+        if not good:
+            fail(key, f"must be {rule}, got {v!r}")
+    elif not isinstance(v, (str, int, float, bool)):             # baseline_params.*
+        fail(key, f"must be a string, number or boolean, got {v!r}")
+
+
+def _axes(m: dict, fail) -> tuple[list, dict]:
+    """A method table -> (axes [(key, values)], fixed {key: value}), keys in cell-id order."""
+    items = [(k, m[k]) for k in METHOD_SCALARS if k in m]
+    for table, order in (("amg", AMG_FIELDS), ("baseline_params", None)):
+        sub = m.get(table)
+        if sub is None:
+            continue
+        if not isinstance(sub, dict):
+            fail(table, f"must be a table ({{ key = value, ... }}), got {sub!r}")
+        if table == "amg":
+            unknown = [k for k in sub if k not in AMG_FIELDS]
+            if unknown:
+                fail(f"amg.{unknown[0]}", f"is not an AMG setting; AMGConfig's fields are {list(AMG_FIELDS)}")
+        keys = [k for k in order if k in sub] if order else sorted(sub)
+        items += [(f"{table}.{k}", sub[k]) for k in keys]
+    axes, fixed = [], {}
+    for key, v in items:
+        if isinstance(v, list):
+            if not v:
+                fail(key, "is an empty list (a grid axis needs at least one value)")
+            for x in v:
+                if isinstance(x, (list, dict)):
+                    fail(key, f"grid values must be scalars, got {x!r}")
+                _check_value(key, x, fail)
+            if len(set(map(repr, v))) != len(v):
+                fail(key, f"has repeated grid values {v!r}")
+            axes.append((key, v))
+        else:
+            if isinstance(v, dict):
+                fail(key, f"must be a scalar or a list of scalars, got a table {v!r}")
+            _check_value(key, v, fail)
+            fixed[key] = v
+    return axes, fixed
+
+
+def _method_cells(m: dict, sweep: dict, where: str, model: str) -> list:
+    """The cells of one [[method]] table (validated)."""
+    def fail(key, msg):
+        raise ValueError(f"{where}: {key} {msg}")
+
+    unknown = [k for k in m if k not in METHOD_KEYS]
+    if unknown:
+        fail(unknown[0], f"is not a method key; method keys are {list(METHOD_KEYS)}")
+    if "guidance" not in m:
+        fail("guidance", f"is missing (one of {list(GUIDANCE_NAMES)})")
+    axes, fixed = _axes(m, fail)
+    guidances = next((v for k, v in axes if k == "guidance"), [fixed.get("guidance")])
+    if "amg" not in guidances:
+        for key in AMG_ONLY + ("amg",):
+            if key in m:
+                fail(key, "only applies to guidance 'amg'")
+    if "baseline_params" in m and "baseline" not in m:
+        fail("baseline_params", "needs a baseline")
+    conditioning = "text" if model.startswith(SD_PREFIX) else model_kind(model)
+    cells, seen = [], set()
+    names = [k for k, _ in axes]
+    for combo in itertools.product(*[v for _, v in axes]):
+        d = dict(fixed, **dict(zip(names, combo)))
+        guidance = d["guidance"]
+        drop = set()
+        if guidance != "amg":
+            drop |= {k for k in d if k in AMG_ONLY or k.startswith("amg.")}
+        baseline = d.get("baseline")
+        if baseline in (None, "none"):
+            baseline = None
+            drop |= {k for k in d if k.startswith("baseline_params.")}
+        d = {k: v for k, v in d.items() if k not in drop}
+        if conditioning == "uncond":
+            base = d.get("base", "auto")
+            if guidance not in ("none", "amg"):
+                fail("guidance", f"{guidance!r} needs a condition; model {model!r} is unconditional (use none or amg)")
+            if guidance == "amg" and base not in ("auto", "none"):
+                fail("base", f"{base!r} needs a condition; model {model!r} is unconditional (use none or auto)")
+        if baseline is not None and not (model in BASELINE_MODELS or model.startswith(SD_PREFIX)):
+            fail("baseline", f"{baseline!r} perturbs captions; it needs a model with a text encoder "
+                             f"({', '.join(BASELINE_MODELS)} or 'sd:PATH'), not {model!r}")
+        amg = tuple((k[4:], v) for k, v in d.items() if k.startswith("amg."))
+        if guidance == "amg":
+            try:
+                AMGConfig(**dict(amg))
+            except (TypeError, ValueError) as e:
+                bad = next((f for f in AMG_FIELDS if f"AMGConfig.{f} " in str(e)), None)
+                fail(f"amg.{bad}" if bad else "amg", f"is invalid: {e}")
+        params = tuple((k[len("baseline_params."):], v) for k, v in d.items() if k.startswith("baseline_params."))
+        if baseline is not None:
+            _check_baseline(baseline, dict(params), fail)
+        grid = tuple((k, d[k]) for k in names if k in d)
+        cid = cell_id(m["name"], grid)
+        if cid in seen:
+            continue
+        seen.add(cid)
+        scale = d.get("scale", sweep["scale"])
+        cells.append(Cell(id=cid, method=m["name"], guidance=guidance,
+                          scale=None if scale is None else float(scale), steps=d.get("steps", sweep["steps"]),
+                          sampler=d.get("sampler", sweep["sampler"]), base=d.get("base", "auto"),
+                          detector=d.get("detector", "auto"), amg=amg, baseline=baseline,
+                          baseline_params=params, grid=grid))
+    return cells
+
+
+def _check_baseline(name: str, params: dict, fail) -> None:
+    """Baseline parameters: known to ``name`` (its vocabulary comes from the model) and accepted
+    by it (a dry run on a short caption / embedding)."""
+    allowed = [p for p in baseline_params(name) if p != "vocab"]
+    bad = [p for p in params if p not in allowed]
+    if bad:
+        fail(f"baseline_params.{bad[0]}", f"is not a parameter of baseline {name!r}; it takes {allowed}")
+    try:
+        if name in EMBEDDING_BASELINES:
+            std = params.get("std", 0.1)
+            if not (_is_number(std) and std >= 0):
+                raise ValueError(f"std must be a finite number >= 0, got {std!r}")
+        else:
+            apply_baseline(name, "a red circle on a gray background", 0, **params)
+    except (TypeError, ValueError) as e:
+        key = next((f"baseline_params.{p}" for p in params if p in str(e)), "baseline_params")
+        fail(key, f"is invalid for baseline {name!r}: {e}")
+
+
+def _check_sweep(s: dict, fail) -> None:
+    """The [sweep] table's values (``fail(key, message)`` raises)."""
+    model = s["model"]
+    if not isinstance(model, str) or not (model in MODELS or (model.startswith(SD_PREFIX) and len(model) > 3)):
+        fail("model", f"must be one of {list(MODELS)} or 'sd:PATH', got {model!r}")
+    if not isinstance(s["name"], str) or not s["name"].strip():
+        fail("name", f"must be a non-empty string, got {s['name']!r}")
+    if not isinstance(s["out"], str) or not s["out"].strip():
+        fail("out", f"must be a non-empty path string, got {s['out']!r}")
+    for key in ("testbed", "sampler"):
+        allowed = workbench.TESTBEDS + ("auto",) if key == "testbed" else SAMPLERS
+        if s[key] not in allowed:
+            fail(key, f"must be one of {list(allowed)}, got {s[key]!r}")
+    for key in ("prompts_per_kind", "samples_per_prompt", "steps", "chunk"):
+        if not (_is_int(s[key]) and s[key] >= 1):
+            fail(key, f"must be an integer >= 1, got {s[key]!r}")
+    if not (_is_int(s["seed"]) and s["seed"] >= 0):
+        fail("seed", f"must be an integer >= 0, got {s['seed']!r}")
+    if s["scale"] is not None and not (_is_number(s["scale"]) and s["scale"] >= 0):
+        fail("scale", f"must be a finite number >= 0, got {s['scale']!r}")
+    kinds = s["kinds"]
+    if (not isinstance(kinds, (list, tuple)) or not kinds or any(k not in tb.KINDS for k in kinds)
+            or len(set(kinds)) != len(kinds)):
+        fail("kinds", f"must be a non-empty list of distinct kinds from {list(tb.KINDS)}, got {kinds!r}")
+
+
+def parse_config(data: dict, path: str = "<config>") -> SweepConfig:
+    """A parsed TOML document -> ``SweepConfig``; ValueError naming the key on anything wrong."""
+    where = f"sweep config {path}"
+    unknown = [k for k in data if k not in ("sweep", "method")]
+    if unknown:
+        raise ValueError(f"{where}: unknown top-level key {unknown[0]!r}; expected [sweep] and [[method]] tables")
+    s = data.get("sweep")
+    if not isinstance(s, dict):
+        raise ValueError(f"{where}: [sweep] table is missing")
+
+    def fail(key, msg):
+        raise ValueError(f"{where}: sweep.{key} {msg}")
+
+    bad = [k for k in s if k not in SWEEP_KEYS]
+    if bad:
+        fail(bad[0], f"is not a sweep key; sweep keys are {list(SWEEP_KEYS)}")
+    missing = [k for k, v in SWEEP_KEYS.items() if v is REQUIRED and k not in s]
+    if missing:
+        fail(missing[0], "is missing")
+    stem = os.path.splitext(os.path.basename(path))[0] or "sweep"
+    s = {k: s.get(k, v) for k, v in SWEEP_KEYS.items()}
+    s["name"] = stem if s["name"] is None else s["name"]
+    s["out"] = os.path.join("results", str(s["name"])) if s["out"] is None else s["out"]
+    _check_sweep(s, fail)
+    methods = data.get("method")
+    if not isinstance(methods, list) or not methods:
+        raise ValueError(f"{where}: no [[method]] tables (a sweep needs at least one method)")
+    cells, names = [], {}
+    for i, m in enumerate(methods, 1):
+        mwhere = f"{where}: method #{i}"
+        if not isinstance(m, dict):
+            raise ValueError(f"{mwhere} must be a table")
+        name = m.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"{mwhere}: name must be a non-empty string, got {name!r}")
+        mwhere = f"{where}: method {name!r}"
+        if name in names:
+            raise ValueError(f"{mwhere}: name is a duplicate (method #{names[name]} has it too)")
+        names[name] = i
+        cells += _method_cells(m, s, mwhere, s["model"])
+    ids = [c.id for c in cells]
+    dup = next((c for c in cells if ids.count(c.id) > 1), None)
+    if dup is not None:
+        raise ValueError(f"{where}: method {dup.method!r}: name gives cell id {dup.id!r}, which another method's "
+                         "cell has too (rename one)")
+    base_dir = os.path.dirname(os.path.abspath(path)) if path != "<config>" else os.getcwd()
+    out = os.path.normpath(os.path.join(base_dir, os.path.expanduser(s["out"])))
+    return SweepConfig(path=os.path.abspath(path) if path != "<config>" else path, name=s["name"], model=s["model"],
+                       testbed=s["testbed"], prompts_per_kind=s["prompts_per_kind"],
+                       samples_per_prompt=s["samples_per_prompt"], kinds=tuple(s["kinds"]), seed=s["seed"],
+                       sampler=s["sampler"], steps=s["steps"],
+                       scale=None if s["scale"] is None else float(s["scale"]), chunk=s["chunk"], out=out,
+                       cells=tuple(cells))
+
+
+def load_config(path) -> SweepConfig:
+    """Read and validate a sweep TOML file (see the module docstring). Raises FileNotFoundError
+    for a missing file, ValueError naming the key (or the TOML line) for anything wrong."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"sweep config {path} does not exist")
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"sweep config {path} is not valid TOML: {e}") from None
+    return parse_config(data, path)
+
+
+# ----------------------------------------------------------------------------- resolved settings
+
+def bench_settings(config: SweepConfig) -> dict:
+    """What fixes the bench (prompts, seeds, references): part of every cell's settings."""
+    testbed = None if config.model.startswith(SD_PREFIX) else resolve_testbed(config.testbed, [config.model])
+    return {"model": config.model, "testbed": testbed, "prompts_per_kind": config.prompts_per_kind,
+            "samples_per_prompt": config.samples_per_prompt, "kinds": list(config.kinds), "seed": config.seed}
+
+
+def _default_scale(model: str) -> float:
+    """``workbench.model_scale(model)`` from the card alone (no parameters loaded)."""
+    if model in TRAINED:
+        from amg_jax.models.zoo import read_card
+
+        return float(read_card(os.path.join(workbench.checkpoints_dir(), TRAINED[model])).get(
+            "guidance_scale", DEFAULT_SCALE))
+    return DEFAULT_SCALE
+
+
+def cell_settings(config: SweepConfig, cell: Cell) -> dict:
+    """Everything that decides a cell's samples, resolved ("auto" -> the model's choice, the
+    full AMGConfig): a stored cell with equal settings is not run again. (``chunk`` is left
+    out: it changes how seeds are batched, not the samples.)"""
+    amg = cell.guidance == "amg"
+    base = (model_base(config.model) if cell.base == "auto" else cell.base) if amg else None
+    scale_used = cell.guidance not in ("none",) and not (amg and base == "none")
+    scale = (cell.scale if cell.scale is not None else _default_scale(config.model)) if scale_used else None
+    return _jsonable(dict(
+        bench_settings(config), method=cell.method, guidance=cell.guidance, base=base,
+        detector=(model_detector(config.model) if cell.detector == "auto" else cell.detector) if amg else None,
+        scale=scale, sampler=cell.sampler, steps=cell.steps,
+        amg=dataclasses.asdict(AMGConfig(**dict(cell.amg))) if amg else None,
+        baseline=cell.baseline, baseline_params=dict(cell.baseline_params) if cell.baseline else None))
+
+
+def _jsonable(obj):
+    """``obj`` as it reads back from JSON (tuples -> lists, numpy scalars -> Python)."""
+    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+# ----------------------------------------------------------------------------- model backends
+
+class CellRun(NamedTuple):
+    """What a backend returns for one cell: ``metrics`` {kind: {...}} (and "all"), ``samples``
+    [B, H, W, C], ``kinds`` / ``caption_ids`` [B], ``trace`` {name: [B, N]} (may be empty)."""
+
+    metrics: dict
+    samples: np.ndarray
+    kinds: np.ndarray
+    caption_ids: np.ndarray
+    trace: dict
+    seconds: float
+
+
+class TestbedBackend:
+    """The workbench models (trained UNets, empirical, mixture) on the sweep's bench; the model,
+    bank and bench are built on first use (a sweep whose cells are all done builds nothing)."""
+
+    def __init__(self, config: SweepConfig, *, echo=print):
+        self.config, self.echo = config, echo
+        self._ready = False
+
+    def _setup(self):
+        if self._ready:
+            return
+        c = self.config
+        self.bed = workbench.build_testbed(resolve_testbed(c.testbed, [c.model]))
+        self.denoiser = workbench.build_model(c.model, self.bed)
+        self.bank = workbench.model_bank(c.model, self.bed)
+        self.bench = workbench.prepare_bench(self.bed, c.prompts_per_kind, c.samples_per_prompt, c.seed, c.kinds,
+                                             conditioning=model_kind(c.model),
+                                             evaluator=workbench.bench_evaluator(self.bed))
+        self._ready = True
+
+    def bench_record(self) -> dict:
+        """The bench's prompts, copy threshold, FD features and "true renders" metrics."""
+        self._setup()
+        b = self.bench
+        truth = b.measure(b.truth)
+        for kind, r in truth.items():
+            r["count"] = int(len(b.kinds) if kind == "all" else np.sum(b.kinds == kind))
+        return _jsonable({"format": BENCH_FORMAT, "settings": bench_settings(self.config), "threshold": b.threshold,
+                          "fd_features": "evalnet" if b.evaluator is not None else "pooled pixels",
+                          "image_size": self.bed.config.image_size, "conditioning": b.conditioning,
+                          "prompts": {k: [int(i) for i in v] for k, v in b.prompts.items()}, "truth": truth})
+
+    def _conditions(self, cell: Cell):
+        """(denoiser, cond [B]) of a cell: the model's, or a prompt baseline's."""
+        if cell.baseline is None:
+            return self.denoiser, self.bench.cond
+        fn = getattr(workbench, "baseline_conditions", None)
+        if fn is None:
+            raise ValueError("baselines need workbench.baseline_conditions")
+        return fn(self.config.model, self.bed, self.bench, cell.baseline, dict(cell.baseline_params), self.config.seed)
+
+    def run_cell(self, cell: Cell, settings: dict) -> CellRun:
+        """Sample the cell on the bench's seeds and measure it (as experiments/trained_models.py)."""
+        self._setup()
+        b = self.bench
+        den, cond = self._conditions(cell)
+        scale = settings["scale"] if settings["scale"] is not None else DEFAULT_SCALE
+        g = method_guidance(cell.guidance, scale, bed=self.bed, bank=self.bank, base=settings["base"] or "cfg",
+                            detector=settings["detector"] or "nl2", amg=dict(cell.amg))
+        t0 = time.time()
+        res = sample_in_chunks(den, g, SamplerConfig(cell.sampler, num_steps=cell.steps), b.keys, cond,
+                               self.config.chunk)
+        x = np.asarray(res.x0)
+        seconds = time.time() - t0
+        if not np.all(np.isfinite(x)):
+            self.echo(f"warning: {cell.id}: {int((~np.isfinite(x)).reshape(len(x), -1).any(axis=1).sum())} samples "
+                      "are not finite; clipped to [-1e3, 1e3] for the metrics")
+        m = b.measure(np.clip(np.nan_to_num(x, nan=0.0), -1e3, 1e3))
+        trace = {k: np.asarray(v) for k, v in res.trace.items()}
+        for kind, r in m.items():
+            sel = np.ones(len(x), bool) if kind == "all" else b.kinds == kind
+            r["count"] = int(sel.sum())
+            r["gate_open_rate"] = float(trace["gate"][sel].mean()) if "gate" in trace else None
+            if "fallback" in trace:
+                r["fallback_rate"] = float(trace["fallback"][sel].mean())
+            if "transition" in trace:
+                r["transition_mean"] = float(np.mean(trace["transition"][sel][:, -1]))
+        return CellRun(metrics=m, samples=x, kinds=np.asarray(b.kinds), caption_ids=np.asarray(b.caption_ids),
+                       trace={k: trace[k] for k in ("sigma", "lambda", "gate") if k in trace}, seconds=seconds)
+
+
+class StableDiffusionBackend:
+    """Stable Diffusion ("sd:PATH") sweeps: accepted by ``load_config``, not runnable yet."""
+
+    def __init__(self, config: SweepConfig, *, echo=print):
+        raise ValueError(f"sweep model {config.model!r}: the Stable Diffusion backend of `amg sweep` is not "
+                         "implemented yet (testbed models only: " + ", ".join(MODELS) + ")")
+
+
+def make_backend(config: SweepConfig, *, echo=print):
+    """The backend of the sweep's model (raises for one that cannot run)."""
+    cls = StableDiffusionBackend if config.model.startswith(SD_PREFIX) else TestbedBackend
+    return cls(config, echo=echo)
+
+
+# ----------------------------------------------------------------------------- cell files
+
+def _cell_paths(out: str, cid: str) -> tuple[str, str]:
+    return os.path.join(out, "cells", cid + ".json"), os.path.join(out, "cells", cid + ".npz")
+
+
+def _read(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def cell_status(out: str, cid: str, settings: dict) -> tuple[str, Any]:
+    """("done", record) when the cell's JSON and samples exist with these settings; ("stale",
+    differing setting names) when they hold other settings; ("new", None) otherwise."""
+    jpath, npath = _cell_paths(out, cid)
+    rec = _read(jpath) if os.path.exists(jpath) else None
+    if not isinstance(rec, dict) or "settings" not in rec or "metrics" not in rec:
+        return ("stale", ["unreadable file"]) if os.path.exists(jpath) else ("new", None)
+    stored = rec["settings"]
+    if stored != settings:
+        keys = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
+        return "stale", keys
+    if not os.path.exists(npath):
+        return "stale", ["samples file missing"]
+    return "done", rec
+
+
+def _write_cell(out: str, cell: Cell, rec: dict, run: CellRun) -> None:
+    """Samples first, then the JSON (its presence marks the cell done); both atomic."""
+    jpath, npath = _cell_paths(out, cell.id)
+    arrays = {"x": run.samples.astype(np.float16), "kinds": run.kinds.astype(str),
+              "caption_ids": run.caption_ids.astype(np.int32)}
+    arrays.update({k: (v if k == "gate" else v.astype(np.float32)) for k, v in run.trace.items()})
+    write_atomic(npath, lambda f: np.savez(f, **arrays), binary=True)
+    write_json(jpath, rec, indent=1)
+
+
+# ----------------------------------------------------------------------------- running
+
+def _writer() -> bool:
+    return jax.process_index() == 0
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, unit="cell", dynamic_ncols=True)
+
+
+def _line(i: int, n: int, cell: Cell, m: dict, seconds: float) -> str:
+    r = m["all"]
+    gate = r.get("gate_open_rate")
+    return (f"[{i}/{n}] {cell.id}: copied {r['frac_copied']:.1%}  nL2<1.4 {r['frac_nl2_below_1.4']:.1%}  "
+            f"FD {_fd(r['fd'])}  align {_pct(r['alignment'])}  out {r['frac_out_of_range']:.1%}"
+            + (f"  gate {gate:.1%}" if gate is not None else "") + f"  ({seconds:.1f} s)")
+
+
+def run_sweep(config: SweepConfig, *, progress: bool = True, echo=print) -> dict:
+    """Run every cell of ``config`` not done yet, then write the results (module docstring);
+    returns the results table (``build_results``)."""
+    writer = _writer()
+    say = echo if writer else (lambda *a, **k: None)
+    settings = {c.id: cell_settings(config, c) for c in config.cells}
+    status = {c.id: cell_status(config.out, c.id, settings[c.id]) for c in config.cells}
+    todo = [c for c in config.cells if status[c.id][0] != "done"]
+    if any(c.baseline for c in todo) and getattr(workbench, "baseline_conditions", None) is None:
+        raise ValueError("baselines need workbench.baseline_conditions (cells "
+                         f"{[c.id for c in todo if c.baseline]})")
+    bench_path = os.path.join(config.out, "bench.json")
+    bench = _read(bench_path) if os.path.exists(bench_path) else None
+    if not (isinstance(bench, dict) and bench.get("settings") == _jsonable(bench_settings(config))):
+        bench = None
+    bar = _progress_bar(len(config.cells), progress and writer)
+    if progress and writer and echo is print:      # lines above the bar, not through it
+        say = bar.write
+    n = len(config.cells)
+    records, failures = {}, {}
+    try:
+        backend = make_backend(config, echo=say) if todo or bench is None else None
+        say(f"sweep {config.name}: {config.model}, {n} cells ({n - len(todo)} done before) -> {config.out}")
+        if bench is None:
+            bench = backend.bench_record()
+            if writer:
+                write_json(bench_path, bench, indent=1)
+        for i, cell in enumerate(config.cells, 1):
+            state, info = status[cell.id]
+            if state == "done":
+                records[cell.id] = info
+                say(f"[{i}/{n}] {cell.id}: done before, skipped")
+                bar.update(1)
+                continue
+            if state == "stale":
+                say(f"warning: [{i}/{n}] {cell.id}: the stored cell has other settings ({', '.join(info)}); re-running")
+            bar.set_description(cell.id)
+            try:
+                run = backend.run_cell(cell, settings[cell.id])
+            except Exception as e:          # keep going: the other cells are still worth having
+                failures[cell.id] = e
+                say(f"[{i}/{n}] {cell.id}: FAILED: {type(e).__name__}: {e}")
+                bar.update(1)
+                continue
+            rec = _jsonable({"format": CELL_FORMAT, "cell": cell.id, "method": cell.method, "label": cell.label,
+                             "grid": dict(cell.grid), "settings": settings[cell.id], "metrics": run.metrics,
+                             "seconds": round(run.seconds, 3), "chunk": config.chunk})
+            if writer:
+                _write_cell(config.out, cell, rec, run)
+            records[cell.id] = rec
+            say(_line(i, n, cell, rec["metrics"], run.seconds))
+            bar.update(1)
+    finally:
+        bar.close()
+    table = build_results(config, bench, records)
+    if writer:
+        paths = write_results(config, bench, records, table)
+        say(f"wrote {', '.join(os.path.relpath(p, config.out) for p in paths)} in {config.out}")
+    if failures:
+        raise SweepError(f"sweep {config.name}: {len(failures)} of {n} cells failed (the others are written; "
+                         "re-run to retry them): " + "; ".join(f"{k}: {type(e).__name__}: {e}"
+                                                             for k, e in failures.items()), failures)
+    return table
+
+
+def main(config_path, *, progress: bool = True, echo=print) -> dict:
+    """`amg sweep CONFIG`: validate the config (before any work), run it, return the results
+    table (``build_results``)."""
+    return run_sweep(load_config(config_path), progress=progress, echo=echo)
+
+
+# ----------------------------------------------------------------------------- results
+
+# CSV columns after the cell's settings and grid: these metrics first, then any others sorted.
+METRIC_COLUMNS = ("count", "frac_copied", "frac_nl2_below_1.4", "nl2_median", "nl2_top5pct", "nl2_top1", "fd",
+                  "alignment", "frac_out_of_range", "gate_open_rate")
+SETTING_COLUMNS = ("guidance", "base", "detector", "baseline", "scale", "sampler", "steps")
+
+
+def build_results(config: SweepConfig, bench: dict, records: dict) -> dict:
+    """The results table from the bench and cell records: ``rows`` (one per cell and kind, the
+    CSV's), ``cells`` {id: record}, ``truth`` (the true renders' metrics) and the bench facts."""
+    cells = [c for c in config.cells if c.id in records]
+    axes = list(dict.fromkeys(a for c in cells for a, _ in c.grid if a not in SETTING_COLUMNS))
+    extra = sorted({k for c in cells for r in records[c.id]["metrics"].values() for k in r} - set(METRIC_COLUMNS))
+    rows = []
+    for c in cells:
+        rec = records[c.id]
+        s = rec["settings"]
+        for kind, r in rec["metrics"].items():
+            row = {"cell": c.id, "method": c.method}
+            row.update({k: s.get(k) for k in SETTING_COLUMNS})
+            for key in ("amg", "baseline_params"):          # the full settings, as compact JSON
+                row[key] = json.dumps(s[key], sort_keys=True) if s.get(key) else None
+            row.update({a: dict(c.grid).get(a) for a in axes})
+            row["kind"] = kind
+            row.update({k: r.get(k) for k in METRIC_COLUMNS + tuple(extra)})
+            row["seconds"] = rec.get("seconds")
+            rows.append(row)
+    return {"name": config.name, "model": config.model, "out": config.out, "threshold": bench.get("threshold"),
+            "fd_features": bench.get("fd_features"), "prompts": bench.get("prompts"), "truth": bench.get("truth"),
+            "cells": {c.id: records[c.id] for c in cells}, "rows": rows,
+            "missing": [c.id for c in config.cells if c.id not in records]}
+
+
+def results_csv(table: dict) -> str:
+    """The rows as CSV text (floats at full precision, None as empty)."""
+    rows = table["rows"]
+    if not rows:
+        return ""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if v is None else repr(v) if isinstance(v, float) else v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def _pct(v) -> str:
+    return "-" if v is None or v != v else f"{100 * v:.1f}%"
+
+
+def _fd(v) -> str:
+    return "-" if v is None or v != v else (f"{v:.2f}" if abs(v) < 1e4 else f"{v:.1e}")
+
+
+def results_markdown(table: dict) -> str:
+    """A markdown table per kind group (each kind side by side, then all prompts), one row per
+    cell after the true renders, the columns of experiments/table_md.py."""
+    truth = table["truth"] or {}
+    kinds = [k for k in truth if k != "all"]
+    rows = [("true renders", truth)] + [(rec["label"], rec["metrics"]) for rec in table["cells"].values()]
+    parts = [f"# sweep {table['name']}: {table['model']}\n"]
+    groups = [(kinds, "per prompt kind")] if len(kinds) > 1 else []
+    for group, title in groups + [(["all"], "all prompts")]:
+        ks = " / ".join(group)
+        out = [f"## {title}\n", f"| method | copied {ks} | nL2<1.4 {ks} | FD {ks} | align {ks} | out of range | "
+               "gate open |", "|---|---|---|---|---|---|---|"]
+        for label, m in rows:
+            per = lambda key, f: " / ".join(f(m.get(k, {}).get(key)) for k in group)  # noqa: E731
+            overall = m.get("all", {})
+            out.append(f"| {label} | {per('frac_copied', _pct)} | {per('frac_nl2_below_1.4', _pct)} | "
+                       f"{per('fd', _fd)} | {per('alignment', _pct)} | "
+                       f"{_pct(overall.get('frac_out_of_range'))} | {_pct(overall.get('gate_open_rate'))} |")
+        parts.append("\n".join(out) + "\n")
+    counts = {k: truth[k].get("count") for k in kinds} if truth else {}
+    settings = {(s["sampler"], s["steps"], s["scale"]) for s in (r["settings"] for r in table["cells"].values())}
+    parts.append(f"{table['model']}: samples per kind {counts}, copy threshold {table['threshold']:.3f}, FD on "
+                 f"{table['fd_features']}; sampler / steps / scale: "
+                 + ", ".join(f"{a} {b} {c}" for a, b, c in sorted(settings, key=str))
+                 + (f"\n\nnot done: {', '.join(table['missing'])}" if table["missing"] else ""))
+    return "\n".join(parts) + "\n"
+
+
+def results_json(table: dict) -> dict:
+    """The table in experiments/table_md.py's input format ({"_meta", label: {spec, metrics}})."""
+    out = {"_meta": {"model": table["model"], "threshold": table["threshold"], "fd_features": table["fd_features"],
+                     "sweep": table["name"]},
+           "true renders": {"spec": {}, "metrics": table["truth"]}}
+    for rec in table["cells"].values():
+        out[rec["label"]] = {"spec": rec["settings"], "metrics": rec["metrics"], "cell": rec["cell"]}
+    return out
+
+
+def _load_samples(out: str, cid: str) -> dict:
+    with np.load(_cell_paths(out, cid)[1]) as z:
+        return {k: z[k] for k in z.files}
+
+
+def cell_grid(z: dict, *, per_kind: int = 8, label: str = "") -> np.ndarray:
+    """uint8 grid of a cell's samples: a row per prompt kind, its first ``per_kind`` samples."""
+    x = np.nan_to_num(np.asarray(z["x"], np.float32), nan=0.0)
+    kinds = list(dict.fromkeys(z["kinds"].tolist()))
+    ncol = min(per_kind, max(int(np.sum(z["kinds"] == k)) for k in kinds))
+    blank = np.ones(x.shape[1:], np.float32)
+    rows = []
+    for k in kinds:
+        sel = x[z["kinds"] == k][:ncol]
+        rows += list(sel) + [blank] * (ncol - len(sel))
+    size = x.shape[1]
+    up = max(1, 64 // size)
+    grid = img.image_grid(np.stack(rows), ncol=ncol, upscale=up)
+    return img.label_rows(grid, kinds, cell=size * up, header=label or None)
+
+
+def _savefig(fig, path: str) -> str:
+    import matplotlib.pyplot as plt
+
+    write_atomic(path, lambda f: fig.savefig(f, format="png"), binary=True)
+    plt.close(fig)
+    return path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_similarity_cells(traces: dict, path: str, *, max_samples: int = 8) -> str:
+    """AMG's similarity sigma_t of a few samples vs the gate threshold lambda_t over the steps,
+    a panel per cell (``traces`` {label: {"sigma", "lambda", "gate"} [B, N]}): evaluate.plot_similarity
+    side by side."""
+    plt = _pyplot()
+    n = len(traces)
+    ncol = min(3, n)
+    nrow = -(-n // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.5 * ncol, 3.2 * nrow), dpi=100, squeeze=False)
+    for ax, (label, t) in zip(axes.ravel(), traces.items()):
+        sigma, gate = np.asarray(t["sigma"], np.float32)[:max_samples], np.asarray(t["gate"], bool)[:max_samples]
+        lam = np.asarray(t["lambda"], np.float32)[0]
+        steps = np.arange(sigma.shape[1])
+        for i, row in enumerate(sigma):
+            line, = ax.plot(steps, row, lw=1, alpha=0.8)
+            ax.scatter(steps[gate[i]], row[gate[i]], s=8, color=line.get_color())
+        if np.all(np.isfinite(lam)):
+            ax.plot(steps, lam, "k--", lw=2, label="threshold lambda_t")
+            ax.legend(loc="lower right", fontsize=7)
+        ax.set_title(label, fontsize=8)
+        ax.set_xlabel("sampling step (dots: gate open)", fontsize=8)
+        ax.set_ylabel("similarity sigma_t", fontsize=8)
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _savefig(fig, path)
+
+
+def plot_tradeoff(table: dict, path: str) -> str:
+    """Memorized fraction vs FD over all prompts, a labelled point per cell (and the true renders)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=100)
+    pts = [(rec["label"], rec["metrics"]["all"]) for rec in table["cells"].values()]
+    truth = (table["truth"] or {}).get("all")
+    xs = []
+    for i, (label, r) in enumerate(pts + ([("true renders", truth)] if truth else [])):
+        fd, copied = r.get("fd"), r.get("frac_copied")
+        if fd is None or copied is None or not (np.isfinite(fd) and np.isfinite(copied)):
+            continue
+        xs.append(fd)
+        marker = "*" if label == "true renders" else "o"
+        ax.scatter([fd], [100 * copied], marker=marker, s=60 if marker == "*" else 25,
+                   color="k" if marker == "*" else None)
+        ax.annotate(label, (fd, 100 * copied), fontsize=7, xytext=(3, 3 - 10 * (i % 3)),   # staggered: close
+                    textcoords="offset points")                                          # points stay legible
+    if xs and min(xs) > 0 and max(xs) / min(xs) > 50:
+        ax.set_xscale("log")
+    ax.set_xlabel(f"FD (all prompts, {table['fd_features']}; lower is better)")
+    ax.set_ylabel("memorized (% copied; lower is better)")
+    ax.set_title(f"{table['name']}: {table['model']}", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _savefig(fig, path)
+
+
+def write_results(config: SweepConfig, bench: dict, records: dict, table: dict | None = None) -> list:
+    """Write results.csv / .md / .json, grids/<id>.png and the plots from the cell files; the paths."""
+    table = table or build_results(config, bench, records)
+    out = config.out
+    paths = [write_atomic(os.path.join(out, "results.csv"), lambda f: f.write(results_csv(table))),
+             write_atomic(os.path.join(out, "results.md"), lambda f: f.write(results_markdown(table))),
+             write_json(os.path.join(out, "results.json"), results_json(table), indent=1)]
+    traces = {}
+    for cid, rec in table["cells"].items():
+        z = _load_samples(out, cid)
+        paths.append(img.save_png(os.path.join(out, "grids", cid + ".png"), cell_grid(z, label=rec["label"])))
+        if "sigma" in z:
+            traces[rec["label"]] = z
+    if traces:
+        paths.append(plot_similarity_cells(traces, os.path.join(out, "plots", "similarity.png")))
+    if table["cells"]:
+        paths.append(plot_tradeoff(table, os.path.join(out, "plots", "tradeoff.png")))
+    return paths
+
+
+__all__ = ["Cell", "CellRun", "SweepConfig", "SweepError", "StableDiffusionBackend", "TestbedBackend",
+           "bench_settings", "build_results", "cell_id", "cell_settings", "cell_status", "load_config", "main",
+           "make_backend", "parse_config", "plot_similarity_cells", "plot_tradeoff", "results_csv", "results_json",
+           "results_markdown", "run_sweep", "write_results"]

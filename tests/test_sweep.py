@@ -1,0 +1,353 @@
+"""`amg sweep`: config validation (each error names its key, nothing written), a tiny two-method
+sweep on the perfect memorizer writing every output, resume after a kill, changed / stale cells,
+rebuilding the results from the cell files alone, baselines, and process-0-only writing."""
+import csv
+import json
+import os
+import shutil
+import textwrap
+
+import chex
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from amg_jax import sweep, workbench
+
+# Tiny and fast: the empirical model on the small testbed, 1 prompt of 2 kinds x 2 seeds, 3 steps.
+SWEEP = """\
+[sweep]
+name = "tiny"
+model = "empirical"
+testbed = "small"
+prompts_per_kind = 1
+samples_per_prompt = 2
+kinds = ["duplicated", "generic"]
+steps = 3
+out = "{out}"
+"""
+METHODS = """
+[[method]]
+name = "CFG"
+guidance = "cfg"
+scale = [1.5, 3.0]
+
+[[method]]
+name = "AMG"
+guidance = "amg"
+scale = 1.5
+amg = { c3 = 1.0, gradient = "cheap" }
+"""
+CELLS = ["CFG__scale=1.5", "CFG__scale=3", "AMG"]
+TEXT_SWEEP = SWEEP.replace('"empirical"', '"unet-text"')    # baselines need a text encoder (validation only)
+
+
+def write_config(folder, text: str, name: str = "sweep.toml") -> str:
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name)
+    with open(path, "w") as f:
+        f.write(textwrap.dedent(text))
+    return path
+
+
+def read_rows(out, drop=("seconds",)) -> list:
+    with open(os.path.join(out, "results.csv")) as f:
+        return [{k: v for k, v in r.items() if k not in drop} for r in csv.DictReader(f)]
+
+
+class Counter:
+    """Wraps sweep.sample_in_chunks: counts calls, optionally raises on call number ``fail_at``."""
+
+    def __init__(self, fail_at=None, exc=KeyboardInterrupt):
+        self.calls, self.fail_at, self.exc = 0, fail_at, exc
+        self.real = sweep.sample_in_chunks
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise self.exc("simulated kill")
+        return self.real(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    """An uninterrupted run of the two-method sweep: (config path, out dir, returned table, echo lines)."""
+    d = tmp_path_factory.mktemp("full")
+    path = write_config(d, SWEEP.format(out="out") + METHODS)
+    lines = []
+    table = sweep.main(path, progress=False, echo=lines.append)
+    return path, os.path.join(d, "out"), table, lines
+
+
+# ----------------------------------------------------------------------------- config
+
+def test_config_grid_cells_ids_and_defaults(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "BASELINE_MODELS", ("empirical",))
+    path = write_config(tmp_path / "cfg", SWEEP.format(out="../res") + """
+        [[method]]
+        name = "AMG main"
+        guidance = ["cfg", "amg"]
+        detector = "nl2"
+        amg = { c3 = [1.0, 3.0], threshold = "constant" }
+
+        [[method]]
+        name = "RNA"
+        guidance = "cfg"
+        baseline = "rna"
+        baseline_params = { n = [1, 2] }
+        steps = [3, 4]
+    """)
+    c = sweep.load_config(path)
+    assert c.out == os.path.normpath(str(tmp_path / "res"))        # relative to the config's folder
+    assert (c.name, c.model, c.seed, c.sampler, c.chunk, c.scale) == ("tiny", "empirical", 0, "ddim", 16, None)
+    assert c.methods == ["AMG main", "RNA"]
+    ids = [x.id for x in c.cells]
+    # cfg drops the AMG-only axes (one cell, not two); amg keeps them
+    assert ids == ["AMG_main__guidance=cfg", "AMG_main__guidance=amg__c3=1", "AMG_main__guidance=amg__c3=3",
+                   "RNA__steps=3__n=1", "RNA__steps=3__n=2", "RNA__steps=4__n=1", "RNA__steps=4__n=2"]
+    amg = c.cells[2]
+    assert (amg.guidance, amg.detector, dict(amg.amg)) == ("amg", "nl2", {"c3": 3.0, "threshold": "constant"})
+    assert amg.label == "AMG main (guidance=amg, c3=3)"
+    rna = c.cells[-1]
+    assert (rna.baseline, dict(rna.baseline_params), rna.steps) == ("rna", {"n": 2}, 4)
+    # ids are stable: loading again gives the same cells
+    assert sweep.load_config(path).cells == c.cells
+    s = sweep.cell_settings(c, amg)
+    assert (s["base"], s["detector"], s["scale"], s["amg"]["c3"], s["amg"]["c1"]) == ("cfg", "nl2", 7.5, 3.0, 4.0)
+    assert s["testbed"] == "small" and s["kinds"] == ["duplicated", "generic"]
+
+
+BAD = [
+    ("[sweep\nname = 1", "is not valid TOML", "line 1"),
+    ("[other]\nx = 1\n" + SWEEP + METHODS, "unknown top-level key 'other'", None),
+    (SWEEP.replace('steps = 3', 'stepz = 3') + METHODS, "sweep.stepz is not a sweep key", None),
+    (SWEEP.replace('steps = 3', 'steps = 0') + METHODS, "sweep.steps must be an integer >= 1", None),
+    (SWEEP.replace('"empirical"', '"unet"') + METHODS, "sweep.model must be one of", None),
+    (SWEEP.replace('prompts_per_kind = 1\n', '') + METHODS, "sweep.prompts_per_kind is missing", None),
+    (SWEEP.replace('kinds = ["duplicated", "generic"]', 'kinds = ["rare"]') + METHODS, "sweep.kinds", None),
+    (SWEEP, "no [[method]] tables", None),
+    (SWEEP + METHODS.replace('scale = [1.5, 3.0]', 'scael = 2'), "method 'CFG': scael is not a method key", None),
+    (SWEEP + METHODS.replace('guidance = "cfg"', 'guidance = "cgf"'), "method 'CFG': guidance must be one of", None),
+    (SWEEP + METHODS.replace('scale = [1.5, 3.0]', 'scale = []'), "method 'CFG': scale is an empty list", None),
+    (SWEEP + METHODS.replace('scale = [1.5, 3.0]', 'scale = [1.5, -3.0]'),
+     "method 'CFG': scale must be a finite number >= 0", None),
+    (SWEEP + METHODS.replace('scale = [1.5, 3.0]', 'scale = ["big"]'), "method 'CFG': scale must be", None),
+    (SWEEP + METHODS.replace('scale = [1.5, 3.0]', 'steps = [3, 0]'), "method 'CFG': steps must be an integer >= 1",
+     None),
+    (SWEEP + METHODS.replace('scale = [1.5, 3.0]', 'amg = { c3 = 1.0 }'),
+     "method 'CFG': amg only applies to guidance 'amg'", None),
+    (SWEEP + METHODS.replace('c3 = 1.0', 'c4 = 1.0'), "method 'AMG': amg.c4 is not an AMG setting", None),
+    (SWEEP + METHODS.replace('c3 = 1.0', 'c3 = [1.0, -1.0]'), "method 'AMG': amg.c3 is invalid", None),
+    (SWEEP + METHODS.replace('gradient = "cheap"', 'gradient = 3'), "method 'AMG': amg.gradient must be a string",
+     None),
+    (SWEEP + METHODS.replace('gradient = "cheap"', 'threshold = "sometimes"'), "method 'AMG': amg.threshold", None),
+    (SWEEP + METHODS.replace('name = "AMG"', 'name = "CFG"'), "method 'CFG': name is a duplicate", None),
+    (SWEEP + METHODS + '\n[[method]]\nname = "X"\nguidance = "amg"\ndetector = "ssim"\n',
+     "method 'X': detector must be one of", None),
+    (SWEEP + METHODS + '\n[[method]]\nname = "X"\nguidance = "cfg"\nbaseline = "dropout"\n',
+     "method 'X': baseline must be one of", None),
+    (TEXT_SWEEP + METHODS + '\n[[method]]\nname = "X"\nguidance = "cfg"\nbaseline = "rna"\n'
+     'baseline_params = { std = 1.0 }\n',
+     "method 'X': baseline_params.std is not a parameter of baseline 'rna'", None),
+    (TEXT_SWEEP + METHODS + '\n[[method]]\nname = "X"\nguidance = "cfg"\nbaseline = "rt"\n'
+     'baseline_params = { mode = "swap" }\n',
+     "method 'X': baseline_params.mode is invalid", None),
+    (SWEEP.replace('"empirical"', '"unet-uncond"') + METHODS, "method 'CFG': guidance 'cfg' needs a condition", None),
+    (SWEEP.replace('"empirical"', '"unet-class"') + '[[method]]\nname = "R"\nguidance = "cfg"\nbaseline = "gni"\n',
+     "method 'R': baseline 'gni' perturbs captions; it needs a model with a text encoder", None),
+    (SWEEP + '[[method]]\nname = "R"\nguidance = "cfg"\nbaseline = "rna"\n',
+     "method 'R': baseline 'rna' perturbs captions; it needs a model with a text encoder", None),
+]
+
+
+@pytest.mark.parametrize("text, message, also", BAD, ids=[b[1][:40] for b in BAD])
+def test_malformed_configs_name_the_key_and_write_nothing(tmp_path, text, message, also):
+    path = write_config(tmp_path, text.replace("{out}", "out"))
+    with pytest.raises(ValueError) as e:
+        sweep.main(path, progress=False, echo=lambda *a: None)
+    assert message in str(e.value), str(e.value)
+    assert also is None or also in str(e.value), str(e.value)
+    assert sorted(os.listdir(tmp_path)) == ["sweep.toml"]
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        sweep.load_config(tmp_path / "nope.toml")
+
+
+def test_sd_model_validates_but_is_not_runnable_yet(tmp_path):
+    path = write_config(tmp_path, SWEEP.format(out="out").replace('"empirical"', '"sd:/models/sd14"') + METHODS)
+    assert sweep.load_config(path).model == "sd:/models/sd14"
+    with pytest.raises(ValueError, match="Stable Diffusion backend .* not implemented"):
+        sweep.main(path, progress=False, echo=lambda *a: None)
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- running
+
+def test_two_method_sweep_writes_every_output(done):
+    _, out, table, lines = done
+    for cid in CELLS:
+        assert os.path.exists(os.path.join(out, "cells", cid + ".json")), cid
+        rec = json.load(open(os.path.join(out, "cells", cid + ".json")))
+        assert rec["cell"] == cid and rec["seconds"] > 0 and set(rec["metrics"]) == {"duplicated", "generic", "all"}
+        assert rec["metrics"]["all"]["count"] == 4 and 0 <= rec["metrics"]["all"]["frac_copied"] <= 1
+        z = np.load(os.path.join(out, "cells", cid + ".npz"))
+        chex.assert_shape(z["x"], (4, 16, 16, 3))
+        assert z["x"].dtype == np.float16 and list(z["kinds"]) == ["duplicated"] * 2 + ["generic"] * 2
+        if cid == "AMG":
+            for k in ("sigma", "lambda", "gate"):
+                chex.assert_shape(z[k], (4, 3))
+            assert rec["settings"]["detector"] == "nl2" and rec["settings"]["amg"]["gradient"] == "cheap"
+            assert 0 <= rec["metrics"]["all"]["gate_open_rate"] <= 1
+        else:
+            assert "sigma" not in z.files and rec["metrics"]["all"]["gate_open_rate"] is None
+        grid = np.asarray(Image.open(os.path.join(out, "grids", cid + ".png")))
+        assert grid.ndim == 3 and grid.shape[0] > 2 * 16
+    assert json.load(open(os.path.join(out, "cells", "CFG__scale=3.json")))["settings"]["scale"] == 3.0
+    rows = read_rows(out)
+    assert [(r["cell"], r["kind"]) for r in rows] == [(c, k) for c in CELLS for k in ("duplicated", "generic", "all")]
+    assert rows[0]["scale"] == "1.5" and rows[-1]["scale"] == "1.5" and rows[-1]["detector"] == "nl2"
+    assert len(table["rows"]) == 9 and list(table["cells"]) == CELLS and table["missing"] == []
+    md = open(os.path.join(out, "results.md")).read()
+    assert "copied duplicated / generic" in md and "| copied all |" in md
+    assert "| true renders |" in md and "| CFG (scale=1.5) |" in md and "| AMG |" in md
+    res = json.load(open(os.path.join(out, "results.json")))          # experiments/table_md.py's format
+    assert list(res) == ["_meta", "true renders", "CFG (scale=1.5)", "CFG (scale=3)", "AMG"]
+    for plot in ("similarity", "tradeoff"):
+        assert Image.open(os.path.join(out, "plots", plot + ".png")).size[0] > 100
+    assert json.load(open(os.path.join(out, "bench.json")))["truth"]["all"]["count"] == 4
+    assert sum(line.startswith("[") for line in lines) == 3 and "[3/3] AMG: copied" in lines[3]
+    assert not [f for f in os.listdir(os.path.join(out, "cells")) if f.startswith(".tmp")]
+
+
+def test_resume_after_a_kill_recomputes_only_unfinished_cells(done, tmp_path, monkeypatch):
+    _, full_out, _, _ = done
+    path = write_config(tmp_path, SWEEP.format(out="out") + METHODS)
+    out = str(tmp_path / "out")
+    killer = Counter(fail_at=2)                           # "killed" while sampling the second cell
+    monkeypatch.setattr(sweep, "sample_in_chunks", killer)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.main(path, progress=False, echo=lambda *a: None)
+    assert sorted(os.listdir(os.path.join(out, "cells"))) == ["CFG__scale=1.5.json", "CFG__scale=1.5.npz"]
+    assert not os.path.exists(os.path.join(out, "results.csv"))
+    first = os.path.join(out, "cells", "CFG__scale=1.5.json")
+    stamp = os.stat(first).st_mtime_ns
+    counter = Counter()
+    monkeypatch.setattr(sweep, "sample_in_chunks", counter)
+    lines = []
+    sweep.main(path, progress=False, echo=lines.append)
+    assert counter.calls == 2                             # the finished cell was not sampled again
+    assert os.stat(first).st_mtime_ns == stamp
+    assert any("CFG__scale=1.5: done before, skipped" in line for line in lines)
+    assert read_rows(out) == read_rows(full_out)           # == the uninterrupted run (timings aside)
+    assert open(os.path.join(out, "results.md")).read() == open(os.path.join(full_out, "results.md")).read()
+
+
+def test_changed_config_reruns_changed_and_stale_cells_only(done, tmp_path, monkeypatch):
+    _, full_out, _, _ = done
+    out = tmp_path / "out"
+    shutil.copytree(full_out, out)
+    stale = out / "cells" / "AMG.json"
+    rec = json.loads(stale.read_text())
+    rec["settings"]["steps"] = 99                        # as if written by another config
+    stale.write_text(json.dumps(rec))
+    kept = out / "cells" / "CFG__scale=1.5.json"
+    stamp = os.stat(kept).st_mtime_ns
+    path = write_config(tmp_path, SWEEP.format(out="out") + METHODS.replace("[1.5, 3.0]", "[1.5, 2.0]"))
+    counter = Counter()
+    monkeypatch.setattr(sweep, "sample_in_chunks", counter)
+    lines = []
+    table = sweep.main(path, progress=False, echo=lines.append)
+    assert counter.calls == 2                             # CFG 2.0 (new) and AMG (stale)
+    assert os.stat(kept).st_mtime_ns == stamp
+    assert any(line.startswith("warning:") and "AMG" in line and "steps" in line for line in lines)
+    assert list(table["cells"]) == ["CFG__scale=1.5", "CFG__scale=2", "AMG"]
+    assert json.loads(stale.read_text())["settings"]["steps"] == 3
+    assert {r["cell"] for r in read_rows(out)} == {"CFG__scale=1.5", "CFG__scale=2", "AMG"}   # old cell 3.0 not listed
+    full = {(r["cell"], r["kind"]): r for r in read_rows(full_out)}
+    for r in read_rows(out):
+        if r["cell"] in ("CFG__scale=1.5", "AMG"):
+            assert r == full[(r["cell"], r["kind"])]
+
+
+def test_a_finished_sweep_rebuilds_its_results_from_the_cell_files(done, tmp_path, monkeypatch):
+    config_path, full_out, _, _ = done
+    out = tmp_path / "out"
+    shutil.copytree(full_out, out)
+    for name in ("results.csv", "results.md", "results.json", "grids", "plots"):
+        p = out / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    path = write_config(tmp_path, open(config_path).read())
+
+    def nothing(*a, **k):
+        raise AssertionError("a finished sweep must not build the model, bench or samples")
+
+    for name in ("build_model", "prepare_bench", "build_testbed"):
+        monkeypatch.setattr(workbench, name, nothing)
+    monkeypatch.setattr(sweep, "sample_in_chunks", nothing)
+    table = sweep.main(path, progress=False, echo=lambda *a: None)
+    assert read_rows(out, drop=()) == read_rows(full_out, drop=())
+    assert len(table["rows"]) == 9
+    for cid in CELLS:
+        assert (out / "grids" / f"{cid}.png").exists()
+    assert (out / "plots" / "similarity.png").exists() and (out / "plots" / "tradeoff.png").exists()
+
+
+def test_a_failing_cell_does_not_stop_the_others(tmp_path, monkeypatch):
+    path = write_config(tmp_path, SWEEP.format(out="out") + METHODS.split("[[method]]\nname = \"AMG\"")[0])
+    monkeypatch.setattr(sweep, "sample_in_chunks", Counter(fail_at=1, exc=RuntimeError))
+    with pytest.raises(sweep.SweepError, match="1 of 2 cells failed.*CFG__scale=1.5: RuntimeError") as e:
+        sweep.main(path, progress=False, echo=lambda *a: None)
+    assert list(e.value.failures) == ["CFG__scale=1.5"]
+    assert sorted(os.listdir(tmp_path / "out" / "cells")) == ["CFG__scale=3.json", "CFG__scale=3.npz"]
+    assert [r["cell"] for r in read_rows(tmp_path / "out")] == ["CFG__scale=3"] * 3
+    assert "not done: CFG__scale=1.5" in (tmp_path / "out" / "results.md").read_text()
+
+
+ONE_CELL = """
+[[method]]
+name = "CFG"
+guidance = "cfg"
+scale = 1.5
+"""
+
+
+def test_only_process_zero_writes(tmp_path, monkeypatch):
+    path = write_config(tmp_path, SWEEP.format(out="out") + ONE_CELL)
+    monkeypatch.setattr(jax, "process_index", lambda *a, **k: 1)
+    lines = []
+    table = sweep.main(path, progress=False, echo=lines.append)
+    assert sorted(os.listdir(tmp_path)) == ["sweep.toml"] and lines == []
+    assert [r["kind"] for r in table["rows"]] == ["duplicated", "generic", "all"]
+    assert table["cells"]["CFG"]["settings"]["scale"] == 1.5
+
+
+def test_baseline_cells_use_workbench_baseline_conditions(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "BASELINE_MODELS", ("unet-text", "empirical"))   # the fake below serves it
+    path = write_config(tmp_path, SWEEP.format(out="out") + """
+        [[method]]
+        name = "RNA"
+        guidance = "cfg"
+        scale = 1.5
+        baseline = "rna"
+        baseline_params = { n = 2 }
+    """)
+    monkeypatch.delattr(workbench, "baseline_conditions", raising=False)
+    with pytest.raises(ValueError, match="baselines need workbench.baseline_conditions"):
+        sweep.main(path, progress=False, echo=lambda *a: None)
+    assert sorted(os.listdir(tmp_path)) == ["sweep.toml"]
+
+    seen = []
+
+    def fake(model, bed, bench, baseline, params, seed):
+        seen.append((model, baseline, params, seed, len(bench.cond)))
+        return workbench.build_model(model, bed), bench.cond
+
+    monkeypatch.setattr(workbench, "baseline_conditions", fake, raising=False)
+    table = sweep.main(path, progress=False, echo=lambda *a: None)
+    assert seen == [("empirical", "rna", {"n": 2}, 0, 4)]
+    s = table["cells"]["RNA"]["settings"]
+    assert (s["baseline"], s["baseline_params"], s["guidance"]) == ("rna", {"n": 2}, "cfg")
+    assert read_rows(tmp_path / "out")[0]["baseline"] == "rna"
