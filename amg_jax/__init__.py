@@ -16,7 +16,7 @@ pure ``sample`` loop (``lax.scan`` over a sampler's steps, jitted once, batched 
     res = amg.sample(den, amg.make_amg(amg.make_guidance("cfg"), det, gradient="cheap", c3=1e4), ...)
     res.trace["sigma"], res.trace["gate"]                      # [8, 50] each
 """
-from amg_jax import metrics, prompt_baselines
+from amg_jax import metrics, prompt_baselines, sweep
 from amg_jax.data.testbed import Testbed, TestbedConfig, make_testbed
 from amg_jax.guidance import (
     AMG,
@@ -52,5 +52,5 @@ __all__ = [
     "keys_from_seeds", "make_guidance", "make_testbed", "metrics", "mixture_denoiser", "nl2",
     "pixel_detector", "sample", "sample_loop",
     "PROMPT_BASELINES", "SSCDConfig", "apply_baseline", "prompt_baselines", "sscd_detector", "through_decoder",
-    "make_mesh", "maybe_initialize_distributed", "sample_pmap", "sample_sharded",
+    "make_mesh", "maybe_initialize_distributed", "sample_pmap", "sample_sharded", "sweep",
 ]

@@ -111,7 +111,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_index(sub)
     _add_sample(sub)
+    _add_sweep(sub)
     return parser
+
+
+def _add_sweep(sub) -> None:
+    w = sub.add_parser(
+        "sweep", help="run a sweep config (methods x parameter grids) and write its tables, grids and plots",
+        description="Run every cell (method x the product of its list-valued settings) of a TOML sweep config "
+                    "(see experiments/configs/), writing each cell's results atomically as it finishes; a re-run "
+                    "skips finished cells. At the end: results.csv, results.md, grids/ and plots/ in the config's "
+                    "out folder. The config is checked before any work.",
+        formatter_class=_Help)
+    w.add_argument("config", help="sweep config (.toml)")
+    w.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+
+
+def _run_sweep(args, parser) -> int:
+    from amg_jax import sweep
+
+    try:
+        sweep.load_config(args.config)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    try:
+        res = sweep.main(args.config, progress=args.progress)
+    except sweep.SweepError as err:
+        print(f"amg sweep: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {res['out']}: {len(res['cells'])} cells (results.csv, results.md, grids/, plots/)")
+    return 0
 
 
 def _add_sample(sub) -> None:
@@ -444,6 +473,11 @@ def main(argv=None) -> int:
 
         maybe_initialize_distributed()
         _run_index(args, parser)
+    elif args.command == "sweep":
+        from amg_jax.sharding import maybe_initialize_distributed
+
+        maybe_initialize_distributed()
+        return _run_sweep(args, parser)
     elif args.command == "sample":
         from amg_jax.sharding import maybe_initialize_distributed
 

@@ -351,3 +351,18 @@ def test_baseline_cells_use_workbench_baseline_conditions(tmp_path, monkeypatch)
     s = table["cells"]["RNA"]["settings"]
     assert (s["baseline"], s["baseline_params"], s["guidance"]) == ("rna", {"n": 2}, "cfg")
     assert read_rows(tmp_path / "out")[0]["baseline"] == "rna"
+
+
+def test_cli_sweep_rejects_a_bad_config_before_any_work(tmp_path, capsys):
+    from amg_jax import cli
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[sweep]\nmodel = "unet-text"\nprompts_per_kind = 1\nsamples_per_prompt = 1\n'
+                   '[[method]]\nname = "X"\nguidance = "nope"\n')
+    with pytest.raises(SystemExit) as e:
+        cli.main(["sweep", str(bad)])
+    assert e.value.code == 2 and "guidance" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
+    with pytest.raises(SystemExit):
+        cli.main(["sweep", str(tmp_path / "missing.toml")])
+    assert "does not exist" in capsys.readouterr().err
