@@ -366,3 +366,12 @@ def test_cli_sweep_rejects_a_bad_config_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["sweep", str(tmp_path / "missing.toml")])
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["text_table", "uncond_table", "class_table", "guidance_ablation", "gate_ablation",
+                                  "basin_text", "basin_class", "combo"])
+def test_shipped_testbed_configs_are_valid(name):
+    """The committed experiment configs load (every key, grid and method checked)."""
+    root = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs")
+    cfg = sweep.load_config(os.path.join(root, name + ".toml"))
+    assert cfg.cells and cfg.out.endswith(os.path.join("results", "sweeps", name))
