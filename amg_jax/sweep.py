@@ -4,7 +4,7 @@ A sweep is a TOML file (``load_config`` validates all of it before any work)::
 
     [sweep]
     name = "text_table"
-    model = "unet-text"          # a workbench model (workbench.MODELS) or "sd:PATH" (not runnable yet)
+    model = "unet-text"          # a workbench model (workbench.MODELS) or "sd:PATH_OR_HUB_ID" (below)
     testbed = "auto"             # auto | default | small | unet
     prompts_per_kind = 8         # text: prompts of each kind; class: ignored (one prompt per shape);
                                  # uncond: prompts_per_kind * len(kinds) pseudo-prompts
@@ -47,13 +47,40 @@ threshold per step) and ``plots/tradeoff.png`` (memorized fraction vs FD, a poin
 With several hosts only ``jax.process_index() == 0`` writes (and echoes).
 
 A model backend is a small object with ``bench_record() -> dict`` and ``run_cell(cell,
-settings) -> CellRun``: ``TestbedBackend`` for the workbench models; Stable Diffusion
-("sd:PATH") plugs in there later.
+settings) -> CellRun``: ``TestbedBackend`` for the workbench models, ``StableDiffusionBackend``
+for Stable Diffusion.
+
+**Stable Diffusion** (``model = "sd:PATH_OR_HUB_ID"``, a diffusers directory or a hub id) has its
+own [sweep] keys (``SD_SWEEP_KEYS``; paths relative to the config file, checked before any work)::
+
+    prompts_file = "prompts.txt"   # one prompt per line, or .jsonl lines {"prompt": ..., "kind": ...}
+    samples_per_prompt = 4         # seeds seed .. seed+n-1 for every prompt (as `amg sample`)
+    prompts_per_kind = 100         # optional: the first n prompts of each kind (default: all)
+    kinds = ["memorized"]          # optional: the prompt kinds to run (default: all in the file)
+    sampler = "ddim"               # ddim | dpm++2m | ddpm; steps = 50; scale = 7.5 (default)
+    height = 512                   # optional: height / width (default: the model's size)
+    dtype = "float32"              # float32 | bfloat16 | float16
+    batch = 8                      # seeds per sampler call, sharded over all devices
+    sscd = "sscd.npz"              # required: amg convert sscd
+    bank = "bank.npz"              # required: amg index build --embedder sscd:... (captions beside it: G_dup)
+    clip = "openai/clip-vit-large-patch14"   # optional: adds the CLIP score
+    inception = "inception.npz"    # optional, with reference_images = "folder/": adds FID
+
+The memorization metric is the SSCD cosine of each final (uint8) image to its nearest bank row,
+``metrics.similarity_report(sims, 0.5, 0.4, name="sscd")`` per kind and "all"; ``frac_copied``
+(the memorized column of the tables and plots) is ``frac_sscd_above_0.5`` and ``fd`` (the quality
+column) is the FID against ``reference_images`` (NaN without ``inception``). AMG's detector is
+SSCD over ``bank`` through the VAE decoder (``sd_guidance.latent_detector``) at
+``sd_guidance.SD_AMG`` (c1=4, c2=3, c3=100 raw) updated by the method's ``amg`` table. Cell
+samples are stored as uint8 images ``x [B, H, W, 3]`` with the per-sample ``sscd_similarity`` /
+``sscd_nearest``.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
+import hashlib
 import io
 import itertools
 import json
@@ -97,6 +124,13 @@ METHOD_KEYS = ("name",) + METHOD_SCALARS + ("amg", "baseline_params")
 AMG_ONLY = ("base", "detector")          # (and every amg.* axis)
 # Models whose captions a prompt baseline can perturb (workbench.baseline_conditions: a text encoder).
 BASELINE_MODELS = ("unet-text",)
+# [sweep] keys of a Stable Diffusion model ("sd:PATH_OR_HUB_ID") and their defaults (module docstring).
+SD_SWEEP_KEYS = {"name": None, "model": REQUIRED, "prompts_file": REQUIRED, "prompts_per_kind": None,
+                 "samples_per_prompt": REQUIRED, "kinds": None, "seed": 0, "sampler": "ddim", "steps": 50,
+                 "scale": DEFAULT_SCALE, "batch": 8, "out": None, "sscd": REQUIRED, "bank": REQUIRED, "clip": None,
+                 "inception": None, "reference_images": None, "height": None, "width": None, "dtype": "float32"}
+SD_KIND = "prompts"                     # the kind of every prompt of a plain-text prompts file
+SSCD_THRESHOLD, SSCD_STRICT = 0.5, 0.4  # the papers' copy criterion: SSCD cosine > 0.5
 
 
 class SweepError(RuntimeError):
@@ -154,6 +188,7 @@ class SweepConfig:
     chunk: int
     out: str
     cells: tuple
+    sd: "SDSettings | None" = None      # Stable Diffusion models only (``chunk`` is then its ``batch``)
 
     @property
     def methods(self) -> list:
@@ -366,6 +401,265 @@ def _check_sweep(s: dict, fail) -> None:
         fail("kinds", f"must be a non-empty list of distinct kinds from {list(tb.KINDS)}, got {kinds!r}")
 
 
+# ----------------------------------------------------------------------------- Stable Diffusion config
+
+@dataclasses.dataclass(frozen=True)
+class SDSettings:
+    """The validated Stable Diffusion part of a sweep (absolute paths). ``source``: the model's
+    directory or hub id; ``prompts`` / ``prompt_kinds``: the prompts sampled (after ``kinds`` and
+    ``prompts_per_kind``) and their kinds, in file order; ``kinds``: the kinds, in config order;
+    ``embed_dim``: the SSCD embedding size (= the bank's row size); ``clip``: a directory or hub id."""
+
+    source: str
+    prompts_file: str
+    prompts: tuple
+    prompt_kinds: tuple
+    kinds: tuple
+    sscd: str
+    bank: str
+    embed_dim: int
+    clip: str | None = None
+    inception: str | None = None
+    reference_images: str | None = None
+    height: int | None = None
+    width: int | None = None
+    dtype: str = "float32"
+
+
+def _unknown_sd_key(key: str) -> str:
+    hint = {"chunk": " (use batch: seeds per sampler call)",
+            "testbed": " (Stable Diffusion samples the prompts of prompts_file, not a testbed)"}.get(key, "")
+    return f"is not a sweep key for Stable Diffusion models; their sweep keys are {list(SD_SWEEP_KEYS)}{hint}"
+
+
+def _is_hub_id(text: str) -> bool:
+    from amg_jax.models.stable_diffusion import HUB_ID
+
+    return bool(HUB_ID.match(text)) and not text.startswith((".", "/", "~"))
+
+
+def _npz_text(path: str, key: str) -> str | None:
+    """The string entry ``key`` of an ``.npz`` (read alone, not the whole file); None if absent."""
+    with np.load(path, allow_pickle=False) as z:
+        return str(z[key]) if key in z.files else None
+
+
+def read_prompts(path: str) -> list[tuple[str, str]]:
+    """``(prompt, kind)`` pairs of a prompts file: ``.jsonl`` lines ``{"prompt": ..., "kind": ...}``
+    (``kind`` optional: ``SD_KIND``), any other file one prompt per line; blank lines skipped.
+    ValueError naming the file and line for anything malformed."""
+    out = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is unreadable: {e}") from None
+    for i, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line:
+            continue
+        if not path.endswith(".jsonl"):
+            out.append((line, SD_KIND))
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {i} is not valid JSON: {e}") from None
+        prompt = obj.get("prompt") if isinstance(obj, dict) else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f'{path} line {i}: expected {{"prompt": "non-empty text", "kind": "..."}}, '
+                             f"got {line[:80]}")
+        kind = obj.get("kind", SD_KIND)
+        if not isinstance(kind, str) or not kind.strip() or kind == "all":
+            raise ValueError(f"{path} line {i}: kind must be a non-empty string other than 'all', got {kind!r}")
+        out.append((prompt.strip(), kind))
+    return out
+
+
+def _sd_size_multiple(model_dir: str) -> int | None:
+    """Pixel sizes a local SD must be a multiple of (as ``StableDiffusion.size_multiple``), from its
+    configs alone; None when they cannot be read (``load_stable_diffusion`` says why later)."""
+    try:
+        with open(os.path.join(model_dir, "unet", "config.json")) as f:
+            unet = json.load(f)
+        with open(os.path.join(model_dir, "vae", "config.json")) as f:
+            vae = json.load(f)
+        return 2 ** (len(vae["block_out_channels"]) - 1) * 2 ** (len(unet["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _check_sd_sweep(s: dict, fail, base_dir: str) -> SDSettings:
+    """The [sweep] table of an "sd:" model (``fail(key, message)`` raises): values, files (read
+    only as far as their headers), the prompts. Returns the ``SDSettings``."""
+    from amg_jax.models import stable_diffusion as sdm
+
+    def path_of(key):
+        v = s[key]
+        if not isinstance(v, str) or not v.strip():
+            fail(key, f"must be a non-empty path string, got {v!r}")
+        return os.path.normpath(os.path.join(base_dir, os.path.expanduser(v)))
+
+    def existing_file(key, what):
+        p = path_of(key)
+        if not os.path.isfile(p):
+            fail(key, f"{s[key]!r} does not exist ({what}; resolved to {p})")
+        return p
+
+    for key in ("name", "out"):
+        if not isinstance(s[key], str) or not s[key].strip():
+            fail(key, f"must be a non-empty {'path ' if key == 'out' else ''}string, got {s[key]!r}")
+    src = s["model"][len(SD_PREFIX):]
+    if not src.strip():
+        fail("model", "must be 'sd:PATH_OR_HUB_ID' (a diffusers Stable Diffusion directory or a hub id)")
+    local = os.path.normpath(os.path.join(base_dir, os.path.expanduser(src)))
+    multiple = None
+    if os.path.isdir(local):
+        try:
+            sdm.check_layout(local)
+        except (FileNotFoundError, ValueError) as e:
+            fail("model", f"{s['model']!r}: {e}")
+        source, multiple = local, _sd_size_multiple(local)
+    elif os.path.exists(local) or not _is_hub_id(src):
+        fail("model", f"{s['model']!r}: no Stable Diffusion directory {local} (and {src!r} is not a hub id "
+                      "such as 'CompVis/stable-diffusion-v1-4')")
+    else:
+        source = src
+    if s["sampler"] not in SAMPLERS:
+        fail("sampler", f"must be one of {list(SAMPLERS)}, got {s['sampler']!r}")
+    for key in ("samples_per_prompt", "steps", "batch"):
+        if not (_is_int(s[key]) and s[key] >= 1):
+            fail(key, f"must be an integer >= 1, got {s[key]!r}")
+    if not (_is_int(s["seed"]) and s["seed"] >= 0):
+        fail("seed", f"must be an integer >= 0, got {s['seed']!r}")
+    if not (_is_number(s["scale"]) and s["scale"] >= 0):
+        fail("scale", f"must be a finite number >= 0, got {s['scale']!r}")
+    if s["dtype"] not in sdm.DTYPES:
+        fail("dtype", f"must be one of {list(sdm.DTYPES)}, got {s['dtype']!r}")
+    for key in ("height", "width"):
+        v = s[key]
+        if v is None:
+            continue
+        if not (_is_int(v) and v >= 8 and v % 8 == 0):
+            fail(key, f"must be a positive multiple of 8 (the VAE's factor), got {v!r}")
+        if multiple and v % multiple:
+            fail(key, f"{v} is not a multiple of {multiple} (the VAE's and the Flax UNet's downsampling of "
+                      f"{s['model']!r})")
+
+    prompts_file = existing_file("prompts_file", "one prompt per line, or .jsonl lines {\"prompt\", \"kind\"}")
+    try:
+        pairs = read_prompts(prompts_file)
+    except ValueError as e:
+        fail("prompts_file", str(e))
+    if not pairs:
+        fail("prompts_file", f"{s['prompts_file']!r} holds no prompts (one per line, blank lines are skipped)")
+    file_kinds = list(dict.fromkeys(k for _, k in pairs))
+    kinds = s["kinds"]
+    if kinds is None:
+        kinds = file_kinds
+    elif (not isinstance(kinds, list) or not kinds or not all(isinstance(k, str) for k in kinds)
+          or len(set(kinds)) != len(kinds)):
+        fail("kinds", f"must be a non-empty list of distinct prompt kinds of the prompts file {file_kinds}, "
+                      f"got {kinds!r}")
+    else:
+        absent = [k for k in kinds if k not in file_kinds]
+        if absent:
+            fail("kinds", f"{absent[0]!r} is not a kind of {s['prompts_file']!r} (its kinds: {file_kinds})")
+    n = s["prompts_per_kind"]
+    if n is not None and not (_is_int(n) and n >= 1):
+        fail("prompts_per_kind", f"must be an integer >= 1 (the first n prompts of each kind), got {n!r}")
+    taken, chosen = {k: 0 for k in kinds}, []
+    for prompt, kind in pairs:
+        if kind in taken and (n is None or taken[kind] < n):
+            taken[kind] += 1
+            chosen.append((prompt, kind))
+
+    sscd_path = existing_file("sscd", "an SSCD params file from `amg convert sscd`")
+    try:
+        meta = json.loads(_npz_text(sscd_path, "__config__") or "null")
+        embed_dim = int(meta["config"]["embed_dim"]) if isinstance(meta, dict) and \
+            meta.get("format") == "amg_jax.sscd/1" else None
+    except Exception as e:        # noqa: BLE001 - any unreadable file is the same error
+        fail("sscd", f"{s['sscd']!r} is not a readable .npz file: {type(e).__name__}: {e}")
+    if embed_dim is None:
+        fail("sscd", f"{s['sscd']!r} is not an SSCD params file (amg convert sscd)")
+    bank_path = existing_file("bank", "an embedding bank from `amg index build --embedder sscd:...`")
+    try:
+        meta = json.loads(_npz_text(bank_path, "metadata") or "null")
+    except Exception as e:        # noqa: BLE001
+        fail("bank", f"{s['bank']!r} is not a readable .npz file: {type(e).__name__}: {e}")
+    if not isinstance(meta, dict) or meta.get("format") != "amg_jax.ReferenceBank":
+        fail("bank", f"{s['bank']!r} is not a reference bank (amg index build)")
+    if meta.get("kind") != "embedding":
+        fail("bank", f"{s['bank']!r} is a {meta.get('kind')!r} bank; the SSCD metric and detector need an embedding "
+                     "bank (amg index build --embedder sscd:PARAMS)")
+    dim = int(np.prod(meta.get("sample_shape") or [0]))
+    if dim != embed_dim:
+        fail("bank", f"{s['bank']!r} holds {dim}-d rows but the SSCD params of sweep.sscd give {embed_dim}-d "
+                     "embeddings (built with another embedder?)")
+    if not meta.get("num_rows"):
+        fail("bank", f"{s['bank']!r} is empty")
+
+    clip = s["clip"]
+    if clip is not None:
+        p = path_of("clip")
+        if os.path.isdir(p):
+            clip = p
+        elif os.path.exists(p) or not _is_hub_id(clip):
+            fail("clip", f"{clip!r}: no CLIP directory {p} (and not a hub id such as "
+                         "'openai/clip-vit-large-patch14')")
+    inception_path = refs = None
+    if s["inception"] is not None:
+        inception_path = existing_file("inception", "Inception params from `amg convert inception`")
+        try:
+            meta = json.loads(_npz_text(inception_path, "__config__") or "null")
+        except Exception as e:    # noqa: BLE001
+            fail("inception", f"{s['inception']!r} is not a readable .npz file: {type(e).__name__}: {e}")
+        if not isinstance(meta, dict) or meta.get("format") != "amg_jax.inception/1":
+            fail("inception", f"{s['inception']!r} is not an Inception params file (amg convert inception)")
+        if s["reference_images"] is None:
+            fail("reference_images", "is missing: FID (sweep.inception) compares the samples with a folder of "
+                                     "real images")
+    if s["reference_images"] is not None:
+        if s["inception"] is None:
+            fail("inception", "is missing: FID against sweep.reference_images needs the Inception params "
+                              "(amg convert inception)")
+        refs = path_of("reference_images")
+        from amg_jax.index_build import list_images
+
+        try:
+            found = list_images(refs)
+        except ValueError as e:
+            fail("reference_images", str(e).replace("index build: ", ""))
+        if len(found) < 2:
+            fail("reference_images", f"{s['reference_images']!r} holds {len(found)} image; FID needs at least 2")
+    return SDSettings(source=source, prompts_file=prompts_file, prompts=tuple(p for p, _ in chosen),
+                      prompt_kinds=tuple(k for _, k in chosen), kinds=tuple(kinds), sscd=sscd_path, bank=bank_path,
+                      embed_dim=embed_dim, clip=clip, inception=inception_path, reference_images=refs,
+                      height=s["height"], width=s["width"], dtype=s["dtype"])
+
+
+def _check_sd_cells(cells: list, where: str) -> None:
+    """AMG settings Stable Diffusion cannot take: invalid over ``sd_guidance.SD_AMG``, or gate
+    thresholds outside the SSCD cosine's range."""
+    from amg_jax.sd_guidance import SD_AMG
+
+    for c in cells:
+        if c.guidance != "amg":
+            continue
+        amg = dict(SD_AMG, **dict(c.amg))
+        try:
+            AMGConfig(**amg)
+        except (TypeError, ValueError) as e:
+            bad = next((f for f in AMG_FIELDS if f"AMGConfig.{f} " in str(e)), None)
+            raise ValueError(f"{where}: {f'amg.{bad}' if bad else 'amg'} is invalid: {e}") from None
+        for field in ("lambda_min", "lambda_max"):
+            v = amg.get(field)
+            if v is not None and not -1.0 < float(v) < 1.0:
+                raise ValueError(f"{where}: amg.{field}={v} lies outside the SSCD cosine's range (-1, 1): the gate "
+                                 "would be always or never open")
+
+
 def parse_config(data: dict, path: str = "<config>") -> SweepConfig:
     """A parsed TOML document -> ``SweepConfig``; ValueError naming the key on anything wrong."""
     where = f"sweep config {path}"
@@ -379,17 +673,22 @@ def parse_config(data: dict, path: str = "<config>") -> SweepConfig:
     def fail(key, msg):
         raise ValueError(f"{where}: sweep.{key} {msg}")
 
-    bad = [k for k in s if k not in SWEEP_KEYS]
+    sd = isinstance(s.get("model"), str) and s["model"].startswith(SD_PREFIX)
+    keys = SD_SWEEP_KEYS if sd else SWEEP_KEYS
+    bad = [k for k in s if k not in keys]
     if bad:
-        fail(bad[0], f"is not a sweep key; sweep keys are {list(SWEEP_KEYS)}")
-    missing = [k for k, v in SWEEP_KEYS.items() if v is REQUIRED and k not in s]
+        fail(bad[0], _unknown_sd_key(bad[0]) if sd else f"is not a sweep key; sweep keys are {list(SWEEP_KEYS)}"
+             + (f" ({bad[0]} applies to Stable Diffusion models, model = 'sd:PATH')" if bad[0] in SD_SWEEP_KEYS
+                else ""))
+    missing = [k for k, v in keys.items() if v is REQUIRED and k not in s]
     if missing:
         fail(missing[0], "is missing")
     stem = os.path.splitext(os.path.basename(path))[0] or "sweep"
-    s = {k: s.get(k, v) for k, v in SWEEP_KEYS.items()}
+    s = {k: s.get(k, v) for k, v in keys.items()}
     s["name"] = stem if s["name"] is None else s["name"]
     s["out"] = os.path.join("results", str(s["name"])) if s["out"] is None else s["out"]
-    _check_sweep(s, fail)
+    base_dir = os.path.dirname(os.path.abspath(path)) if path != "<config>" else os.getcwd()
+    sd_settings = _check_sd_sweep(s, fail, base_dir) if sd else _check_sweep(s, fail)
     methods = data.get("method")
     if not isinstance(methods, list) or not methods:
         raise ValueError(f"{where}: no [[method]] tables (a sweep needs at least one method)")
@@ -405,14 +704,25 @@ def parse_config(data: dict, path: str = "<config>") -> SweepConfig:
         if name in names:
             raise ValueError(f"{mwhere}: name is a duplicate (method #{names[name]} has it too)")
         names[name] = i
-        cells += _method_cells(m, s, mwhere, s["model"])
+        if sd and m.get("detector", "auto") != "auto":
+            raise ValueError(f"{mwhere}: detector {m['detector']!r}: on Stable Diffusion AMG's detector is SSCD over "
+                             "sweep.bank through the VAE (leave detector out)")
+        new = _method_cells(m, s, mwhere, s["model"])
+        if sd:
+            _check_sd_cells(new, mwhere)
+        cells += new
     ids = [c.id for c in cells]
     dup = next((c for c in cells if ids.count(c.id) > 1), None)
     if dup is not None:
         raise ValueError(f"{where}: method {dup.method!r}: name gives cell id {dup.id!r}, which another method's "
                          "cell has too (rename one)")
-    base_dir = os.path.dirname(os.path.abspath(path)) if path != "<config>" else os.getcwd()
     out = os.path.normpath(os.path.join(base_dir, os.path.expanduser(s["out"])))
+    if sd:
+        return SweepConfig(path=os.path.abspath(path) if path != "<config>" else path, name=s["name"],
+                           model=s["model"], testbed=None, prompts_per_kind=s["prompts_per_kind"],
+                           samples_per_prompt=s["samples_per_prompt"], kinds=sd_settings.kinds, seed=s["seed"],
+                           sampler=s["sampler"], steps=s["steps"],
+                           scale=float(s["scale"]), chunk=s["batch"], out=out, cells=tuple(cells), sd=sd_settings)
     return SweepConfig(path=os.path.abspath(path) if path != "<config>" else path, name=s["name"], model=s["model"],
                        testbed=s["testbed"], prompts_per_kind=s["prompts_per_kind"],
                        samples_per_prompt=s["samples_per_prompt"], kinds=tuple(s["kinds"]), seed=s["seed"],
@@ -439,6 +749,8 @@ def load_config(path) -> SweepConfig:
 
 def bench_settings(config: SweepConfig) -> dict:
     """What fixes the bench (prompts, seeds, references): part of every cell's settings."""
+    if config.sd is not None:
+        return sd_bench_settings(config)
     testbed = None if config.model.startswith(SD_PREFIX) else resolve_testbed(config.testbed, [config.model])
     return {"model": config.model, "testbed": testbed, "prompts_per_kind": config.prompts_per_kind,
             "samples_per_prompt": config.samples_per_prompt, "kinds": list(config.kinds), "seed": config.seed}
@@ -458,6 +770,8 @@ def cell_settings(config: SweepConfig, cell: Cell) -> dict:
     """Everything that decides a cell's samples, resolved ("auto" -> the model's choice, the
     full AMGConfig): a stored cell with equal settings is not run again. (``chunk`` is left
     out: it changes how seeds are batched, not the samples.)"""
+    if config.sd is not None:
+        return sd_cell_settings(config, cell)
     amg = cell.guidance == "amg"
     base = (model_base(config.model) if cell.base == "auto" else cell.base) if amg else None
     scale_used = cell.guidance not in ("none",) and not (amg and base == "none")
@@ -467,6 +781,71 @@ def cell_settings(config: SweepConfig, cell: Cell) -> dict:
         detector=(model_detector(config.model) if cell.detector == "auto" else cell.detector) if amg else None,
         scale=scale, sampler=cell.sampler, steps=cell.steps,
         amg=dataclasses.asdict(AMGConfig(**dict(cell.amg))) if amg else None,
+        baseline=cell.baseline, baseline_params=dict(cell.baseline_params) if cell.baseline else None))
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest_cached(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()[:20]
+
+
+def _file_digest(path: str | None) -> str | None:
+    """A short sha256 of a file's bytes (cached per path, size and mtime), None for no file: it
+    fingerprints SD cells by content, so a sweep moved to another host or folder still resumes."""
+    if path is None or not os.path.isfile(path):
+        return None
+    st = os.stat(path)
+    return _file_digest_cached(path, st.st_size, st.st_mtime_ns)
+
+
+def _folder_digest(path: str | None) -> str | None:
+    """A short sha256 of a folder's file names (relative) and sizes; None for no folder."""
+    if path is None or not os.path.isdir(path):
+        return None
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(path)):
+        for f in sorted(files):
+            p = os.path.join(root, f)
+            h.update(f"{os.path.relpath(p, path)}\0{os.path.getsize(p)}\n".encode())
+    return "sha256:" + h.hexdigest()[:20]
+
+
+def sd_bench_settings(config: SweepConfig) -> dict:
+    """``bench_settings`` of a Stable Diffusion sweep: the prompts (a digest), seeds, image size,
+    dtype and the contents of the SSCD params, bank (+ captions), CLIP, Inception and reference
+    images — everything the samples and metrics depend on besides the method."""
+    sd = config.sd
+    prompts = json.dumps([list(sd.prompts), list(sd.prompt_kinds)], ensure_ascii=False).encode()
+    captions = sd.bank + ".captions.json"
+    clip = None if sd.clip is None else (_folder_digest(sd.clip) if os.path.isdir(sd.clip) else sd.clip)
+    return {"model": config.model, "testbed": None, "prompts_per_kind": config.prompts_per_kind,
+            "samples_per_prompt": config.samples_per_prompt, "kinds": list(config.kinds), "seed": config.seed,
+            "prompts": "sha256:" + hashlib.sha256(prompts).hexdigest()[:20], "num_prompts": len(sd.prompts),
+            "height": sd.height, "width": sd.width, "dtype": sd.dtype, "sscd": _file_digest(sd.sscd),
+            "bank": _file_digest(sd.bank), "captions": _file_digest(captions), "clip": clip,
+            "inception": _file_digest(sd.inception), "reference_images": _folder_digest(sd.reference_images)}
+
+
+def sd_cell_settings(config: SweepConfig, cell: Cell) -> dict:
+    """``cell_settings`` of a Stable Diffusion cell: AMG's settings are ``sd_guidance.SD_AMG``
+    updated by the cell's (the full AMGConfig; ``dedup`` off without captions beside the bank),
+    its detector "sscd"."""
+    from amg_jax.sd_guidance import SD_AMG
+
+    amg = cell.guidance == "amg"
+    base = ("cfg" if cell.base == "auto" else cell.base) if amg else None
+    scale_used = cell.guidance != "none" and not (amg and base == "none")
+    scale = (cell.scale if cell.scale is not None else config.scale) if scale_used else None
+    settings = dataclasses.asdict(AMGConfig(**dict(SD_AMG, **dict(cell.amg)))) if amg else None
+    if amg and not os.path.isfile(config.sd.bank + ".captions.json"):
+        settings["dedup"] = False                   # no captions: no y_N, G_dup is off (sd_guidance.method_guidance)
+    return _jsonable(dict(
+        bench_settings(config), method=cell.method, guidance=cell.guidance, base=base,
+        detector="sscd" if amg else None, scale=scale, sampler=cell.sampler, steps=cell.steps, amg=settings,
         baseline=cell.baseline, baseline_params=dict(cell.baseline_params) if cell.baseline else None))
 
 
@@ -560,12 +939,207 @@ class TestbedBackend:
                        trace={k: trace[k] for k in ("sigma", "lambda", "gate") if k in trace}, seconds=seconds)
 
 
+@functools.lru_cache(maxsize=1)
+def _load_sd(source: str, dtype: str):
+    """The last Stable Diffusion loaded (one per process): a second sweep on the same model in a
+    notebook reuses its weights and compiled functions."""
+    from amg_jax.models.stable_diffusion import load_stable_diffusion
+
+    return load_stable_diffusion(source, dtype=dtype)
+
+
+@jax.jit
+def _gni_at(key, index, emb, std):
+    """GNI on rows ``emb [b, L, D]`` of global sample numbers ``index [b]`` (row i's key
+    ``fold_in(key, i)``: ``apply_baseline("gni", all_rows, seed)``'s streams, batch by batch)."""
+    from amg_jax.prompt_baselines import gaussian_noise_embedding
+
+    return jax.vmap(lambda i, e: gaussian_noise_embedding(jax.random.fold_in(key, i), e, std))(index, emb)
+
+
+@functools.lru_cache(maxsize=None)
+def _clipped_decoder(decode):
+    """jit of ``sd_guidance.latent_decoder``'s ``decode`` clipped to [-1, 1] (= ``StableDiffusion.decode``),
+    to run on latents sharded over the devices with the VAE params replicated there."""
+    return jax.jit(lambda params, z: jax.numpy.clip(decode(params, z), -1.0, 1.0))
+
+
 class StableDiffusionBackend:
-    """Stable Diffusion ("sd:PATH") sweeps: accepted by ``load_config``, not runnable yet."""
+    """Stable Diffusion ("sd:PATH_OR_HUB_ID") on the sweep's prompts: each prompt with
+    ``samples_per_prompt`` seeds (its j-th sample has seed ``seed + j``, as ``amg sample``), in
+    batches of ``batch`` seeds sharded over all devices (``sharding.sample_sharded``; the last
+    batch padded, so one compilation), decoded to uint8 images and measured against the bank
+    with SSCD (+ the CLIP score and FID when configured). The model, SSCD, bank and metric
+    networks are loaded for the first cell (a sweep whose cells are all done loads nothing)."""
 
     def __init__(self, config: SweepConfig, *, echo=print):
-        raise ValueError(f"sweep model {config.model!r}: the Stable Diffusion backend of `amg sweep` is not "
-                         "implemented yet (testbed models only: " + ", ".join(MODELS) + ")")
+        if config.sd is None:
+            raise ValueError(f"StableDiffusionBackend: sweep model {config.model!r} is not a Stable Diffusion model")
+        self.config, self.echo = config, echo
+        self._ready = False
+        self._amg = None           # (detector, neighbour conditions): built for the first AMG cell
+
+    def bench_record(self) -> dict:
+        """The prompts per kind and the copy criterion (no "true renders" row); loads nothing."""
+        c, s = self.config, self.config.sd
+        prompts = {k: [p for p, pk in zip(s.prompts, s.prompt_kinds) if pk == k] for k in c.kinds}
+        return _jsonable({"format": BENCH_FORMAT, "settings": bench_settings(c), "threshold": SSCD_THRESHOLD,
+                          "fd_features": "inception" if s.inception else None, "conditioning": "text",
+                          "memorized": f"frac_sscd_above_{SSCD_THRESHOLD:g}", "prompts": prompts, "truth": None})
+
+    def _setup(self):
+        if self._ready:
+            return
+        from amg_jax.index import load_bank
+        from amg_jax.index_build import sharded_embedder
+        from amg_jax.models import stable_diffusion as sdm
+        from amg_jax.samplers import keys_from_seeds
+        from amg_jax.similarity import sscd
+
+        c, s = self.config, self.config.sd
+        self.sd = _load_sd(s.source, s.dtype)
+        self.den = sdm.sd_denoiser(self.sd, s.height, s.width)
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from amg_jax.sd_guidance import latent_decoder
+        from amg_jax.sharding import make_mesh
+
+        self.vae_params = jax.device_put(self.sd.vae_params, NamedSharding(make_mesh(), PartitionSpec()))
+        self.decode = functools.partial(_clipped_decoder(latent_decoder(self.sd)), self.vae_params)
+        self.sscd_params, self.sscd_config = sscd.load_params(s.sscd)
+        self.bank = load_bank(s.bank)
+        rows = np.asarray(self.bank.rows, np.float32)[:self.bank.size]
+        self.bank_rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+        self.bank_source = np.asarray(self.bank.source_index)[:self.bank.size]
+        self.embed = sharded_embedder(sscd.make_embed_fn(self.sscd_config), self.sscd_params)
+        per = c.samples_per_prompt
+        self.caption_ids = np.repeat(np.arange(len(s.prompts)), per)
+        self.prompts = [s.prompts[i] for i in self.caption_ids]
+        self.kinds = np.asarray([s.prompt_kinds[i] for i in self.caption_ids])
+        self.keys = keys_from_seeds([c.seed + j for _ in s.prompts for j in range(per)])
+        self.embeddings = self._encode(list(s.prompts))                          # [P, L, D]
+        self.clip = self.inception = self.ref_feats = None
+        if s.clip is not None:
+            from amg_jax.similarity import clip
+
+            self.clip = clip.load_clip(s.clip)
+        if s.inception is not None:
+            from amg_jax.index_build import list_images, load_image
+            from amg_jax.similarity import inception
+
+            self.inception = inception.load_params(s.inception)             # (variables, config)
+            f = self.sd.vae_factor
+            size = (self.den.sample_shape[0] * f, self.den.sample_shape[1] * f)
+            refs = np.stack([load_image(os.path.join(s.reference_images, name), size)
+                             for name in list_images(s.reference_images)])
+            self.ref_feats = inception.compute_features(self.inception[0], refs, self.inception[1],
+                                                        batch_size=c.chunk, clip=True)
+        self._ready = True
+
+    def _encode(self, prompts: list) -> jax.Array:
+        from amg_jax.models.stable_diffusion import encode_prompts
+
+        return jax.numpy.concatenate([encode_prompts(self.sd, prompts[i:i + 64]) for i in range(0, len(prompts), 64)])
+
+    def _amg_parts(self):
+        """AMG's SSCD detector through the VAE and its G_dup conditions (the bank's captions)."""
+        if self._amg is None:
+            from amg_jax import sd_guidance as sg
+            from amg_jax.index_build import load_captions
+
+            det = sg.latent_detector(self.sd, "sscd", (self.sscd_params, self.sscd_config), self.bank)
+            try:
+                conds = sg.bank_conditions(self.sd, load_captions(self.config.sd.bank))
+            except ValueError:
+                self.echo(f"note: {self.config.sd.bank} has no captions beside it: AMG's caption deduplication "
+                          "(G_dup) is off")
+                conds = None
+            self._amg = (det, conds)
+        return self._amg
+
+    def _conditions(self, cell: Cell):
+        """``cond_of(index [b]) -> [b, L, D]``: the text embeddings of samples ``index``, with the
+        cell's prompt baseline (per-sample streams seeded by the sweep's seed, as ``apply_baseline``)."""
+        params = dict(cell.baseline_params)
+        if cell.baseline is None:
+            return lambda idx: self.embeddings[self.caption_ids[idx]]
+        if cell.baseline in EMBEDDING_BASELINES:
+            from amg_jax.prompt_baselines import DEFAULT_STD
+
+            key, std = jax.random.key(self.config.seed), np.float32(params.get("std", DEFAULT_STD))
+            return lambda idx: _gni_at(key, np.asarray(idx, np.int32), self.embeddings[self.caption_ids[idx]], std)
+        edited = apply_baseline(cell.baseline, self.prompts, self.config.seed, **params)
+        return lambda idx: self._encode([edited[i] for i in idx])
+
+    def run_cell(self, cell: Cell, settings: dict) -> CellRun:
+        """Sample the cell's prompts x seeds, decode, measure (SSCD to the bank, CLIP score, FID)."""
+        from amg_jax import sd_guidance as sg
+        from amg_jax import sharding
+        from amg_jax.metrics import frechet_distance, similarity_report
+        from amg_jax.models.stable_diffusion import sd_sampler_config
+        from amg_jax.similarity.inception import span_projection
+
+        self._setup()
+        c = self.config
+        det, conds = self._amg_parts() if cell.guidance == "amg" else (None, None)
+        scale = settings["scale"] if settings["scale"] is not None else c.scale
+        g = sg.method_guidance(cell.guidance, scale, detector=det, neighbour_conds=conds,
+                               base=settings["base"] or "cfg", amg=dict(cell.amg))
+        sampler = sd_sampler_config(self.sd, cell.steps, cell.sampler)
+        cond_of = self._conditions(cell)
+        n, b = len(self.prompts), c.chunk
+        out = {k: [] for k in ("x", "sim", "nn", "clip", "feats", "trace")}
+        seconds, bad = 0.0, 0
+        for lo in range(0, n, b):
+            idx = np.minimum(np.arange(lo, lo + b), n - 1)          # the last batch padded with its last seed
+            m = min(b, n - lo)
+            t0 = time.time()
+            res = sharding.sample_sharded(self.den, g, sampler, self.keys[idx], cond_of(idx))
+            pix = np.asarray(self.decode(res.x0))                   # [b, H, W, 3] in [-1, 1], on all devices
+            seconds += time.time() - t0
+            finite = np.isfinite(pix).reshape(b, -1).all(axis=1)
+            bad += int(np.sum(~finite[:m]))
+            u8 = img.to_uint8(np.nan_to_num(pix, nan=0.0))
+            x = u8.astype(np.float32) / 127.5 - 1.0                 # the stored image is what is measured
+            e = self.embed(x)
+            e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+            sims = e @ self.bank_rows.T
+            out["x"].append(u8[:m])
+            out["sim"].append(np.max(sims, axis=1)[:m])
+            out["nn"].append(self.bank_source[np.argmax(sims, axis=1)][:m])
+            if self.clip is not None:
+                from amg_jax.similarity.clip import clip_score
+
+                out["clip"].append(np.asarray(clip_score(self.clip, x, [self.prompts[i] for i in idx]))[:m])
+            if self.inception is not None:
+                from amg_jax.similarity.inception import compute_features
+
+                out["feats"].append(compute_features(self.inception[0], x, self.inception[1], batch_size=b)[:m])
+            out["trace"].append({k: np.asarray(v)[:m] for k, v in res.trace.items()})
+        if bad:
+            self.echo(f"warning: {cell.id}: {bad} samples are not finite; their NaN pixels are stored as 0 (gray)")
+        cat = {k: np.concatenate(v) for k, v in out.items() if v and k != "trace"}
+        trace = {k: np.concatenate([t[k] for t in out["trace"]]) for k in out["trace"][0]}
+        groups = [(k, self.kinds == k) for k in c.kinds] if len(c.kinds) > 1 else []
+        metrics = {}
+        for kind, sel in groups + [("all", np.ones(n, bool))]:
+            r = similarity_report(cat["sim"][sel], SSCD_THRESHOLD, SSCD_STRICT, name="sscd")
+            r["count"] = int(sel.sum())
+            r["frac_copied"] = r[f"frac_sscd_above_{SSCD_THRESHOLD:g}"]
+            r["fd"] = (frechet_distance(*span_projection(cat["feats"][sel], self.ref_feats))
+                       if "feats" in cat and sel.sum() >= 2 else float("nan"))
+            if "clip" in cat:
+                r["clip_score"] = float(np.mean(cat["clip"][sel]))
+            r["gate_open_rate"] = float(trace["gate"][sel].mean()) if "gate" in trace else None
+            if "fallback" in trace:
+                r["fallback_rate"] = float(trace["fallback"][sel].mean())
+            if "transition" in trace:
+                r["transition_mean"] = float(np.mean(trace["transition"][sel][:, -1]))
+            metrics[kind] = r
+        kept = {k: trace[k] for k in ("sigma", "lambda", "gate") if k in trace}
+        kept.update(sscd_similarity=cat["sim"], sscd_nearest=cat["nn"])
+        return CellRun(metrics=metrics, samples=cat["x"], kinds=self.kinds, caption_ids=self.caption_ids,
+                       trace=kept, seconds=seconds)
 
 
 def make_backend(config: SweepConfig, *, echo=print):
@@ -607,7 +1181,8 @@ def cell_status(out: str, cid: str, settings: dict) -> tuple[str, Any]:
 def _write_cell(out: str, cell: Cell, rec: dict, run: CellRun) -> None:
     """Samples first, then the JSON (its presence marks the cell done); both atomic."""
     jpath, npath = _cell_paths(out, cell.id)
-    arrays = {"x": run.samples.astype(np.float16), "kinds": run.kinds.astype(str),
+    x = run.samples if run.samples.dtype == np.uint8 else run.samples.astype(np.float16)   # SD: uint8 images
+    arrays = {"x": x, "kinds": run.kinds.astype(str),
               "caption_ids": run.caption_ids.astype(np.int32)}
     arrays.update({k: (v if k == "gate" else v.astype(np.float32)) for k, v in run.trace.items()})
     write_atomic(npath, lambda f: np.savez(f, **arrays), binary=True)
@@ -629,6 +1204,11 @@ def _progress_bar(total: int, enabled: bool):
 def _line(i: int, n: int, cell: Cell, m: dict, seconds: float) -> str:
     r = m["all"]
     gate = r.get("gate_open_rate")
+    if "sscd_mean" in r:                        # Stable Diffusion
+        clip = r.get("clip_score")
+        return (f"[{i}/{n}] {cell.id}: SSCD>{SSCD_THRESHOLD:g} {r['frac_copied']:.1%}  SSCD mean {r['sscd_mean']:.3f}"
+                f"  FID {_fd(r['fd'])}" + (f"  CLIP {clip:.2f}" if clip is not None else "")
+                + (f"  gate {gate:.1%}" if gate is not None else "") + f"  ({seconds:.1f} s)")
     return (f"[{i}/{n}] {cell.id}: copied {r['frac_copied']:.1%}  nL2<1.4 {r['frac_nl2_below_1.4']:.1%}  "
             f"FD {_fd(r['fd'])}  align {_pct(r['alignment'])}  out {r['frac_out_of_range']:.1%}"
             + (f"  gate {gate:.1%}" if gate is not None else "") + f"  ({seconds:.1f} s)")
@@ -642,7 +1222,8 @@ def run_sweep(config: SweepConfig, *, progress: bool = True, echo=print) -> dict
     settings = {c.id: cell_settings(config, c) for c in config.cells}
     status = {c.id: cell_status(config.out, c.id, settings[c.id]) for c in config.cells}
     todo = [c for c in config.cells if status[c.id][0] != "done"]
-    if any(c.baseline for c in todo) and getattr(workbench, "baseline_conditions", None) is None:
+    if (config.sd is None and any(c.baseline for c in todo)
+            and getattr(workbench, "baseline_conditions", None) is None):
         raise ValueError("baselines need workbench.baseline_conditions (cells "
                          f"{[c.id for c in todo if c.baseline]})")
     bench_path = os.path.join(config.out, "bench.json")
@@ -711,14 +1292,18 @@ def main(config_path, *, progress: bool = True, echo=print) -> dict:
 METRIC_COLUMNS = ("count", "frac_copied", "frac_nl2_below_1.4", "nl2_median", "nl2_top5pct", "nl2_top1", "fd",
                   "alignment", "frac_out_of_range", "gate_open_rate")
 SETTING_COLUMNS = ("guidance", "base", "detector", "baseline", "scale", "sampler", "steps")
+# ... for Stable Diffusion: frac_copied = frac_sscd_above_0.5, fd = FID (NaN without inception)
+SD_METRIC_COLUMNS = ("count", "frac_copied", "frac_sscd_above_0.5", "frac_sscd_above_0.4", "sscd_mean",
+                     "sscd_median", "sscd_top5pct", "sscd_top1", "fd", "clip_score", "gate_open_rate")
 
 
 def build_results(config: SweepConfig, bench: dict, records: dict) -> dict:
     """The results table from the bench and cell records: ``rows`` (one per cell and kind, the
     CSV's), ``cells`` {id: record}, ``truth`` (the true renders' metrics) and the bench facts."""
     cells = [c for c in config.cells if c.id in records]
+    columns = SD_METRIC_COLUMNS if config.model.startswith(SD_PREFIX) else METRIC_COLUMNS
     axes = list(dict.fromkeys(a for c in cells for a, _ in c.grid if a not in SETTING_COLUMNS))
-    extra = sorted({k for c in cells for r in records[c.id]["metrics"].values() for k in r} - set(METRIC_COLUMNS))
+    extra = sorted({k for c in cells for r in records[c.id]["metrics"].values() for k in r} - set(columns))
     rows = []
     for c in cells:
         rec = records[c.id]
@@ -730,7 +1315,7 @@ def build_results(config: SweepConfig, bench: dict, records: dict) -> dict:
                 row[key] = json.dumps(s[key], sort_keys=True) if s.get(key) else None
             row.update({a: dict(c.grid).get(a) for a in axes})
             row["kind"] = kind
-            row.update({k: r.get(k) for k in METRIC_COLUMNS + tuple(extra)})
+            row.update({k: r.get(k) for k in columns + tuple(extra)})
             row["seconds"] = rec.get("seconds")
             rows.append(row)
     return {"name": config.name, "model": config.model, "out": config.out, "threshold": bench.get("threshold"),
@@ -762,7 +1347,10 @@ def _fd(v) -> str:
 
 def results_markdown(table: dict) -> str:
     """A markdown table per kind group (each kind side by side, then all prompts), one row per
-    cell after the true renders, the columns of experiments/table_md.py."""
+    cell after the true renders, the columns of experiments/table_md.py (Stable Diffusion:
+    ``sd_results_markdown``)."""
+    if table["model"].startswith(SD_PREFIX):
+        return sd_results_markdown(table)
     truth = table["truth"] or {}
     kinds = [k for k in truth if k != "all"]
     rows = [("true renders", truth)] + [(rec["label"], rec["metrics"]) for rec in table["cells"].values()]
@@ -788,11 +1376,49 @@ def results_markdown(table: dict) -> str:
     return "\n".join(parts) + "\n"
 
 
+def _num(v, fmt: str = ".3f") -> str:
+    return "-" if v is None or v != v else format(v, fmt)
+
+
+def sd_results_markdown(table: dict) -> str:
+    """``results_markdown`` of a Stable Diffusion sweep: per kind group, the memorized share
+    (SSCD > 0.5) and mean SSCD per kind, then FID, CLIP score and AMG's gate rate over all prompts."""
+    prompts = table["prompts"] or {}
+    kinds = list(prompts)
+    rows = [(rec["label"], rec["metrics"]) for rec in table["cells"].values()]
+    parts = [f"# sweep {table['name']}: {table['model']}\n"]
+    groups = [(kinds, "per prompt kind")] if len(kinds) > 1 else []
+    t = f"{table['threshold']:g}"
+    for group, title in groups + [(["all"], "all prompts")]:
+        ks = " / ".join(group)
+        out = [f"## {title}\n",
+               f"| method | SSCD>{t} {ks} | SSCD mean {ks} | FID (all) | CLIP score (all) | gate open |",
+               "|---|---|---|---|---|---|"]
+        for label, m in rows:
+            per = lambda key, f: " / ".join(f(m.get(k, {}).get(key)) for k in group)  # noqa: E731
+            overall = m.get("all", {})
+            out.append(f"| {label} | {per('frac_copied', _pct)} | {per('sscd_mean', _num)} | "
+                       f"{_fd(overall.get('fd'))} | "
+                       f"{_num(overall.get('clip_score'), '.2f')} | {_pct(overall.get('gate_open_rate'))} |")
+        parts.append("\n".join(out) + "\n")
+    counts = {k: len(v) for k, v in prompts.items()}
+    settings = {(s["sampler"], s["steps"], s["scale"]) for s in (r["settings"] for r in table["cells"].values())}
+    per_prompt = next((r["settings"]["samples_per_prompt"] for r in table["cells"].values()), None)
+    parts.append(f"{table['model']}: prompts per kind {counts}, {per_prompt} samples per prompt; memorized = SSCD "
+                 f"cosine to the nearest bank image > {t}; FID on "
+                 f"{table['fd_features'] or '- (no sweep.inception)'}; sampler / steps / scale: "
+                 + ", ".join(f"{a} {b} {c}" for a, b, c in sorted(settings, key=str))
+                 + (f"\n\nnot done: {', '.join(table['missing'])}" if table["missing"] else ""))
+    return "\n".join(parts) + "\n"
+
+
 def results_json(table: dict) -> dict:
     """The table in experiments/table_md.py's input format ({"_meta", label: {spec, metrics}})."""
     out = {"_meta": {"model": table["model"], "threshold": table["threshold"], "fd_features": table["fd_features"],
                      "sweep": table["name"]},
            "true renders": {"spec": {}, "metrics": table["truth"]}}
+    if table["truth"] is None:                  # Stable Diffusion: no true renders
+        del out["true renders"]
     for rec in table["cells"].values():
         out[rec["label"]] = {"spec": rec["settings"], "metrics": rec["metrics"], "cell": rec["cell"]}
     return out
@@ -805,7 +1431,12 @@ def _load_samples(out: str, cid: str) -> dict:
 
 def cell_grid(z: dict, *, per_kind: int = 8, label: str = "") -> np.ndarray:
     """uint8 grid of a cell's samples: a row per prompt kind, its first ``per_kind`` samples."""
-    x = np.nan_to_num(np.asarray(z["x"], np.float32), nan=0.0)
+    x = np.asarray(z["x"])
+    x = x.astype(np.float32) / 127.5 - 1.0 if x.dtype == np.uint8 else np.nan_to_num(x.astype(np.float32), nan=0.0)
+    if x.shape[1] > 256:                        # Stable Diffusion's 512 px: 2x2 (or more) mean-pooled
+        f = -(-x.shape[1] // 256)
+        h, w = x.shape[1] // f * f, x.shape[2] // f * f
+        x = x[:, :h, :w].reshape(x.shape[0], h // f, f, w // f, f, x.shape[3]).mean(axis=(2, 4))
     kinds = list(dict.fromkeys(z["kinds"].tolist()))
     ncol = min(per_kind, max(int(np.sum(z["kinds"] == k)) for k in kinds))
     blank = np.ones(x.shape[1:], np.float32)
@@ -870,9 +1501,14 @@ def plot_tradeoff(table: dict, path: str) -> str:
     fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=100)
     pts = [(rec["label"], rec["metrics"]["all"]) for rec in table["cells"].values()]
     truth = (table["truth"] or {}).get("all")
+    xkey, xlabel = "fd", f"FD (all prompts, {table['fd_features']}; lower is better)"
+    if table["model"].startswith(SD_PREFIX):
+        xlabel = "FID (all prompts, Inception; lower is better)"
+        if not any(np.isfinite(r.get("fd", np.nan)) for _, r in pts) and any("clip_score" in r for _, r in pts):
+            xkey, xlabel = "clip_score", "CLIP score (all prompts; higher is better)"
     xs = []
     for i, (label, r) in enumerate(pts + ([("true renders", truth)] if truth else [])):
-        fd, copied = r.get("fd"), r.get("frac_copied")
+        fd, copied = r.get(xkey), r.get("frac_copied")
         if fd is None or copied is None or not (np.isfinite(fd) and np.isfinite(copied)):
             continue
         xs.append(fd)
@@ -883,8 +1519,9 @@ def plot_tradeoff(table: dict, path: str) -> str:
                     textcoords="offset points")                                          # points stay legible
     if xs and min(xs) > 0 and max(xs) / min(xs) > 50:
         ax.set_xscale("log")
-    ax.set_xlabel(f"FD (all prompts, {table['fd_features']}; lower is better)")
-    ax.set_ylabel("memorized (% copied; lower is better)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("memorized (% copied; lower is better)" if xkey == "fd" and not table["model"].startswith(SD_PREFIX)
+                  else f"memorized (% SSCD > {table['threshold']:g}; lower is better)")
     ax.set_title(f"{table['name']}: {table['model']}", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -911,7 +1548,8 @@ def write_results(config: SweepConfig, bench: dict, records: dict, table: dict |
     return paths
 
 
-__all__ = ["Cell", "CellRun", "SweepConfig", "SweepError", "StableDiffusionBackend", "TestbedBackend",
-           "bench_settings", "build_results", "cell_id", "cell_settings", "cell_status", "load_config", "main",
-           "make_backend", "parse_config", "plot_similarity_cells", "plot_tradeoff", "results_csv", "results_json",
-           "results_markdown", "run_sweep", "write_results"]
+__all__ = ["Cell", "CellRun", "SDSettings", "SD_SWEEP_KEYS", "SweepConfig", "SweepError", "StableDiffusionBackend",
+           "TestbedBackend", "bench_settings", "build_results", "cell_id", "cell_settings", "cell_status",
+           "load_config", "main", "make_backend", "parse_config", "plot_similarity_cells", "plot_tradeoff",
+           "read_prompts", "results_csv", "results_json", "results_markdown", "run_sweep", "sd_bench_settings",
+           "sd_cell_settings", "sd_results_markdown", "write_results"]

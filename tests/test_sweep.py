@@ -176,11 +176,10 @@ def test_missing_config_file(tmp_path):
         sweep.load_config(tmp_path / "nope.toml")
 
 
-def test_sd_model_validates_but_is_not_runnable_yet(tmp_path):
+def test_sd_model_with_testbed_keys_is_rejected_before_any_work(tmp_path):
     path = write_config(tmp_path, SWEEP.format(out="out").replace('"empirical"', '"sd:/models/sd14"') + METHODS)
-    assert sweep.load_config(path).model == "sd:/models/sd14"
-    with pytest.raises(ValueError, match="Stable Diffusion backend .* not implemented"):
-        sweep.main(path, progress=False, echo=lambda *a: None)
+    with pytest.raises(ValueError, match="sweep.testbed"):
+        sweep.load_config(path)
     assert not (tmp_path / "out").exists()
 
 
