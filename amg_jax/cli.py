@@ -112,7 +112,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_index(sub)
     _add_sample(sub)
     _add_sweep(sub)
+    _add_bench(sub)
     return parser
+
+
+def _add_bench(sub) -> None:
+    b = sub.add_parser(
+        "bench", help="measure speed: vs diffusers' Flax pipeline, AMG vs CFG, search vs bank size, devices",
+        description="Benchmark amg_jax against references measured in the same run (ratios): plain CFG vs "
+                    "diffusers' FlaxStableDiffusionPipeline, AMG vs CFG (gate closed / open / a realistic mix; "
+                    "pixel and SSCD-through-VAE detectors; full vs cheap gradient), nearest-neighbour search vs "
+                    "bank size, scaling over devices. Writes OUT/bench.json and OUT/bench.md.",
+        formatter_class=_Help)
+    b.add_argument("--out", default="bench_out", help="output directory")
+    b.add_argument("--quick", action="store_true", help="tiny settings (a few minutes on a CPU)")
+    b.add_argument("--parts", default=None, help="comma-separated parts: pipeline, amg, search, devices")
+    b.add_argument("--sd-size", choices=("tiny", "1.5"), default="tiny",
+                   help="Stable Diffusion UNet size for the pipeline / SSCD parts (1.5: random SD-1.5-sized, GPU)")
+    b.add_argument("--sd", dest="sd_path", help="a local diffusers SD directory to benchmark instead")
+    b.add_argument("--steps", type=_positive_int, help="sampling steps")
+    b.add_argument("--batch", type=_positive_int, help="images per call")
+    b.add_argument("--repeats", type=_positive_int, help="timed repeats (median)")
+
+
+def _run_bench(args, parser) -> None:
+    from amg_jax import bench
+
+    try:
+        res = bench.main(args.out, quick=args.quick, parts=args.parts, sd_size=args.sd_size, sd_path=args.sd_path,
+                         steps=args.steps, batch=args.batch, repeats=args.repeats)
+    except ValueError as err:
+        parser.error(str(err))
+    print(f"wrote {args.out}/bench.json and bench.md ({len(res.get('parts', {}))} parts)")
 
 
 def _add_sweep(sub) -> None:
@@ -473,6 +504,8 @@ def main(argv=None) -> int:
 
         maybe_initialize_distributed()
         _run_index(args, parser)
+    elif args.command == "bench":
+        _run_bench(args, parser)
     elif args.command == "sweep":
         from amg_jax.sharding import maybe_initialize_distributed
 

@@ -919,7 +919,7 @@ class TestbedBackend:
                             detector=settings["detector"] or "nl2", amg=dict(cell.amg))
         t0 = time.time()
         res = sample_in_chunks(den, g, SamplerConfig(cell.sampler, num_steps=cell.steps), b.keys, cond,
-                               self.config.chunk)
+                               self.config.chunk, sharded=jax.device_count() > 1)   # seeds over all devices
         x = np.asarray(res.x0)
         seconds = time.time() - t0
         if not np.all(np.isfinite(x)):

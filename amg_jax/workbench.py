@@ -280,13 +280,19 @@ def measure(x: np.ndarray, constraints: np.ndarray, kinds: np.ndarray, bed: tb.T
     return out
 
 
-def sample_in_chunks(denoiser, guidance, sampler, keys, cond, chunk: int | None = None):
+def sample_in_chunks(denoiser, guidance, sampler, keys, cond, chunk: int | None = None, *, sharded: bool = False):
     """``samplers.sample`` over ``keys`` [B] in chunks of ``chunk`` seeds (the last one padded and
     cut), concatenated: the same samples (each seed is independent), but AMG's batch-level gate
     skips its gradient for a chunk whose samples are all far from the training set, where one
-    batch of B would pay for it at almost every step. One compilation for all chunks."""
-    from amg_jax.samplers import SampleResult, sample
+    batch of B would pay for it at almost every step. One compilation for all chunks.
+    ``sharded``: each chunk's seeds are split over all devices (``sharding.sample_sharded``)."""
+    from amg_jax.samplers import SampleResult
+    from amg_jax.samplers import sample as _sample
 
+    if sharded:
+        from amg_jax.sharding import sample_sharded as sample
+    else:
+        sample = _sample
     b = int(keys.shape[0])
     if not chunk or chunk >= b:
         return sample(denoiser, guidance, sampler, keys, cond)

@@ -1,0 +1,164 @@
+"""`amg bench` (amg_jax.bench): report structure, ratios, errors — never speed (speed is measured by
+the bench itself, not asserted in unit tests).
+
+Every part runs in the ``tiny`` setting on one tiny random SD written once for the module. XLA's
+optimisations are switched off for this module (``jax_disable_most_optimizations``): the AMG
+loops' CPU compilations take 2-3x less time, and no test looks at how fast anything runs.
+"""
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from amg_jax import bench
+from amg_jax.models import stable_diffusion as sdm
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compiles():
+    old = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    """One tiny SD for every part (``main(sd=...)``; ``sd_path`` would load it again each time)."""
+    return sdm.load_stable_diffusion(sdm.write_tiny_sd(tmp_path_factory.mktemp("bench") / "tiny-sd", seed=0))
+
+
+def run(tmp_path, sd, part):
+    lines = []
+    report = bench.main(tmp_path / "out", tiny=True, parts=[part], sd=sd, echo=lines.append)
+    return report, lines
+
+
+def check_report(report, out_dir, parts):
+    """bench.json equals the returned report; machine, settings and every part's rows are well formed."""
+    on_disk = json.loads((out_dir / "bench.json").read_text())
+    assert on_disk == report
+    assert report["format"] == bench.FORMAT and report["version"] == bench.FORMAT_VERSION
+    m = report["machine"]
+    assert m["device_count"] == len(jax.devices()) == len(m["device_kinds"])
+    assert m["cpu_count"] >= 1 and m["platform"] == jax.devices()[0].platform
+    assert {"jax", "flax", "diffusers"} <= set(m["versions"]) and m["versions"]["jax"] == jax.__version__
+    assert report["settings"]["parts"] == list(parts) and report["settings"]["tiny"] is True
+    assert list(report["parts"]) == list(parts)
+    md = (out_dir / "bench.md").read_text()
+    for name in parts:
+        part = report["parts"][name]
+        assert "error" not in part, part.get("error")
+        assert part["rows"] and part["met"] in (True, False, None)
+        assert part["wall_s"] > 0 and "peak_memory_bytes" in part
+        for row in part["rows"]:
+            assert isinstance(row["ratio"], float) and math.isfinite(row["ratio"]) and row["ratio"] > 0, row
+            assert row["seconds"] > 0 and row["first_call_s"] > 0, row
+        groups = {r.get("group") for r in part["rows"]}
+        assert sum(1 for r in part["rows"] if r.get("reference")) == len(groups)   # one reference per table / group
+        assert f"## {name}:" in md and bench.TARGETS[name] in md
+        header = "| " + " | ".join(c[0] for c in bench._COLUMNS[name]) + " |"
+        assert header in md
+        table = md.split(header)[1].split("\n\n")[0].strip().splitlines()
+        assert len(table) == 1 + len(part["rows"])                        # separator + one line per row
+    assert ("n/a" in md) == (bench.peak_memory_bytes() is None)
+
+
+def test_bad_arguments_raise_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="unknown part 'bogus'"):
+        bench.main(tmp_path / "x", parts=["amg", "bogus"])
+    with pytest.raises(ValueError, match="unknown part 'nope'"):
+        bench.main(tmp_path / "x", parts="search,nope")
+    with pytest.raises(ValueError, match="sd_size must be one of"):
+        bench.main(tmp_path / "x", sd_size="2.1")
+    with pytest.raises(ValueError, match="batch must be an integer >= 1"):
+        bench.main(tmp_path / "x", batch=0)
+    with pytest.raises(ValueError, match="sd_path .* is not a directory"):
+        bench.main(tmp_path / "x", sd_path=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="sd must be a loaded StableDiffusion"):
+        bench.main(tmp_path / "x", sd="runwayml/stable-diffusion-v1-5")
+    assert not (tmp_path / "x").exists()
+    assert bench.parse_parts(None) == bench.PARTS
+    assert bench.parse_parts("search, amg,search") == ("search", "amg")
+
+
+def test_settings():
+    q = bench.settings(quick=True, sd_size="1.5")
+    assert q.sd_size == "tiny" and max(q.bank_sizes) <= 10_000 and q.steps <= 4 and q.batch <= 4
+    full = bench.settings(sd_size="1.5", batch=6)
+    assert full.sd_size == "1.5" and full.bank_sizes[-1] == 1_000_000 and full.device_batch % 4 == 0
+
+
+def test_pipeline_part(tmp_path, sd):
+    report, lines = run(tmp_path, sd, "pipeline")
+    check_report(report, tmp_path / "out", ["pipeline"])
+    part = report["parts"]["pipeline"]
+    assert [r["name"].split(" ")[0] for r in part["rows"]] == ["amg_jax:", "amg_jax:", "diffusers"]
+    assert part["rows"][-1]["ratio"] == 1.0
+    for r in part["rows"]:
+        np.testing.assert_allclose(r["s_per_image"] * part["batch"], r["seconds"], rtol=1e-9)
+    # both sides sampled the same latents with the same model: the same images
+    assert part["max_abs_diff"] < 1e-3
+    assert any("[pipeline]" in x for x in lines)
+
+
+def test_amg_part(tmp_path, sd):
+    report, _ = run(tmp_path, sd, "amg")
+    check_report(report, tmp_path / "out", ["amg"])
+    part = report["parts"]["amg"]
+    groups = list(dict.fromkeys(r["group"] for r in part["rows"]))
+    assert len(groups) == 2 and groups[0].startswith("unet-text") and "through the VAE" in groups[1]
+    for g in groups:
+        rows = {r["name"]: r for r in part["rows"] if r["group"] == g}
+        assert rows["plain CFG"]["ratio"] == 1.0 and "gate_open" not in rows["plain CFG"]
+        assert rows[bench.SPE_ONLY]["gate_open"] == 0.0 and rows[bench.SPE_ONLY]["steps_any_open"] == 0.0
+    assert part["met"] is None and part["notes"][0].startswith("tiny setting")
+
+
+def test_search_part(tmp_path, sd):
+    report, _ = run(tmp_path, sd, "search")
+    check_report(report, tmp_path / "out", ["search"])
+    part = report["parts"]["search"]
+    banks = [(r["bank_rows"], r["approx"]) for r in part["rows"]]
+    assert banks == [(None, None), (1000, False), (1000, True)]
+    assert 0.0 <= part["rows"][-1]["agrees_with_exact"] <= 1.0
+    if jax.devices()[0].platform == "cpu":
+        assert part["met"] is None                                    # the target is for a 1M bank on a GPU
+
+
+def test_random_bank_search_finds_a_planted_row():
+    from amg_jax.index import search
+
+    bank = bench.random_bank(500, 16, seed=1)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(bank.rows), axis=1), 1.0, rtol=1e-5)
+    vals, idx = search(bank, bank.rows[np.array([7, 300])] * 3.0, 1, metric="cosine")
+    np.testing.assert_array_equal(np.asarray(idx)[:, 0], [7, 300])
+    np.testing.assert_allclose(np.asarray(vals)[:, 0], 1.0, atol=1e-5)
+
+
+def test_devices_part(tmp_path, sd):
+    report, _ = run(tmp_path, sd, "devices")
+    check_report(report, tmp_path / "out", ["devices"])
+    part = report["parts"]["devices"]
+    n = len(jax.devices())
+    assert [r["devices"] for r in part["rows"]] == [d for d in bench.DEVICE_COUNTS if d <= n]
+    assert part["rows"][0]["ratio"] == 1.0
+    if report["machine"]["simulated_devices"]:
+        assert "simulated devices" in part["notes"][0]
+
+
+def test_random_sd_builds_in_memory(tmp_path):
+    """The in-memory builder behind sd_size="1.5", on the tiny configs (shapes only, nothing compiled)."""
+    cfg = sdm.tiny_configs()
+    sd = bench.random_sd(str(tmp_path), cfg, source="tiny in memory")
+    den = sdm.sd_denoiser(sd)
+    assert den.sample_shape == (8, 8, 4) and sd.image_size == 64
+    assert sd.null_embedding.shape == (77, cfg["text_encoder"]["hidden_size"])
+    x = jax.ShapeDtypeStruct((2,) + den.sample_shape, np.float32)
+    t = jax.ShapeDtypeStruct((2,), np.int32)
+    c = jax.ShapeDtypeStruct((2, 77, cfg["text_encoder"]["hidden_size"]), np.float32)
+    assert jax.eval_shape(den.eps_fn, den.params, x, t, c).shape == (2,) + den.sample_shape
+    big = bench.sd15_configs(1000)
+    assert big["unet"]["cross_attention_dim"] == big["text_encoder"]["hidden_size"] == 768
