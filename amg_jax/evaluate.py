@@ -110,6 +110,23 @@ def summarize(per_kind: dict, trace: dict, kinds: np.ndarray) -> dict:
     return out
 
 
+def draw_similarity(ax, trace: dict, *, max_samples: int = 8, fontsize: int = 8) -> None:
+    """Draw sigma_t of the first ``max_samples`` samples (dots where the gate is open) and the
+    threshold lambda_t over the steps on a matplotlib axis; ``trace`` {"sigma", "lambda", "gate"} [B, N]."""
+    sigma = np.asarray(trace["sigma"], np.float32)[:max_samples]
+    lam = np.asarray(trace["lambda"], np.float32)[0]
+    gate = np.asarray(trace["gate"], bool)[:max_samples]
+    steps = np.arange(sigma.shape[1])
+    for i, row in enumerate(sigma):
+        line, = ax.plot(steps, row, lw=1, alpha=0.8)
+        ax.scatter(steps[gate[i]], row[gate[i]], s=8, color=line.get_color())
+    if np.all(np.isfinite(lam)):
+        ax.plot(steps, lam, "k--", lw=2, label="threshold lambda_t")
+        ax.legend(loc="lower right", fontsize=fontsize - 1)
+    ax.set_xlabel("sampling step (dots: gate open)", fontsize=fontsize)
+    ax.set_ylabel("similarity sigma_t", fontsize=fontsize)
+
+
 def plot_similarity(trace: dict, path: str, *, max_samples: int = 8, title: str = "") -> str:
     """The paper's Figure 3: sigma_t of a few samples against the gate threshold lambda_t over steps."""
     import matplotlib
@@ -117,19 +134,8 @@ def plot_similarity(trace: dict, path: str, *, max_samples: int = 8, title: str 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sigma = np.asarray(trace["sigma"])[:max_samples]
-    lam = np.asarray(trace["lambda"])[0]
-    gate = np.asarray(trace["gate"])[:max_samples]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
-    steps = np.arange(sigma.shape[1])
-    for i, row in enumerate(sigma):
-        line, = ax.plot(steps, row, lw=1, alpha=0.8)
-        ax.scatter(steps[gate[i]], row[gate[i]], s=8, color=line.get_color())
-    if np.all(np.isfinite(lam)):
-        ax.plot(steps, lam, "k--", lw=2, label="threshold lambda_t")
-        ax.legend(loc="lower right", fontsize=8)
-    ax.set_xlabel("sampling step (dots: gate open)")
-    ax.set_ylabel("similarity sigma_t")
+    draw_similarity(ax, trace, max_samples=max_samples, fontsize=8)
     ax.set_title(title or "similarity vs threshold", fontsize=9)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -49,3 +49,25 @@ def read_json(path: str, what: str = "file"):
 
 
 __all__ = ["read_json", "write_atomic", "write_json"]
+
+
+def dataclass_to_json(obj) -> dict:
+    """A (frozen) config dataclass as a JSON-able dict: tuples become lists."""
+    import dataclasses
+
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(obj).items()}
+
+
+def dataclass_from_json(cls, d):
+    """``cls(**d)`` for a dict written by ``dataclass_to_json``: lists become tuples; a non-mapping
+    or unknown fields raise ValueError naming them (the config's own checks run in ``cls``)."""
+    import dataclasses
+    from collections.abc import Mapping
+
+    if not isinstance(d, Mapping):
+        raise ValueError(f"{cls.__name__}.from_dict: expected a mapping, got {type(d).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}.from_dict: unknown fields {unknown} (known: {sorted(names)})")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})

@@ -1476,19 +1476,11 @@ def plot_similarity_cells(traces: dict, path: str, *, max_samples: int = 8) -> s
     ncol = min(3, n)
     nrow = -(-n // ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.5 * ncol, 3.2 * nrow), dpi=100, squeeze=False)
+    from amg_jax.evaluate import draw_similarity
+
     for ax, (label, t) in zip(axes.ravel(), traces.items()):
-        sigma, gate = np.asarray(t["sigma"], np.float32)[:max_samples], np.asarray(t["gate"], bool)[:max_samples]
-        lam = np.asarray(t["lambda"], np.float32)[0]
-        steps = np.arange(sigma.shape[1])
-        for i, row in enumerate(sigma):
-            line, = ax.plot(steps, row, lw=1, alpha=0.8)
-            ax.scatter(steps[gate[i]], row[gate[i]], s=8, color=line.get_color())
-        if np.all(np.isfinite(lam)):
-            ax.plot(steps, lam, "k--", lw=2, label="threshold lambda_t")
-            ax.legend(loc="lower right", fontsize=7)
+        draw_similarity(ax, t, max_samples=max_samples, fontsize=8)
         ax.set_title(label, fontsize=8)
-        ax.set_xlabel("sampling step (dots: gate open)", fontsize=8)
-        ax.set_ylabel("similarity sigma_t", fontsize=8)
     for ax in axes.ravel()[n:]:
         ax.axis("off")
     fig.tight_layout()

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from amg_jax.jsonio import write_atomic
+from amg_jax.jsonio import dataclass_from_json, dataclass_to_json, write_atomic
 
 Array = jax.Array
 
@@ -97,23 +97,11 @@ class InceptionConfig:
         object.__setattr__(self, "dtype", dt.name)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        if isinstance(self.image_size, tuple):
-            d["image_size"] = list(self.image_size)
-        return d
+        return dataclass_to_json(self)
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "InceptionConfig":
-        if not isinstance(d, Mapping):
-            raise ValueError(f"InceptionConfig.from_dict: expected a mapping, got {type(d).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"InceptionConfig.from_dict: unknown fields {unknown} (known: {sorted(names)})")
-        d = dict(d)
-        if isinstance(d.get("image_size"), list):
-            d["image_size"] = tuple(d["image_size"])
-        return cls(**d)
+        return dataclass_from_json(cls, d)
 
 
 def _check_size(size, where: str):

@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from amg_jax.jsonio import write_atomic
+from amg_jax.jsonio import dataclass_from_json, dataclass_to_json, write_atomic
 from amg_jax.similarity.embedding import EmbeddingDetector, embedding_detector
 
 Array = jax.Array
@@ -129,24 +129,11 @@ class SSCDConfig:
         return self.width * 2 ** (len(self.stage_sizes) - 1) * EXPANSION
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["stage_sizes"] = list(self.stage_sizes)
-        if isinstance(self.image_size, tuple):
-            d["image_size"] = list(self.image_size)
-        return d
+        return dataclass_to_json(self)
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "SSCDConfig":
-        if not isinstance(d, Mapping):
-            raise ValueError(f"SSCDConfig.from_dict: expected a mapping, got {type(d).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"SSCDConfig.from_dict: unknown fields {unknown} (known: {sorted(names)})")
-        d = dict(d)
-        if isinstance(d.get("image_size"), list):
-            d["image_size"] = tuple(d["image_size"])
-        return cls(**d)
+        return dataclass_from_json(cls, d)
 
 
 def _check_size(size, where: str):
