@@ -42,8 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
-import json
 import os
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -53,7 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from amg_jax.jsonio import dataclass_from_json, dataclass_to_json, write_atomic
+from amg_jax.jsonio import dataclass_from_json, dataclass_to_json
+from amg_jax.params_io import load_variables, save_variables
 
 Array = jax.Array
 
@@ -628,43 +627,17 @@ def save_params(path, params, config: InceptionConfig = DEFAULT_CONFIG) -> str:
     check_params(params, "inception.save_params")
     if not isinstance(config, InceptionConfig):
         raise ValueError(f"inception.save_params: config must be an InceptionConfig, got {type(config).__name__}")
-    flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(_to_dict(params), sep="/").items()}
-    flat["__config__"] = np.array(json.dumps({"format": PARAMS_FORMAT, "config": config.to_dict()}))
-
-    def write(f):
-        np.savez(f, **flat)
-
-    return write_atomic(os.fspath(path), write, binary=True)
+    return save_variables(path, _to_dict(params), config, PARAMS_FORMAT)
 
 
 def load_params(path) -> tuple[dict, InceptionConfig]:
     """``(variables, config)`` from ``save_params``' file; FileNotFoundError if it is missing,
     ValueError naming the file if it is corrupt, not an Inception params file, or a variable is
     missing / wrongly shaped."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"inception.load_params: no such Inception params file: {path!r} (make one with "
-                                f"`amg convert inception {FID_WEIGHTS_FILE} OUT.npz` / inception.convert_file)")
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except Exception as e:
-        raise ValueError(f"inception.load_params: {path!r} is not a readable .npz file (truncated or corrupt?): "
-                         f"{type(e).__name__}: {e}") from None
-    if "__config__" not in arrays:
-        raise ValueError(f"inception.load_params: {path!r} has no '__config__' entry: not an Inception params file "
-                         f"written by save_params")
-    try:
-        meta = json.loads(str(arrays.pop("__config__")))
-        if meta.get("format") != PARAMS_FORMAT:
-            raise ValueError(f"format {meta.get('format')!r}, expected {PARAMS_FORMAT!r}")
-        config = InceptionConfig.from_dict(meta["config"])
-    except Exception as e:
-        raise ValueError(f"inception.load_params: {path!r} has an invalid config entry: {e}") from None
-    params = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in arrays.items()})
-    check_params(params, f"inception.load_params({path!r})")
+    params, config = load_variables(path, PARAMS_FORMAT, InceptionConfig, "inception.load_params",
+                                    "Inception params", f" (make one with `amg convert inception {FID_WEIGHTS_FILE} OUT.npz` / "
+                                    "inception.convert_file)")
+    check_params(params, f"inception.load_params({os.fspath(path)!r})")
     return params, config
 
 

@@ -41,8 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
-import json
 import os
 import re
 import warnings
@@ -54,7 +52,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from amg_jax.jsonio import dataclass_from_json, dataclass_to_json, write_atomic
+from amg_jax.jsonio import dataclass_from_json, dataclass_to_json
+from amg_jax.params_io import load_variables, save_variables
 from amg_jax.similarity.embedding import EmbeddingDetector, embedding_detector
 
 Array = jax.Array
@@ -648,44 +647,16 @@ def save_params(path, params, config: SSCDConfig = DEFAULT_CONFIG) -> str:
     """Write ``params`` (the variables dict, checked against ``config``) and the config to one
     ``.npz`` (keys ``params/stem_conv/kernel`` ..., ``__config__`` = JSON), atomically."""
     check_params(params, config, "save_params")
-    flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(_to_dict(params), sep="/").items()}
-    meta = json.dumps({"format": PARAMS_FORMAT, "config": config.to_dict()})
-    flat["__config__"] = np.array(meta)
-
-    def write(f):
-        np.savez(f, **flat)
-
-    return write_atomic(os.fspath(path), write, binary=True)
+    return save_variables(path, _to_dict(params), config, PARAMS_FORMAT)
 
 
 def load_params(path) -> tuple[dict, SSCDConfig]:
     """``(variables, config)`` from ``save_params``' file; FileNotFoundError if it is missing,
     ValueError naming the file if it is corrupt, not an SSCD params file, or its shapes do not
     match its config."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"load_params: no such SSCD params file: {path!r} (make one with "
-                                f"`amg convert sscd IN OUT` / sscd.convert_file)")
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except Exception as e:
-        raise ValueError(f"load_params: {path!r} is not a readable .npz file (truncated or corrupt?): "
-                         f"{type(e).__name__}: {e}") from None
-    if "__config__" not in arrays:
-        raise ValueError(f"load_params: {path!r} has no '__config__' entry: not an SSCD params file written by "
-                         f"save_params")
-    try:
-        meta = json.loads(str(arrays.pop("__config__")))
-        if meta.get("format") != PARAMS_FORMAT:
-            raise ValueError(f"format {meta.get('format')!r}, expected {PARAMS_FORMAT!r}")
-        config = SSCDConfig.from_dict(meta["config"])
-    except Exception as e:
-        raise ValueError(f"load_params: {path!r} has an invalid config entry: {e}") from None
-    params = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in arrays.items()})
-    check_params(params, config, f"load_params({path!r})")
+    params, config = load_variables(path, PARAMS_FORMAT, SSCDConfig, "load_params", "SSCD params",
+                                    " (make one with `amg convert sscd IN OUT` / sscd.convert_file)")
+    check_params(params, config, f"load_params({os.fspath(path)!r})")
     return params, config
 
 
