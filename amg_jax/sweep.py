@@ -574,22 +574,27 @@ def _check_sd_sweep(s: dict, fail, base_dir: str) -> SDSettings:
             taken[kind] += 1
             chosen.append((prompt, kind))
 
+    def header(field: str, path: str, entry: str, fmt: str, what: str) -> dict:
+        """The JSON header ``entry`` of the .npz ``path`` (read alone), checked to be of format ``fmt``."""
+        try:
+            meta = json.loads(_npz_text(path, entry) or "null")
+        except Exception as e:    # noqa: BLE001 - any unreadable file is the same error
+            fail(field, f"{s[field]!r} is not a readable .npz file: {type(e).__name__}: {e}")
+        if not isinstance(meta, dict) or meta.get("format") != fmt:
+            fail(field, f"{s[field]!r} is not {what}")
+        return meta
+
+    from amg_jax.index import FORMAT as BANK_FORMAT
+    from amg_jax.similarity import inception as _inception, sscd as _sscd
+
     sscd_path = existing_file("sscd", "an SSCD params file from `amg convert sscd`")
+    meta = header("sscd", sscd_path, "__config__", _sscd.PARAMS_FORMAT, "an SSCD params file (amg convert sscd)")
     try:
-        meta = json.loads(_npz_text(sscd_path, "__config__") or "null")
-        embed_dim = int(meta["config"]["embed_dim"]) if isinstance(meta, dict) and \
-            meta.get("format") == "amg_jax.sscd/1" else None
-    except Exception as e:        # noqa: BLE001 - any unreadable file is the same error
-        fail("sscd", f"{s['sscd']!r} is not a readable .npz file: {type(e).__name__}: {e}")
-    if embed_dim is None:
+        embed_dim = int(meta["config"]["embed_dim"])
+    except (KeyError, TypeError, ValueError):
         fail("sscd", f"{s['sscd']!r} is not an SSCD params file (amg convert sscd)")
     bank_path = existing_file("bank", "an embedding bank from `amg index build --embedder sscd:...`")
-    try:
-        meta = json.loads(_npz_text(bank_path, "metadata") or "null")
-    except Exception as e:        # noqa: BLE001
-        fail("bank", f"{s['bank']!r} is not a readable .npz file: {type(e).__name__}: {e}")
-    if not isinstance(meta, dict) or meta.get("format") != "amg_jax.ReferenceBank":
-        fail("bank", f"{s['bank']!r} is not a reference bank (amg index build)")
+    meta = header("bank", bank_path, "metadata", BANK_FORMAT, "a reference bank (amg index build)")
     if meta.get("kind") != "embedding":
         fail("bank", f"{s['bank']!r} is a {meta.get('kind')!r} bank; the SSCD metric and detector need an embedding "
                      "bank (amg index build --embedder sscd:PARAMS)")
@@ -611,12 +616,8 @@ def _check_sd_sweep(s: dict, fail, base_dir: str) -> SDSettings:
     inception_path = refs = None
     if s["inception"] is not None:
         inception_path = existing_file("inception", "Inception params from `amg convert inception`")
-        try:
-            meta = json.loads(_npz_text(inception_path, "__config__") or "null")
-        except Exception as e:    # noqa: BLE001
-            fail("inception", f"{s['inception']!r} is not a readable .npz file: {type(e).__name__}: {e}")
-        if not isinstance(meta, dict) or meta.get("format") != "amg_jax.inception/1":
-            fail("inception", f"{s['inception']!r} is not an Inception params file (amg convert inception)")
+        header("inception", inception_path, "__config__", _inception.PARAMS_FORMAT,
+               "an Inception params file (amg convert inception)")
         if s["reference_images"] is None:
             fail("reference_images", "is missing: FID (sweep.inception) compares the samples with a folder of "
                                      "real images")
