@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
 from typing import Any, Sequence
@@ -108,7 +107,7 @@ def bank_conditions(sd, captions: Sequence[str], *, batch: int = 64) -> Array:
     captions = list(captions)
     if not captions:
         raise ValueError("bank_conditions: the bank has no captions (caption deduplication needs them)")
-    return jnp.concatenate([sdm.encode_prompts(sd, captions[i:i + batch]) for i in range(0, len(captions), batch)])
+    return sdm.encode_prompts(sd, captions, batch=batch)
 
 
 def method_guidance(method: str, scale: float, *, detector=None, neighbour_conds=None, base: str = "cfg",
@@ -206,7 +205,7 @@ def _prompts_for(run: SampleRun, sd) -> tuple[list[str], Array]:
     prompts = [p for p in run.prompts for _ in range(run.seeds)]
     if run.baseline is not None and run.baseline not in EMBEDDING_BASELINES:
         prompts = list(apply_baseline(run.baseline, prompts, run.seed))
-    cond = jnp.concatenate([sdm.encode_prompts(sd, prompts[i:i + 64]) for i in range(0, len(prompts), 64)])
+    cond = sdm.encode_prompts(sd, prompts)
     if run.baseline in EMBEDDING_BASELINES:
         cond = gaussian_noise_embedding(jax.random.key(run.seed), cond)
     return prompts, cond

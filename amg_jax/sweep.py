@@ -1040,7 +1040,7 @@ class StableDiffusionBackend:
     def _encode(self, prompts: list) -> jax.Array:
         from amg_jax.models.stable_diffusion import encode_prompts
 
-        return jax.numpy.concatenate([encode_prompts(self.sd, prompts[i:i + 64]) for i in range(0, len(prompts), 64)])
+        return encode_prompts(self.sd, prompts)
 
     def _amg_parts(self):
         """AMG's SSCD detector through the VAE and its G_dup conditions (the bank's captions)."""

@@ -231,9 +231,14 @@ def _encode(text: _Static, text_params, tokenizer, prompts) -> Array:
     return _text_forward(text, text_params, jnp.asarray(tokenize(tokenizer, prompts)))
 
 
-def encode_prompts(sd: StableDiffusion, prompts: str | Sequence[str]) -> Array:
-    """CLIP text embeddings [B, 77, D] float32 of ``prompts`` (the UNet's ``encoder_hidden_states``)."""
-    return _encode(sd._text_static, sd.text_params, sd.tokenizer, prompts)
+def encode_prompts(sd: StableDiffusion, prompts: str | Sequence[str], *, batch: int = 64) -> Array:
+    """CLIP text embeddings [B, 77, D] float32 of ``prompts`` (the UNet's ``encoder_hidden_states``),
+    encoded ``batch`` prompts at a time (bounds the text encoder's memory for long prompt lists)."""
+    if isinstance(prompts, str) or len(prompts) <= batch:
+        return _encode(sd._text_static, sd.text_params, sd.tokenizer, prompts)
+    prompts = list(prompts)
+    return jnp.concatenate([_encode(sd._text_static, sd.text_params, sd.tokenizer, prompts[i:i + batch])
+                            for i in range(0, len(prompts), batch)])
 
 
 # ----------------------------------------------------------------------------- the denoiser
