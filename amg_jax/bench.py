@@ -35,8 +35,9 @@ SD-1.5-sized random-weight model in memory (diffusers' default UNet2DConditionMo
 block_out_channels (320, 640, 1280, 1280), cross_attention_dim 768; SD's VAE and a CLIP-L-sized
 text encoder; 512x512 images; only meaningful on an accelerator); ``sd_path`` benchmarks a
 diffusers SD directory instead (``sd``: an SD already loaded). ``quick=True`` uses the tiny model,
-3 steps, batch 4 and banks up to 10k, and leaves out SD's gate-open AMG rows: about 3 minutes on 2
-busy CPU cores, 80% of it XLA compiling the AMG sampling loops (30-60 s each on a CPU).
+3 steps, batch 4 and banks up to 10k, and leaves out the gate-open AMG loops (the per-step
+components still time the open gate's work): under 2 minutes on 2 quiet CPU cores, most of it XLA
+compiling the two AMG sampling loops (30-60 s each on a CPU).
 ``tiny=True`` is smaller still and replaces AMG by its despecification-only form (no ``lax.cond``
 branch to compile): the tests' setting, for the plumbing, not for AMG's cost.
 """
@@ -522,12 +523,14 @@ def _unet_text_group(env: _Shared) -> tuple[list, dict]:
         variants = [(SPE_ONLY, amg(**shut, dedup=False, dissimilar=False))]
     else:
         realistic = amg()
-        variants = [(CLOSED, out_of_reach(realistic)), (OPEN_FULL, amg(threshold="always")),
-                    (OPEN_CHEAP, amg(threshold="always", gradient="cheap")), (REALISTIC, realistic)]
+        variants = [(CLOSED, out_of_reach(realistic)), (REALISTIC, realistic)]
+        if not s.quick:     # two more AMG programs to compile (30-60 s each on a CPU)
+            variants[1:1] = [(OPEN_FULL, amg(threshold="always")),
+                             (OPEN_CHEAP, amg(threshold="always", gradient="cheap"))]
     cfg = workbench.method_guidance("cfg", scale)
     rows = _amg_rows(env, group, lm.denoiser, cfg, variants, keys, cond, sampler, s.repeats)
     if not s.tiny:
-        rows += _components(env, group, lm.denoiser, amg().detector, cond, rows[0]["seconds"] / s.unet_steps)
+        rows += _components(env, group, lm.denoiser, amg().detector, cond, rows[0]["seconds"] / s.unet_steps, scale)
     info = {"model": name, "batch": s.unet_batch, "steps": s.unet_steps, "guidance_scale": scale,
             "detector": detector, "amg": base}
     return rows, info
@@ -544,24 +547,42 @@ def out_of_reach(guidance, shift: float = 100.0):
     return dataclasses.replace(guidance, detector=guidance.detector.replace(bank=far))
 
 
-def _components(env: _Shared, group: str, den, detector, cond, cfg_step_s: float) -> list:
-    """One CFG denoiser call [2B] and one detector call [B] on their own (jitted), relative to
-    one step of the CFG loop: where a step's time goes."""
+def _components(env: _Shared, group: str, den, detector, cond, cfg_step_s: float, scale: float,
+                full_gradient: bool = True) -> list:
+    """Where a step's time goes, each part jitted on its own and relative to one step of the CFG
+    loop: one CFG denoiser call [2B], one detector call [B], and what an open gate adds: the
+    cheap G_sim gradient (through the detector only) and the full one (``jax.grad`` of
+    sigma(x0_hat(x_t)) through the CFG denoiser call: its forward again plus its backward)."""
     b = int(cond.shape[0])
     x = jax.random.normal(jax.random.key(1), (b,) + tuple(den.sample_shape))
     cond2 = jnp.concatenate([jnp.broadcast_to(den.null_cond, cond.shape), cond])
     t = jnp.full((2 * b,), 500, jnp.int32)
+    ab = jnp.asarray(0.5, jnp.float32)
+
+    def cfg_eps(d, xx, cc):
+        e = d.eps_fn(d.params, jnp.concatenate([xx, xx]), t, cc)
+        return e[:b] + scale * (e[b:] - e[:b])
+
+    def x0_of(xx, e):
+        return (xx - jnp.sqrt(1.0 - ab) * e) / jnp.sqrt(ab)
+
     eps = jax.jit(lambda d, xx, tt, cc: d.eps_fn(d.params, xx, tt, cc))
     det = jax.jit(lambda d, xx: d(xx).sigma)
+    cheap = jax.jit(jax.grad(lambda xx, d: jnp.sum(d(xx).sigma)))
+    full = jax.jit(jax.grad(lambda xx, d, dd, cc: jnp.sum(dd(x0_of(xx, cfg_eps(d, xx, cc))).sigma)))
     x2 = jnp.concatenate([x, x])
-    t_eps, _ = timed(lambda: eps(den, x2, t, cond2), env.s.repeats)
-    t_det, _ = timed(lambda: det(detector, x), env.s.repeats)
-    rows = [dict(group=group, name=f"component: one denoiser call [2B = {2 * b}]", kind="component",
-                 ratio=t_eps["seconds"] / cfg_step_s, **t_eps),
-            dict(group=group, name=f"component: one detector call [B = {b}]", kind="component",
-                 ratio=t_det["seconds"] / cfg_step_s, **t_det)]
-    env.echo(f"[amg] {group}: denoiser call {t_eps['seconds'] * 1e3:.2f} ms, detector call "
-             f"{t_det['seconds'] * 1e3:.2f} ms, one CFG loop step {cfg_step_s * 1e3:.2f} ms")
+    parts = [(f"component: one denoiser call [2B = {2 * b}]", lambda: eps(den, x2, t, cond2)),
+             (f"component: one detector call [B = {b}]", lambda: det(detector, x)),
+             (f"component: cheap G_sim gradient (detector backward) [B = {b}]", lambda: cheap(x, detector))]
+    if full_gradient:
+        parts.append((f"component: full G_sim gradient (CFG call [2B] forward + backward, detector) [B = {b}]",
+                      lambda: full(x, den, detector, cond2)))
+    rows = []
+    for name, fn in parts:
+        tm, _ = timed(fn, env.s.repeats)
+        rows.append(dict(group=group, name=name, kind="component", ratio=tm["seconds"] / cfg_step_s, **tm))
+    env.echo(f"[amg] {group}: one CFG loop step {cfg_step_s * 1e3:.2f} ms; "
+             + ", ".join(f"{r['name'].split(': ', 1)[1]} {r['seconds'] * 1e3:.2f} ms" for r in rows))
     return rows
 
 
@@ -591,17 +612,27 @@ def _sscd_group(env: _Shared, sscd_config, label: str) -> tuple[list, dict]:
         variants = [(SPE_ONLY, amg(**shut, dedup=False, dissimilar=False))]
     else:
         variants = [(CLOSED, amg(**shut))]
-    if not (s.tiny or s.quick):     # each AMG variant is a 30-60 s XLA compile on a CPU
+    open_rows = sd_open_rows(s)
+    if open_rows:
         variants += [(OPEN_FULL, amg(threshold="always")), (OPEN_CHEAP, amg(threshold="always", gradient="cheap"))]
     sampler = sdm.sd_sampler_config(sd, s.steps, "ddim")
     group = f"{env.sd_label()} + {label} through the VAE"
     rows = _amg_rows(env, group, den, sg.method_guidance("cfg", GUIDANCE_SCALE), variants, keys, cond, sampler,
                      s.repeats)
     if not s.tiny:
-        rows += _components(env, group, den, det, cond, rows[0]["seconds"] / s.steps)
+        rows += _components(env, group, den, det, cond, rows[0]["seconds"] / s.steps, GUIDANCE_SCALE,
+                            full_gradient=open_rows)
     info = {"model": env.sd_label(), "detector": label, "sscd_config": sscd_config.to_dict(), "bank_rows": m,
             "batch": b, "steps": s.steps, "amg": dict(sg.SD_AMG)}
     return rows, info
+
+
+def sd_open_rows(s: Settings) -> bool:
+    """Whether the SD groups time the gate open every step: not in quick / tiny runs (each AMG
+    variant is a 30-60 s XLA compile on a CPU) and not for an SD-1.5-sized model on a CPU
+    (the backward pass through its UNet and VAE takes minutes per step there)."""
+    on_cpu = jax.devices()[0].platform == "cpu"
+    return not (s.tiny or s.quick or (on_cpu and (s.sd_size != "tiny" or s.sd_path is not None)))
 
 
 def part_amg(env: _Shared) -> dict:
@@ -643,9 +674,11 @@ def part_amg(env: _Shared) -> dict:
     if s.tiny:
         notes.insert(0, "tiny setting: AMG runs with despecification only (no lax.cond branch, a 3x smaller program to "
                         "compile); it checks the bench's plumbing, not AMG's cost")
-    elif s.quick:
-        notes.append("quick setting: the SD rows with the gate open every step are left out (each AMG variant is a "
-                     "30-60 s XLA compilation on a CPU); a full run has them")
+    elif not sd_open_rows(s):
+        notes.append("the rows with the gate open every step are left out: "
+                     + ("quick setting (each AMG variant is a 30-60 s XLA compilation on a CPU; the components give "
+                        "the open gate's cost per step); a full run has them" if s.quick else "an SD-1.5-sized model on a CPU (minutes per backward pass); the "
+                        "components give the open gate's cost per step"))
     if s.sd_size == "tiny" and s.sd_path is None:
         notes.append("on the tiny SD the UNet is far smaller than the VAE decoder + SSCD, so the SSCD ratios "
                      "overstate what they are on SD-1.5 (sd_size='1.5')")

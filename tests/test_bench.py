@@ -162,3 +162,38 @@ def test_random_sd_builds_in_memory(tmp_path):
     assert jax.eval_shape(den.eps_fn, den.params, x, t, c).shape == (2,) + den.sample_shape
     big = bench.sd15_configs(1000)
     assert big["unet"]["cross_attention_dim"] == big["text_encoder"]["hidden_size"] == 768
+
+
+def test_components_time_each_part_of_a_step(tmp_path):
+    """_components on a linear denoiser over 4x4x1 samples (cheap to compile): one row per part of
+    a step, the full gradient included unless asked not to, each relative to the given CFG step time."""
+    import jax.numpy as jnp
+
+    from amg_jax import Denoiser, build_bank, pixel_detector
+
+    def eps_fn(p, x, t, c):
+        return p * x + 0.01 * c.astype(x.dtype).reshape((-1, 1, 1, 1)) + 1e-4 * t.astype(x.dtype).reshape((-1, 1, 1, 1))
+
+    den = Denoiser(params=jnp.float32(0.5), null_cond=jnp.int32(-1), eps_fn=eps_fn, sample_shape=(4, 4, 1),
+                   num_conditions=4)
+    rows = np.random.default_rng(0).standard_normal((6, 4, 4, 1)).astype(np.float32)
+    det = pixel_detector(build_bank(rows, np.arange(6) % 4))
+    env = bench._Shared(bench.settings(tiny=True), str(tmp_path), lambda *_: None)
+    cond = jnp.asarray([0, 3], jnp.int32)
+    rows = bench._components(env, "g", den, det, cond, cfg_step_s=0.5, scale=2.0)
+    assert [r["name"].split(" [")[0] for r in rows] == [
+        "component: one denoiser call", "component: one detector call",
+        "component: cheap G_sim gradient (detector backward)", "component: full G_sim gradient (CFG call"]
+    for r in rows:
+        assert r["kind"] == "component" and r["group"] == "g"
+        np.testing.assert_allclose(r["ratio"], r["seconds"] / 0.5, rtol=1e-12)
+    short = bench._components(env, "g", den, det, cond, cfg_step_s=0.5, scale=2.0, full_gradient=False)
+    assert len(short) == 3
+
+
+def test_sd_open_rows_setting():
+    assert not bench.sd_open_rows(bench.settings(quick=True))
+    assert not bench.sd_open_rows(bench.settings(tiny=True))
+    assert bench.sd_open_rows(bench.settings()) is True                 # tiny SD, full setting
+    on_cpu = jax.devices()[0].platform == "cpu"
+    assert bench.sd_open_rows(bench.settings(sd_size="1.5")) is (not on_cpu)
