@@ -186,6 +186,8 @@ def first_strict_local_min(values: Array, *, skip_index: int = -1, default: int 
     """
     v = jnp.asarray(values)
     n = v.shape[-1]
+    if n < 3:                      # no interior point: no minimum (and no empty reduction)
+        return jnp.full(v.shape[:-1], default, jnp.int32)
     inner = (v[:, 1:-1] < v[:, :-2]) & (v[:, 1:-1] < v[:, 2:])
     inner = inner & jnp.isfinite(v[:, 1:-1]) & jnp.isfinite(v[:, :-2]) & jnp.isfinite(v[:, 2:])
     idx = jnp.arange(1, n - 1)

@@ -110,6 +110,9 @@ def test_first_strict_local_min_matches_scipy_and_the_reference_rule():
     got = np.asarray(first_strict_local_min(jnp.asarray(v), skip_index=1, default=5))
     want = np.array([_reference_transition(r) for r in v])
     np.testing.assert_array_equal(got, want)
+    for n in (0, 1, 2):            # too short for an interior point: the default, not an empty-reduction error
+        got = first_strict_local_min(jnp.zeros((3, n)), skip_index=1, default=5)
+        np.testing.assert_array_equal(np.asarray(got), [5, 5, 5])
 
 
 def test_og_dtp_reads_its_transition_from_the_probe_trace():
