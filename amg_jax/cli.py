@@ -49,6 +49,28 @@ def _number(cast, what: str, check, rule: str):
 
 _positive_int = _number(int, "an integer", lambda v: v >= 1, "must be >= 1")
 _finite_float = _number(float, "a number", lambda v: abs(v) < float("inf"), "must be finite")
+_positive_float = _number(float, "a number", lambda v: 0 < v < float("inf"), "must be a finite number > 0")
+_unet_channels = _number(int, "an integer", lambda v: v >= 8 and v % 8 == 0,
+                         "must be a positive multiple of 8 (the UNet's GroupNorm groups)")
+
+
+def _check_out(parser, path, flag: str, *, file: bool = False) -> None:
+    """Fail before any work when ``path`` (a directory, or a ``file``) cannot be written, so a
+    long run does not end on an unwritable output; ``flag`` names the argument."""
+    if path is None:
+        return
+    full = os.path.abspath(path)
+    if file and os.path.isdir(full):
+        parser.error(f"{flag} {path!r} is a directory; expected a file name")
+    if not file and os.path.exists(full) and not os.path.isdir(full):
+        parser.error(f"{flag} {path!r} exists and is not a directory")
+    p = os.path.dirname(full) if file else full
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        parser.error(f"{flag} {path!r} cannot be created: {p!r} is not a directory")
+    if not os.access(p, os.W_OK):
+        parser.error(f"{flag} {path!r} cannot be created: {p!r} is not writable")
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -138,10 +160,11 @@ def _add_bench(sub) -> None:
 def _run_bench(args, parser) -> None:
     from amg_jax import bench
 
+    _check_out(parser, args.out, "--out")
     try:
         res = bench.main(args.out, quick=args.quick, parts=args.parts, sd_size=args.sd_size, sd_path=args.sd_path,
                          steps=args.steps, batch=args.batch, repeats=args.repeats)
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         parser.error(str(err))
     print(f"wrote {args.out}/bench.json and bench.md ({len(res.get('parts', {}))} parts)")
 
@@ -162,14 +185,17 @@ def _run_sweep(args, parser) -> int:
     from amg_jax import sweep
 
     try:
-        sweep.load_config(args.config)
+        config = sweep.load_config(args.config)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
+    _check_out(parser, config.out, f"{args.config}: sweep.out")
     try:
         res = sweep.main(args.config, progress=args.progress)
     except sweep.SweepError as err:
         print(f"amg sweep: {err}", file=sys.stderr)
         return 1
+    except (ValueError, OSError) as err:
+        parser.error(str(err))
     print(f"wrote {res['out']}: {len(res['cells'])} cells (results.csv, results.md, grids/, plots/)")
     return 0
 
@@ -224,13 +250,14 @@ def _run_sample(args, parser) -> None:
                      f"{args.model!r}; the testbed models are sampled by `amg eval` / `amg demo`")
     amg = tuple((f, getattr(args, f)) for f in ("c1", "c2", "c3", "threshold", "lambda_min", "lambda_max", "gradient")
                 if getattr(args, f) is not None)
+    _check_out(parser, args.out, "--out")
     try:
         run = SampleRun(model=args.model, prompts=tuple(args.prompt), out=args.out, seeds=args.seeds, seed=args.seed,
                         method=args.method, base=args.base, scale=args.scale, sampler=args.sampler, steps=args.steps,
                         height=args.height, width=args.width, dtype=args.dtype, detector=args.detector,
                         bank=args.bank, amg=amg, baseline=args.baseline, batch=args.batch)
         report = run_sample(run)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         parser.error(str(err))
     print(f"wrote {len(report['samples'])} images to {args.out} ({report['seconds']:.1f}s)")
 
@@ -261,9 +288,10 @@ def _run_convert(args, parser) -> None:
 
     if not os.path.isfile(args.src):
         parser.error(f"convert {args.what}: {args.src!r} does not exist")
+    _check_out(parser, args.dst, f"convert {args.what}: dst", file=True)
     try:
         print((sscd if args.what == "sscd" else inception).convert_file(args.src, args.dst))
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         parser.error(str(err))
 
 
@@ -298,13 +326,14 @@ def _add_index(sub) -> None:
 def _run_index(args, parser) -> None:
     from amg_jax.index_build import build_index, image_embedder, list_images
 
+    _check_out(parser, args.out, "--out", file=True)
     try:
         list_images(args.folder)                     # fail on a bad folder before loading any model
         embed, name, size, kind = image_embedder(args.embedder, size=args.size)
         bank = build_index(args.folder, embed, args.out, size=size, batch=args.batch, captions=args.captions,
                            embedder_name=name, kind=kind, skip_bad=args.skip_bad, progress=args.progress,
                            copy_threshold=args.copy_threshold)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         parser.error(str(err))
     print(f"wrote {args.out}: {bank.size} rows of {bank.dim} ({name}), captions in {args.out}.captions.json")
 
@@ -335,7 +364,7 @@ def _add_train(sub) -> None:
     t.add_argument("--cond-dropout", type=_finite_float, default=d.cond_dropout, help="condition dropout (CFG)")
     t.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every, help="steps between checkpoints")
     t.add_argument("--seed", type=int, default=d.seed, help="seed of init, batches and noise")
-    t.add_argument("--channels", type=_positive_int, default=32, help="UNet base width")
+    t.add_argument("--channels", type=_unet_channels, default=32, help="UNet base width")
     t.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
 
 
@@ -351,19 +380,23 @@ def _add_evalnet(sub) -> None:
     v.add_argument("--testbed", choices=TESTBEDS, default="unet", help="the testbed it judges")
     v.add_argument("--steps", type=_positive_int, default=4000, help="optimizer steps")
     v.add_argument("--batch", type=_positive_int, default=64, help="batch size (fresh renders per step)")
-    v.add_argument("--lr", type=_finite_float, default=3e-3, help="peak learning rate")
+    v.add_argument("--lr", type=_positive_float, default=3e-3, help="peak learning rate")
     v.add_argument("--seed", type=int, default=0, help="seed of init and renders")
 
 
-def _run_evalnet(args) -> None:
+def _run_evalnet(args, parser) -> None:
     from amg_jax.data import testbed as tb
     from amg_jax.models.evalnet import save_evaluator, train_evalnet
     from amg_jax.workbench import testbed_config
 
+    _check_out(parser, args.out, "--out")
     bed_cfg = testbed_config(args.testbed)
-    ev = train_evalnet(bed_cfg, steps=args.steps, batch_size=args.batch, learning_rate=args.lr, seed=args.seed,
-                       echo=print)
-    path = save_evaluator(args.out, ev)
+    try:
+        ev = train_evalnet(bed_cfg, steps=args.steps, batch_size=args.batch, learning_rate=args.lr, seed=args.seed,
+                           echo=print)
+        path = save_evaluator(args.out, ev)
+    except (ValueError, OSError) as err:
+        parser.error(str(err))
     print("held-out accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in ev.accuracy.items()))
     print(f"saved the evaluation network to {path}")
 
@@ -387,11 +420,13 @@ def _run_train(args, parser) -> None:
             "checkpoint_every", "seed")})
     except ValueError as err:
         parser.error(str(err))
+    _check_out(parser, args.workdir, "--workdir")
+    _check_out(parser, args.out, "--out")
     bed_cfg = testbed_config(args.testbed)
     try:
         model, result, bed = zoo.train_model(args.kind, args.workdir, config, testbed=bed_cfg,
                                              progress=args.progress, channels=args.channels)
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         parser.error(str(err))
     if args.out:
         path = zoo.export_model(args.out, args.kind, model, result.ema_params, bed, train_config=config,
@@ -484,19 +519,24 @@ def main(argv=None) -> int:
             config = demo.DemoConfig(**fields)
         except ValueError as e:
             parser.error(str(e))
-        demo.run_demo(config, progress=args.progress)
+        _check_out(parser, config.out, "--out")
+        try:
+            demo.run_demo(config, progress=args.progress)
+        except (ValueError, OSError) as err:     # e.g. a missing or damaged checkpoint
+            parser.error(str(err))
     elif args.command == "eval":
         from amg_jax import evaluate
 
         config = _eval_config(args, parser)
+        _check_out(parser, config.out, "--out")
         try:
             evaluate.run_eval(config)
-        except ValueError as err:     # e.g. AMG thresholds outside the detector's range
+        except (ValueError, OSError) as err:     # e.g. AMG thresholds outside the detector's range, a bad checkpoint
             parser.error(str(err))
     elif args.command == "train":
         _run_train(args, parser)
     elif args.command == "evalnet":
-        _run_evalnet(args)
+        _run_evalnet(args, parser)
     elif args.command == "convert":
         _run_convert(args, parser)
     elif args.command == "index":

@@ -134,10 +134,15 @@ def _progress(total: int, enabled: bool):
 def run_demo(config: DemoConfig = DemoConfig(), *, progress: bool = True, echo=print) -> dict:
     """Run the demo (see the module docstring); returns what it writes to ``metrics.json``."""
     t_start = time.time()
-    os.makedirs(config.out, exist_ok=True)
     testbed = resolve_testbed(config.testbed, config.models)
     echo(f"building the {testbed} testbed, copy threshold and alignment classifier ...")
     bed = build_testbed(testbed)
+    from amg_jax.workbench import TRAINED, load_trained
+
+    for name in config.models:          # a missing / damaged checkpoint fails before anything is written
+        if name in TRAINED:
+            load_trained(name, bed)     # cached: build_model below reuses it
+    os.makedirs(config.out, exist_ok=True)
     evaluator = bench_evaluator(bed)
     benches = {c: prepare_bench(bed, config.prompts_per_kind, config.samples_per_prompt, config.seed,
                                 conditioning=c, evaluator=evaluator)

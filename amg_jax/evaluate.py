@@ -151,9 +151,9 @@ def run_eval(config: EvalConfig, *, echo=print) -> dict:
     t0 = time.time()
     bed = build_testbed(resolve_testbed(config.testbed, [config.model]))
     guidance = build_guidance(config, bed)          # fails on bad AMG settings before the model is fit
-    os.makedirs(config.out, exist_ok=True)
     den = build_model(config.model, bed)
     guidance = build_guidance(config, bed, model_bank(config.model, bed))
+    os.makedirs(config.out, exist_ok=True)          # after the model loads: a bad checkpoint writes nothing
     bench = prepare_bench(bed, config.prompts_per_kind, config.samples_per_prompt, config.seed, config.kinds,
                           conditioning=model_kind(config.model), evaluator=bench_evaluator(bed))
     echo(f"sampling {config.method} on {config.model}: {len(bench.caption_ids)} samples, "

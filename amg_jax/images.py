@@ -7,8 +7,8 @@ import numpy as np
 
 
 def to_uint8(x) -> np.ndarray:
-    """[..., H, W, C] floats in [-1, 1] -> uint8 in [0, 255] (clipped)."""
-    x = np.asarray(x, np.float32)
+    """[..., H, W, C] floats in [-1, 1] -> uint8 in [0, 255] (clipped; NaN -> gray, not an undefined cast)."""
+    x = np.nan_to_num(np.asarray(x, np.float32), nan=0.0)
     return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 

@@ -74,7 +74,8 @@ def _sqrt0(s: Array) -> Array:
 
 
 def safe_norm(v: Array, axis: int = -1) -> Array:
-    """Euclidean norm along ``axis`` whose gradient is 0 (not NaN) where the norm is 0."""
+    """Euclidean norm along ``axis`` whose gradient is 0 (not NaN) where the norm is 0:
+    ``[..., D] -> [...]`` for the default ``axis=-1``."""
     return _sqrt0(jnp.sum(jnp.square(v), axis=axis))
 
 
@@ -110,7 +111,8 @@ def dedup_rows(rows) -> tuple[np.ndarray, np.ndarray]:
 
 @struct.dataclass
 class ReferenceBank:
-    """Rows a detector searches, with labels and source rows (see the module docstring).
+    """Rows a detector searches, with labels and source rows (see the module docstring):
+    ``rows [M, D]``, ``sq_norms [M]``, ``labels [M]``, ``source_index [M]`` plus static metadata.
     Build with ``build_bank`` / ``bank_from_testbed`` / ``load_bank``; shard with ``shard_bank``."""
 
     rows: Array

@@ -294,10 +294,16 @@ def image_embedder(spec: str, *, size=None, dtype: str = "float32") -> tuple[Cal
 
 def load_captions(bank_path: str) -> list[str]:
     """The captions of a bank written by ``build_index`` (label id -> caption)."""
+    from amg_jax.jsonio import read_json
+
     path = bank_path + ".captions.json"
     if not os.path.isfile(path):
         raise ValueError(f"no captions beside the bank: {path!r} does not exist")
-    return list(json.load(open(path))["captions"])
+    data = read_json(path, "captions file")                     # ValueError naming it when damaged
+    caps = data.get("captions") if isinstance(data, dict) else None
+    if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+        raise ValueError(f"captions file {path} has no 'captions' list of strings (written by amg index build?)")
+    return caps
 
 
 __all__ = ["EMBEDDERS", "IMAGE_EXTENSIONS", "build_index", "image_embedder", "sharded_embedder", "list_images", "load_captions", "load_image", "read_captions"]

@@ -107,7 +107,8 @@ def nl2_values(x, train, *, k: int = 50, alpha: float = 0.5, dedup: bool = True,
 
 
 def nl2_summary(nl2) -> dict:
-    """Summary of nL2 values (lower = more memorized) as plain floats; see the module docstring."""
+    """Summary of nL2 values [N] (any shape, flattened; lower = more memorized) as plain floats;
+    see the module docstring."""
     v = np.asarray(nl2, np.float64).reshape(-1)
     if v.size == 0:
         raise ValueError("nl2_summary: no values")
@@ -170,7 +171,8 @@ def pair_distances(a, b) -> np.ndarray:
 
 def copy_threshold(pair_distances, percentile: float = 1.0) -> float:
     """The copy threshold: the ``percentile``-th percentile (default 1st, linear interpolation)
-    of distances between two independent true renders of the same caption."""
+    of distances between two independent true renders of the same caption (``pair_distances``
+    [P], any shape, flattened)."""
     d = np.asarray(pair_distances, np.float64).reshape(-1)
     if d.size == 0:
         raise ValueError("copy_threshold: no pair distances")
@@ -207,7 +209,8 @@ def calibrated_copies(x, train, threshold: float) -> np.ndarray:
 
 
 def frac_copied(x, train, threshold: float) -> float:
-    """Share of samples that are calibrated copies (see ``calibrated_copies``)."""
+    """Share of samples ``x [B, H, W, C]`` that are calibrated copies of ``train [M, H, W, C]``
+    (see ``calibrated_copies``)."""
     return float(np.mean(calibrated_copies(x, train, threshold)))
 
 
@@ -278,7 +281,8 @@ def _sqrtm_psd(s: np.ndarray) -> np.ndarray:
 
 
 def gaussian_frechet(mu_a, cov_a, mu_b, cov_b) -> float:
-    """Fréchet (2-Wasserstein squared) distance between N(mu_a, cov_a) and N(mu_b, cov_b).
+    """Fréchet (2-Wasserstein squared) distance between N(mu_a, cov_a) and N(mu_b, cov_b):
+    means [D], covariances [D, D].
 
     ``tr(sqrt(S_a S_b))`` is computed as ``sum sqrt(eig(S_a^1/2 S_b S_a^1/2))`` of a symmetric
     PSD matrix (float64), which is stable where ``S_a S_b`` is singular or ill-conditioned.
@@ -318,5 +322,6 @@ def frechet_distance(feats_a, feats_b) -> float:
 
 
 def pixel_frechet(x, y, pool: int = 1) -> float:
-    """Fréchet distance between two image sets on ``pixel_features(., pool)``."""
+    """Fréchet distance between two image sets ``x [N, H, W, C]`` and ``y [M, H, W, C]`` on
+    ``pixel_features(., pool)``."""
     return frechet_distance(pixel_features(x, pool), pixel_features(y, pool))

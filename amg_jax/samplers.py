@@ -214,7 +214,8 @@ class DDPMTables(NamedTuple):
 
 
 def ddpm_tables(cfg: SamplerConfig, schedule: Schedule, timesteps: np.ndarray) -> DDPMTables:
-    """DDPMScheduler's coefficients for each step, float32 as diffusers computes them."""
+    """DDPMScheduler's coefficients for each step, float32 as diffusers computes them:
+    ``timesteps [N]`` (noisiest first) -> ``DDPMTables`` of [N] arrays."""
     ac = schedule.alphas_cumprod()
     one = np.float32(1.0)
     prev = np.append(timesteps[1:], -1)
@@ -259,7 +260,8 @@ class DDIMTables(NamedTuple):
 
 
 def ddim_tables(cfg: SamplerConfig, schedule: Schedule, timesteps: np.ndarray) -> DDIMTables:
-    """DDIMScheduler's coefficients for each step (previous timestep t - T // N), float32."""
+    """DDIMScheduler's coefficients for each step (previous timestep t - T // N), float32:
+    ``timesteps [N]`` (noisiest first) -> ``DDIMTables`` of [N] arrays."""
     ac = schedule.alphas_cumprod()
     one = np.float32(1.0)
     final = one if cfg.set_alpha_to_one else ac[0]
@@ -301,7 +303,8 @@ class DPMSolverTables(NamedTuple):
 
 
 def dpm_solver_tables(cfg: SamplerConfig, schedule: Schedule, timesteps: np.ndarray) -> DPMSolverTables:
-    """DPM-Solver++(2M) coefficients for each step, float32 as diffusers computes them."""
+    """DPM-Solver++(2M) coefficients for each step, float32 as diffusers computes them:
+    ``timesteps [N]`` (noisiest first) -> ``DPMSolverTables`` of [N] arrays."""
     ac = schedule.alphas_cumprod()
     one = np.float32(1.0)
     all_sigmas = np.sqrt((one - ac) / ac)
@@ -551,15 +554,44 @@ def sample(denoiser, guidance, sampler_cfg: SamplerConfig, keys, cond, *, x_T: A
         res = _sample_jit(denoiser, guidance if _is_pytree(guidance) else _StaticGuidance(guidance),
                           sampler_cfg, keys, cond, x_T)
     check = getattr(guidance, "check_trace", None)
-    message = check(res.trace) if callable(check) else None
+    message = "; ".join(m for m in (check(res.trace) if callable(check) else None,
+                                    nonfinite_samples_message(res.x0, guidance)) if m)
     if message:   # report, keep the samples: nothing computed is thrown away
         warnings.warn(message, RuntimeWarning, stacklevel=2)
     return res
 
 
+def _strengths(guidance) -> str:
+    """``Name(scale=.., c3=..)``: the strength settings of a guidance (and of the one it wraps)."""
+    parts = [f"{k}={getattr(guidance, k):g}" for k in ("scale", "early_scale")
+             if isinstance(getattr(guidance, k, None), (int, float))]
+    cfg = getattr(guidance, "config", None)
+    parts += [f"{k}={getattr(cfg, k):g}" for k in ("c1", "c2", "c3") if isinstance(getattr(cfg, k, None), (int, float))]
+    base = getattr(guidance, "base", None)
+    if base is not None and base is not guidance:
+        parts.append("base " + _strengths(base))
+    return f"{type(guidance).__name__}({', '.join(parts)})"
+
+
+DIVERGED = 1e6      # |x0| beyond this is no image (samples live at the data's unit scale): the guidance diverged
+
+
+def nonfinite_samples_message(x0, guidance) -> str | None:
+    """A message when samples ``x0`` [B, *S] hold NaN/inf or values beyond ``DIVERGED`` (the
+    guidance diverged, e.g. a huge CFG scale or AMG c3), naming the guidance's strength settings;
+    None when all are fine."""
+    flat = jnp.reshape(x0, (x0.shape[0], -1))
+    bad = np.asarray(jnp.any(~(jnp.abs(flat) <= DIVERGED), axis=1))       # NaN compares False
+    if not bad.any():
+        return None
+    return (f"sample: {int(bad.sum())} of {bad.size} samples are NaN/inf or beyond +-{DIVERGED:g} (samples "
+            f"{np.flatnonzero(bad)[:8].tolist()}): the guidance diverged; lower its strength: {_strengths(guidance)}")
+
+
 __all__ = [
     "DDIMTables", "DDPMTables", "DPMSolverTables", "SAMPLERS", "SampleResult", "Sampler", "SamplerConfig",
     "as_keys", "check_guidance", "ddim_step", "ddim_tables", "ddpm_step", "ddpm_tables", "dpm_solver_step",
-    "dpm_solver_tables", "fold_keys", "initial_noise", "keys_from_seeds", "make_sampler", "run_loop",
+    "dpm_solver_tables", "fold_keys", "initial_noise", "keys_from_seeds", "make_sampler", "nonfinite_samples_message",
+    "run_loop",
     "sample", "sample_loop", "sampler_timesteps", "step_noise", "validate_inputs",
 ]

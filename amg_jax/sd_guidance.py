@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import time
 from typing import Any, Sequence
@@ -113,8 +114,9 @@ def bank_conditions(sd, captions: Sequence[str], *, batch: int = 64) -> Array:
 def method_guidance(method: str, scale: float, *, detector=None, neighbour_conds=None, base: str = "cfg",
                     amg: dict | None = None):
     """The guidance of ``method`` on SD at scale ``scale``; ``"amg"`` wraps ``base`` with
-    ``detector`` (``latent_detector``) and ``SD_AMG`` updated by ``amg``. Without
-    ``neighbour_conds`` caption deduplication is off (the bank's labels are no conditions)."""
+    ``detector`` (``latent_detector``) and ``SD_AMG`` updated by ``amg``. ``neighbour_conds``:
+    the bank captions' text embeddings [C, 77, D] (``bank_conditions``); without them caption
+    deduplication is off (the bank's labels are no conditions)."""
     from amg_jax.guidance import make_amg, make_guidance
 
     if method not in METHODS:
@@ -215,7 +217,8 @@ def run_sample(run: SampleRun, *, progress: bool = True, echo=print) -> dict:
     """Sample ``run`` and write ``out/images/NNNN.png``, ``out/trace.npz`` ({name: [B, N]}) and
     ``out/samples.json`` (prompt, seed, final similarity and gate rate per image). Batches of
     ``run.batch`` seeds are sharded over all devices; images, trace and report are written after
-    each batch, so an interrupted run keeps what it finished."""
+    each batch, so an interrupted run keeps what it finished, and a re-run with the same settings
+    and ``out`` continues after the last finished batch."""
     from PIL import Image
 
     from amg_jax.images import to_uint8
@@ -224,25 +227,35 @@ def run_sample(run: SampleRun, *, progress: bool = True, echo=print) -> dict:
     from amg_jax.sharding import sample_sharded
 
     path = run.model[3:] if run.model.startswith("sd:") else run.model
+    if run.method == "amg":     # the bank, SSCD params and captions first: a damaged file fails before the model loads
+        kind, _, weights = run.detector.partition(":")
+        bank = load_bank(run.bank)
+        if kind == "sscd":
+            from amg_jax.similarity import sscd
+
+            weights = sscd.load_params(weights)
+        captions = load_captions(run.bank) if os.path.isfile(run.bank + ".captions.json") else []
     sd = sdm.load_stable_diffusion(path, dtype=run.dtype)
     den = sdm.sd_denoiser(sd, run.height, run.width)
     sampler = sdm.sd_sampler_config(sd, run.steps, run.sampler)
     det = conds = None
     if run.method == "amg":
-        kind, _, weights = run.detector.partition(":")
-        det = latent_detector(sd, kind, weights, run.bank)
-        try:
-            conds = bank_conditions(sd, load_captions(run.bank))
-        except ValueError:
+        det = latent_detector(sd, kind, weights, bank)
+        if captions:
+            conds = bank_conditions(sd, captions)
+        else:
             echo(f"note: {run.bank} has no captions beside it: caption deduplication (G_dup) is off")
     guidance = method_guidance(run.method, run.scale, detector=det, neighbour_conds=conds, base=run.base,
                                amg=dict(run.amg))
     prompts, cond = _prompts_for(run, sd)
     seeds = [run.seed + i for _ in run.prompts for i in range(run.seeds)]
     os.makedirs(os.path.join(run.out, "images"), exist_ok=True)
-    traces, records = [], []
-    t0 = time.time()
-    for lo in range(0, len(prompts), run.batch):
+    records, traces, seconds = _finished_batches(run)
+    if records:
+        echo(f"resuming {run.out}: {len(records)} of {len(prompts)} images were done before")
+    t0 = time.time() - seconds
+    report = None
+    for lo in range(len(records), len(prompts), run.batch):
         sl = slice(lo, lo + run.batch)
         res = sample_sharded(den, guidance, sampler, keys_from_seeds(seeds[sl]), cond[sl])
         img = to_uint8(np.asarray(den.decode(np.asarray(res.x0))))       # gathered from the devices first
@@ -259,7 +272,34 @@ def run_sample(run: SampleRun, *, progress: bool = True, echo=print) -> dict:
         report = _write_outputs(run, traces, records, time.time() - t0, done=lo + run.batch >= len(prompts))
         if progress:
             echo(f"{len(records)}/{len(prompts)} images ({time.time() - t0:.0f}s)")
+    if report is None:          # every batch was done before
+        report = _write_outputs(run, traces, records, seconds, done=True)
     return report
+
+
+def _run_dict(run: SampleRun) -> dict:
+    """``run`` as samples.json holds it (JSON types)."""
+    return json.loads(json.dumps(dataclasses.asdict(run)))
+
+
+def _finished_batches(run: SampleRun) -> tuple[list, list, float]:
+    """(records, [trace], seconds) of the whole batches an earlier run with the same settings left
+    in ``run.out`` (their images all present); empty when there is none or it is unreadable."""
+    try:
+        with open(os.path.join(run.out, "samples.json")) as f:
+            old = json.load(f)
+        if old["run"] != _run_dict(run):
+            return [], [], 0.0
+        records = list(old["samples"])
+        n = len(records) if old.get("complete") else len(records) - len(records) % run.batch
+        with np.load(os.path.join(run.out, "trace.npz")) as z:
+            trace = {k: z[k][:n] for k in z.files}
+        if any(len(v) != n for v in trace.values()) or not all(
+                os.path.isfile(os.path.join(run.out, r["image"])) for r in records[:n]):
+            return [], [], 0.0
+        return records[:n], [trace], float(old.get("seconds", 0.0))
+    except Exception:      # noqa: BLE001  missing or damaged earlier outputs: start over
+        return [], [], 0.0
 
 
 def _write_outputs(run: SampleRun, traces: list, records: list, seconds: float, done: bool) -> dict:
@@ -268,8 +308,7 @@ def _write_outputs(run: SampleRun, traces: list, records: list, seconds: float, 
 
     trace = {k: np.concatenate([t[k] for t in traces]) for k in traces[0]}
     write_atomic(os.path.join(run.out, "trace.npz"), lambda f: np.savez(f, **trace), binary=True)
-    report = {"run": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(run).items()},
-              "samples": records, "seconds": round(seconds, 2), "complete": done}
+    report = {"run": _run_dict(run), "samples": records, "seconds": round(seconds, 2), "complete": done}
     write_json(os.path.join(run.out, "samples.json"), report)
     return report
 

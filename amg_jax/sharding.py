@@ -154,12 +154,13 @@ def _validate(denoiser, guidance, sampler_cfg, keys, cond, x_T, where: str):
 
 
 def _warn_trace(guidance, res: SampleResult) -> None:
-    """Issue the guidance's ``check_trace`` message (AMG: NaN/inf terms) as ``samplers.sample``
-    does; skipped for outputs this process cannot read whole (several hosts)."""
+    """Issue the guidance's ``check_trace`` message (AMG: NaN/inf terms) and a NaN/inf-samples
+    message as ``samplers.sample`` does; skipped for outputs this process cannot read whole (several hosts)."""
     check = getattr(guidance, "check_trace", None)
-    if not callable(check) or not all(getattr(a, "is_fully_addressable", True) for a in jax.tree.leaves(res.trace)):
+    if not all(getattr(a, "is_fully_addressable", True) for a in jax.tree.leaves((res.x0, res.trace))):
         return
-    message = check(res.trace)
+    message = "; ".join(m for m in (check(res.trace) if callable(check) else None,
+                                    samplers.nonfinite_samples_message(res.x0, guidance)) if m)
     if message:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 

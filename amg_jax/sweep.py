@@ -736,12 +736,14 @@ def load_config(path) -> SweepConfig:
     """Read and validate a sweep TOML file (see the module docstring). Raises FileNotFoundError
     for a missing file, ValueError naming the key (or the TOML line) for anything wrong."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"sweep config {path} is a directory, not a .toml file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"sweep config {path} does not exist")
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"sweep config {path} is not valid TOML: {e}") from None
     return parse_config(data, path)
 
@@ -1049,12 +1051,11 @@ class StableDiffusionBackend:
             from amg_jax.index_build import load_captions
 
             det = sg.latent_detector(self.sd, "sscd", (self.sscd_params, self.sscd_config), self.bank)
-            try:
-                conds = sg.bank_conditions(self.sd, load_captions(self.config.sd.bank))
-            except ValueError:
-                self.echo(f"note: {self.config.sd.bank} has no captions beside it: AMG's caption deduplication "
-                          "(G_dup) is off")
-                conds = None
+            bank = self.config.sd.bank          # a damaged captions file raises (naming it); a missing one: no G_dup
+            captions = load_captions(bank) if os.path.isfile(bank + ".captions.json") else []
+            conds = sg.bank_conditions(self.sd, captions) if captions else None
+            if conds is None:
+                self.echo(f"note: {bank} has no captions beside it: AMG's caption deduplication (G_dup) is off")
             self._amg = (det, conds)
         return self._amg
 

@@ -61,8 +61,8 @@ def build_testbed(name: str) -> tb.Testbed:
 
 def checkpoints_dir() -> str:
     """Where the trained models live: ``$AMG_CHECKPOINTS``, else the repository's ``checkpoints/``."""
-    return os.environ.get("AMG_CHECKPOINTS") or os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
+    return os.path.abspath(os.environ.get("AMG_CHECKPOINTS") or os.path.join(     # cwd-independent (and cache keys)
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints"))
 
 
 def model_kind(name: str) -> str:

@@ -63,6 +63,7 @@ GRADIENTS = ("cheap", "full")
 SCORES = ("auto", "identity", "normalized")
 C3_UNITS = ("data", "raw")
 TERMS = ("base eps_hat", "G_spe", "G_dup", "G_sim")
+TERM_SETTINGS = ("the guidance scale (or c3 of the steps before)", "c1", "c2", "c3")    # what to lower on NaN/inf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,8 +257,9 @@ class AMG:
 
         def bad(v):
             return ~jnp.all(jnp.isfinite(v.reshape(b, -1)), axis=-1)
-        nonfinite = (bad(eps_base).astype(jnp.int32) | (bad(g_spe).astype(jnp.int32) << 1)
-                     | (bad(g_dup).astype(jnp.int32) << 2) | (bad(g_sim).astype(jnp.int32) << 3))
+        used = lambda v: bad(v) & gate        # noqa: E731  a term only counts where the gate adds it
+        nonfinite = (bad(eps_base).astype(jnp.int32) | (used(g_spe).astype(jnp.int32) << 1)
+                     | (used(g_dup).astype(jnp.int32) << 2) | (used(g_sim).astype(jnp.int32) << 3))
         trace = dict(trace, sigma=det.sigma.astype(jnp.float32), index=det.index, label=det.label,
                      gate=gate, s1=s1, s2=s2, grad_norm=jnp.where(gate, gnorm, 0.0), fallback=fb & gate, nonfinite=nonfinite,
                      **{"lambda": jnp.broadcast_to(lam, (b,)).astype(jnp.float32)})
@@ -286,14 +288,16 @@ def nonfinite_message(trace: dict) -> str | None:
             steps = np.flatnonzero(hit.any(axis=0))
             samples = np.flatnonzero(hit.any(axis=1))
             parts.append(f"{term} is NaN/inf from step {int(steps[0])} (steps {steps[:5].tolist()}..., "
-                         f"samples {samples[:8].tolist()})")
+                         f"samples {samples[:8].tolist()}; lower {TERM_SETTINGS[bit]})")
     return "AMG: " + "; ".join(parts)
 
 
 def make_amg(base, detector, *, neighbour_conds=None, **config) -> AMG:
     """AMG around ``base`` with ``detector``; ``config`` are ``AMGConfig`` fields. Checks the
     gate thresholds against the detector's ``sigma_range`` (METHODS.md pitfall 3): a threshold
-    outside it means "always open" or "never open" and is rejected."""
+    outside it means "always open" or "never open" and is rejected. ``neighbour_conds``: a
+    pytree [C, ...] with the condition of each bank label (``y_N`` for ``G_dup``; SD: text
+    embeddings [C, 77, D]), None = the label id itself is the condition."""
     if not callable(getattr(base, "combine", None)):
         raise ValueError(f"AMG: base guidance {type(base).__name__} has no combine(state, ctx, eps_u, eps_c)")
     for name in ("sigma_range", "scale"):
@@ -304,6 +308,13 @@ def make_amg(base, detector, *, neighbour_conds=None, **config) -> AMG:
     if unknown:
         raise ValueError(f"AMG has no setting {unknown[0]!r}; its settings are {sorted(known)}")
     amg = AMG(base=base, detector=detector, config=AMGConfig(**config), neighbour_conds=neighbour_conds)
+    labels = getattr(getattr(detector, "bank", None), "labels", None)
+    if (neighbour_conds is not None and labels is not None and not isinstance(labels, jax.core.Tracer)
+            and getattr(labels, "is_fully_addressable", True)):
+        rows, top = jax.tree.leaves(neighbour_conds)[0].shape[0], int(np.max(np.asarray(labels), initial=-1))
+        if top >= rows:      # jnp.take would clamp: G_dup would silently use another caption
+            raise ValueError(f"AMG: the bank's labels go up to {top} but neighbour_conds has {rows} rows "
+                             "(the captions of another bank?)")
     if amg.config.threshold != "always":
         lo_r, hi_r = (float(v) for v in detector.sigma_range)
         for name, v in zip(("lambda_min", "lambda_max"), amg.thresholds()):

@@ -51,6 +51,11 @@ class StepContext(NamedTuple):
 
 
 class Guidance(Protocol):
+    """What ``sample`` needs of a guidance (see the module docstring): a hashable config with
+    ``init(x_T [B, *S]) -> state`` and ``apply(state, ctx) -> (eps_hat [B, *S], state, trace)``,
+    ``trace`` a dict of [B] arrays. A guidance AMG can wrap also has ``combine(state, ctx, eps_u,
+    eps_c)`` (``apply`` without the denoiser call) and a ``"scale"`` trace entry."""
+
     def init(self, x: Array) -> Any: ...
 
     def apply(self, state: Any, ctx: StepContext) -> tuple[Array, Any, dict]: ...
@@ -74,5 +79,5 @@ def per_sample_norm(x: Array) -> Array:
 
 
 def x0_from_eps(x_t: Array, eps: Array, alpha_bar: Array) -> Array:
-    """x0_hat = (x_t - sqrt(1 - ab) eps) / sqrt(ab)."""
+    """x0_hat = (x_t - sqrt(1 - ab) eps) / sqrt(ab): x_t, eps [B, *S], alpha_bar [] -> [B, *S]."""
     return (x_t - jnp.sqrt(1.0 - alpha_bar) * eps) / jnp.sqrt(alpha_bar)

@@ -173,7 +173,8 @@ class DynamicTransition:
 
 
 def is_local_min_end(a: Array, b: Array, c: Array) -> Array:
-    """True where b is a strict local minimum of the sequence (a, b, c): c > b and a > b."""
+    """True where b is a strict local minimum of the sequence (a, b, c): c > b and a > b.
+    a, b, c: [B] (d_{j-2}, d_{j-1}, d_j per sample) -> [B] bool."""
     return (c > b) & (a > b)
 
 

@@ -34,6 +34,10 @@ class Detection(NamedTuple):
 
 
 class Detector(Protocol):
+    """What AMG needs of a detector (see the module docstring): a pytree with
+    ``__call__(x0_hat [B, *S]) -> Detection`` (each field [B]), ``sigma_range`` and ``scale``
+    (and optionally ``default_thresholds``)."""
+
     sigma_range: tuple
     scale: float
 

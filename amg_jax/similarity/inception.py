@@ -524,7 +524,9 @@ def _load_state_dict(src) -> tuple[dict, str]:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            first = (str(e).strip().splitlines() or [""])[0][:300]
+            msg = str(e)        # torch's advice to load unsafely (weights_only=False) does not fix a damaged file
+            msg = msg.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in msg else msg
+            first = (msg.strip().splitlines() or [""])[0][:300]
             raise ValueError(f"convert_state_dict: could not read {path!r} as a PyTorch state dict (is the file "
                              f"complete / not corrupted?): {type(e).__name__}: {first}") from None
         sd, _ = _load_state_dict(obj)

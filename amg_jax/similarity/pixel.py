@@ -124,6 +124,7 @@ def nl2(x: Array, ref: Array, *, k: int = 50, alpha: float = 0.5, ref_sq: Array 
     """Carlini's normalised L2 of each query against ``ref`` (expects a deduplicated ``ref``).
 
     ``nl2 = ||x - n0|| / max(alpha * mean_kNN ||x - z||, eps)``, ``k`` clamped to ``M``.
+    x: [B, ...] queries; ref: [M, ...] (or flattened [M, D]). Returns ``NL2Result``, each field [B].
     """
     dist, idx = knn(x, ref, k, ref_sq=ref_sq)
     m = jnp.mean(dist, axis=-1)
