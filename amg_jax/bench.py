@@ -189,6 +189,20 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[dict, Any]:
             "spread": (max(times) - min(times)) / med if med > 0 else 0.0}, out
 
 
+def xla_gflops(jitted, *args) -> float | None:
+    """XLA's count of floating-point operations (GFLOP) of one call of ``jitted(*args)``, from its
+    lowered program's cost analysis: a hardware-independent measure of the work; None where the
+    backend gives none."""
+    try:
+        cost = jitted.lower(*args).cost_analysis()
+    except Exception:   # noqa: BLE001  backends without a cost model raise various errors
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    flops = (cost or {}).get("flops")
+    return None if flops is None or flops < 0 else float(flops) / 1e9
+
+
 def peak_memory_bytes(device=None) -> int | None:
     """The device's peak bytes in use so far (``memory_stats()["peak_bytes_in_use"]``), or None
     where the backend does not report it (CPU)."""
@@ -472,6 +486,8 @@ CLOSED = "AMG gate closed all the way"
 OPEN_FULL = "AMG gate open every step, full gradient"
 OPEN_CHEAP = "AMG gate open every step, cheap gradient"
 REALISTIC = "AMG default gate, prompts that copy (realistic mix)"
+DETECT_EVERY = 3
+CLOSED_K = f"AMG gate closed all the way, detect_every={DETECT_EVERY}"
 SPE_ONLY = "AMG despecification only, gate closed (tiny setting: no lax.cond to compile)"
 
 
@@ -571,16 +587,17 @@ def _components(env: _Shared, group: str, den, detector, cond, cfg_step_s: float
     cheap = jax.jit(jax.grad(lambda xx, d: jnp.sum(d(xx).sigma)))
     full = jax.jit(jax.grad(lambda xx, d, dd, cc: jnp.sum(dd(x0_of(xx, cfg_eps(d, xx, cc))).sigma)))
     x2 = jnp.concatenate([x, x])
-    parts = [(f"component: one denoiser call [2B = {2 * b}]", lambda: eps(den, x2, t, cond2)),
-             (f"component: one detector call [B = {b}]", lambda: det(detector, x)),
-             (f"component: cheap G_sim gradient (detector backward) [B = {b}]", lambda: cheap(x, detector))]
+    parts = [(f"component: one denoiser call [2B = {2 * b}]", eps, (den, x2, t, cond2)),
+             (f"component: one detector call [B = {b}]", det, (detector, x)),
+             (f"component: cheap G_sim gradient (detector backward) [B = {b}]", cheap, (x, detector))]
     if full_gradient:
         parts.append((f"component: full G_sim gradient (CFG call [2B] forward + backward, detector) [B = {b}]",
-                      lambda: full(x, den, detector, cond2)))
+                      full, (x, den, detector, cond2)))
     rows = []
-    for name, fn in parts:
-        tm, _ = timed(fn, env.s.repeats)
-        rows.append(dict(group=group, name=name, kind="component", ratio=tm["seconds"] / cfg_step_s, **tm))
+    for name, fn, args in parts:
+        tm, _ = timed(lambda fn=fn, args=args: fn(*args), env.s.repeats)
+        rows.append(dict(group=group, name=name, kind="component", ratio=tm["seconds"] / cfg_step_s,
+                         gflops=xla_gflops(fn, *args), **tm))
     env.echo(f"[amg] {group}: one CFG loop step {cfg_step_s * 1e3:.2f} ms; "
              + ", ".join(f"{r['name'].split(': ', 1)[1]} {r['seconds'] * 1e3:.2f} ms" for r in rows))
     return rows
@@ -612,6 +629,8 @@ def _sscd_group(env: _Shared, sscd_config, label: str) -> tuple[list, dict]:
         variants = [(SPE_ONLY, amg(**shut, dedup=False, dissimilar=False))]
     else:
         variants = [(CLOSED, amg(**shut))]
+        if not s.quick:   # one more AMG program: the detection held for DETECT_EVERY steps
+            variants.append((CLOSED_K, amg(**shut, detect_every=DETECT_EVERY)))
     open_rows = sd_open_rows(s)
     if open_rows:
         variants += [(OPEN_FULL, amg(threshold="always")), (OPEN_CHEAP, amg(threshold="always", gradient="cheap"))]
@@ -633,6 +652,14 @@ def sd_open_rows(s: Settings) -> bool:
     (the backward pass through its UNet and VAE takes minutes per step there)."""
     on_cpu = jax.devices()[0].platform == "cpu"
     return not (s.tiny or s.quick or (on_cpu and (s.sd_size != "tiny" or s.sd_path is not None)))
+
+
+def flop_bound(rows: list, group: str) -> float | None:
+    """1 + (the detector call's FLOPs / one CFG denoiser call's), from the group's component rows:
+    what a gate-closed step costs relative to a CFG step when time follows FLOPs."""
+    comp = {r["name"].split(" [")[0]: r.get("gflops") for r in rows if r["group"] == group and r.get("kind")}
+    den, det = comp.get("component: one denoiser call"), comp.get("component: one detector call")
+    return None if not den or det is None else 1.0 + det / den
 
 
 def part_amg(env: _Shared) -> dict:
@@ -666,6 +693,12 @@ def part_amg(env: _Shared) -> dict:
     met = None if pixel is None or sscd_ratio is None else bool(pixel <= 1.15 and sscd_ratio <= 1.6)
     head = (f"gate closed: pixel {_fmt(pixel, '.2f')}x CFG, SSCD through the VAE {_fmt(sscd_ratio, '.2f')}x CFG"
             + (f" ({sscd_groups[-1]})" if sscd_groups else ""))
+    k_rows = [x for x in rows if x["name"] == CLOSED_K and sscd_groups and x["group"] == sscd_groups[-1]]
+    if k_rows:
+        head += f"; with detect_every={DETECT_EVERY}: {k_rows[0]['ratio']:.2f}x"
+    bound = flop_bound(rows, sscd_groups[-1]) if sscd_groups else None
+    if bound is not None:
+        head += f"; XLA FLOP count: the SSCD detector call = {bound - 1:.2f} CFG denoiser calls"
     notes = ["'gate closed all the way': the detector runs every step and the lax.cond skips G_dup's pass and the "
              "gradient; on unet-text it is the realistic run's own program with the bank moved out of reach "
              "(+100 in every pixel), on SD thresholds no sample reaches; 'open every step': threshold='always'",
@@ -683,7 +716,9 @@ def part_amg(env: _Shared) -> dict:
         notes.append("on the tiny SD the UNet is far smaller than the VAE decoder + SSCD, so the SSCD ratios "
                      "overstate what they are on SD-1.5 (sd_size='1.5')")
     return {"title": "AMG's cost against plain CFG", "groups": groups, "rows": rows, "met": met,
-            "closed_ratio_pixel": pixel, "closed_ratio_sscd": sscd_ratio, "headline": head, "notes": notes}
+            "closed_ratio_pixel": pixel, "closed_ratio_sscd": sscd_ratio,
+            "closed_ratio_sscd_detect_every": k_rows[0]["ratio"] if k_rows else None,
+            "sscd_flop_bound": bound, "headline": head, "notes": notes}
 
 
 # ----------------------------------------------------------------------------- part: search
@@ -852,7 +887,8 @@ _COLUMNS = {
                  ("compile s", "compile_s", lambda v: f"{v:.1f}")],
     "amg": [("model / detector", "group", str), ("run", "name", str), ("s", "seconds", _fmt),
             ("x CFG", "ratio", lambda v: f"{v:.2f}x"), ("compile s", "compile_s", lambda v: f"{v:.1f}"),
-            ("gate open", "gate_open", _pct), ("steps any open", "steps_any_open", _pct)],
+            ("gate open", "gate_open", _pct), ("steps any open", "steps_any_open", _pct),
+            ("GFLOP", "gflops", _fmt)],
     "search": [("run", "name", str), ("ms / call", "ms", lambda v: f"{v:.3f}"),
                ("x denoiser call", "ratio", lambda v: f"{v:.3g}"), ("agrees with exact", "agrees_with_exact", _pct),
                ("compile s", "compile_s", lambda v: f"{v:.1f}")],

@@ -189,6 +189,13 @@ def test_components_time_each_part_of_a_step(tmp_path):
         np.testing.assert_allclose(r["ratio"], r["seconds"] / 0.5, rtol=1e-12)
     short = bench._components(env, "g", den, det, cond, cfg_step_s=0.5, scale=2.0, full_gradient=False)
     assert len(short) == 3
+    # XLA's FLOP counts: the denoiser call [2B = 4] of p * x over 4x4x1 samples is a few dozen FLOPs;
+    # the full gradient (forward + backward through it and the detector) counts more than the detector alone
+    flops = [r["gflops"] for r in rows]
+    assert all(f is not None and f > 0 for f in flops), flops
+    assert flops[3] > flops[1]
+    np.testing.assert_allclose(bench.flop_bound(rows, "g"), 1 + flops[1] / flops[0], rtol=1e-12)
+    assert bench.flop_bound(rows, "other") is None
 
 
 def test_sd_open_rows_setting():

@@ -369,3 +369,38 @@ def test_default_full_gradient_frees_duplicated_prompts_where_the_cheap_one_does
     assert copied("cfg") >= 0.9
     assert copied("amg") <= 0.15
     assert copied("amg", {"gradient": "cheap"}) >= 0.9
+
+
+def test_detect_every_holds_the_detection_between_detecting_steps():
+    """detect_every=3: the detector runs on steps 0, 3, 6, ... (counted through a callback) and its
+    sigma / neighbour are held in between; every other step of a k=1 run it equals where they meet."""
+    calls = []
+
+    @struct.dataclass
+    class Counted(LinearDetector):
+        def __call__(self, x):
+            jax.debug.callback(lambda: calls.append(1))
+            return LinearDetector.__call__(self, x)
+
+    den = toy_denoiser()
+    d = Counted(jnp.float32(-1.2), jnp.asarray(np.random.default_rng(3).normal(size=D) * 0.05, jnp.float32))
+    keys, cond = keys_from_seeds(range(2)), jnp.array([0, 2], jnp.int32)
+    cfg = SamplerConfig("ddim", num_steps=7)
+    every = sample(den, make_amg(CFG(scale=3.0), d, detect_every=1, gradient="cheap"), cfg, keys, cond)
+    n_every = len(calls)
+    calls.clear()
+    held = sample(den, make_amg(CFG(scale=3.0), d, detect_every=3, gradient="cheap"), cfg, keys, cond)
+    assert "detected" not in every.trace
+    np.testing.assert_array_equal(np.asarray(held.trace["detected"])[0], [1, 0, 0, 1, 0, 0, 1])
+    sig = np.asarray(held.trace["sigma"])
+    np.testing.assert_array_equal(sig[:, 1], sig[:, 0])
+    np.testing.assert_array_equal(sig[:, 5], sig[:, 3])
+    np.testing.assert_allclose(sig[:, 0], np.asarray(every.trace["sigma"])[:, 0], rtol=1e-6)
+    # the gate still compares the held sigma with each step's own threshold
+    np.testing.assert_array_equal(np.asarray(held.trace["gate"]), sig > np.asarray(held.trace["lambda"]))
+    # gradient calls aside (cheap G_sim differentiates the detector on open steps), fewer detections
+    open_steps = int(np.asarray(held.trace["gate"]).any(axis=0).sum())
+    assert len(calls) == 3 + open_steps      # steps 0, 3, 6 detect; each open step's gradient calls it once
+    assert n_every > 7 - 1                   # k=1: every one of the 7 steps detects
+    with pytest.raises(ValueError, match="detect_every must be an integer >= 1"):
+        make_amg(CFG(), d, detect_every=0)
