@@ -37,6 +37,10 @@ At every step, with ``eps_hat`` from the base guidance (CFG, delayed CFG, OG, ..
 - **Batch-level gate**: ``G_dup``'s extra denoiser call and the gradient sit in one
   ``lax.cond`` on "any sample in the batch has its gate open"; when none has, they are not
   computed. (Under ``vmap`` a ``cond`` runs both branches: batch, do not vmap, AMG.)
+  ``open_batch = m`` (default None = off): when 1..m samples are open, only those are
+  gathered into a batch of m for ``G_dup`` and the gradient (a third branch, more to
+  compile); more than m open runs the whole batch. Samples are independent, so the result
+  is the same; a realistic mix (a few samples open at a time) pays for m, not B.
 - ``detect_every = k`` (default 1, the paper's every step): the detector runs on steps
   0, k, 2k, ... and its detection (sigma, neighbour) is held in between; the gate is still
   compared with each step's ``lambda_t``, and ``G_sim``'s gradient, on open steps, still runs
@@ -54,6 +58,7 @@ Trace (each [B] per step): the base's entries (``scale``, ``d``, ...) plus ``sig
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -99,8 +104,12 @@ class AMGConfig:
     fallback_tol: float = 1e-6
     max_shift: float | None = None
     detect_every: int = 1
+    open_batch: int | None = None
 
     def __post_init__(self):
+        ob = self.open_batch
+        if ob is not None and (isinstance(ob, bool) or not isinstance(ob, (int, np.integer)) or ob < 1):
+            raise ValueError(f"AMGConfig.open_batch must be an integer >= 1 or None, got {ob!r}")
         k = self.detect_every
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"AMGConfig.detect_every must be an integer >= 1, got {k!r}")
@@ -246,34 +255,55 @@ class AMG:
         c3 = c.c3 * (float(self.detector.scale) ** 2 if c.c3_units == "data" else 1.0)
         ref_norm = 1.0 / (float(self.detector.scale) * jnp.sqrt(ab))   # |grad sigma| at unit scale
 
-        def expensive(_):
-            g_dup = jnp.zeros_like(eps_base)
+        def open_terms(st, cx, label, s2_, x0_, e_base, e_u):
+            """G_dup, G_sim, |grad|, fallback for the samples of ``cx`` (all B, or a compacted few)."""
+            n = cx.x_t.shape[0]
+            shp = (n,) + (1,) * (cx.x_t.ndim - 1)
+            g_dup = jnp.zeros_like(e_base)
             if c.dedup:
-                eps_n = ctx.eps(ctx.x_t, self._neighbour_cond(det.label, ctx.null_cond))
-                g_dup = -s2.reshape(bshape) * (eps_n - eps_u)
-            g_sim, gnorm, fb = jnp.zeros_like(eps_base), zeros_b, jnp.zeros((b,), bool)
+                eps_n = cx.eps(cx.x_t, self._neighbour_cond(label, cx.null_cond))
+                g_dup = -s2_.reshape(shp) * (eps_n - e_u)
+            g_sim, gnorm, fb = jnp.zeros_like(e_base), jnp.zeros((n,), jnp.float32), jnp.zeros((n,), bool)
             if c.dissimilar:
-                g = self._grad_xt(state, ctx, x0_hat).astype(eps_base.dtype)
+                g = self._grad_xt(st, cx, x0_).astype(e_base.dtype)
                 gnorm = per_sample_norm(g)
                 if c.fallback:
                     fb = jnp.isfinite(gnorm) & (gnorm <= c.fallback_tol * ref_norm)   # NaN stays NaN
-                    u = eps_base / jnp.maximum(per_sample_norm(eps_base), 1e-30).reshape(bshape)
-                    g = jnp.where(fb.reshape(bshape), -u * ref_norm, g)
+                    u = e_base / jnp.maximum(per_sample_norm(e_base), 1e-30).reshape(shp)
+                    g = jnp.where(fb.reshape(shp), -u * ref_norm, g)
                 g_sim = c3 * jnp.sqrt(1.0 - ab) * g
                 if c.max_shift is not None:    # x0_hat moves by sqrt((1 - ab) / ab) |G_sim|
                     shift = jnp.sqrt((1.0 - ab) / ab) * per_sample_norm(g_sim)
                     cap = c.max_shift * float(self.detector.scale)
-                    g_sim = g_sim * jnp.minimum(1.0, cap / jnp.maximum(shift, 1e-30)).reshape(bshape)
+                    g_sim = g_sim * jnp.minimum(1.0, cap / jnp.maximum(shift, 1e-30)).reshape(shp)
             return g_dup, g_sim, gnorm, fb
+
+        def whole_batch(_):
+            return open_terms(state, ctx, det.label, s2, x0_hat, eps_base, eps_u)
+
+        def compacted(_):
+            # the first open_batch open samples (padded with the first one), computed as a small batch
+            idx = jnp.nonzero(gate, size=c.open_batch, fill_value=-1)[0]
+            idx = jnp.where(idx < 0, idx[0], idx)
+            take = functools.partial(jax.tree.map, lambda a: a[idx] if getattr(a, "ndim", 0) >= 1
+                                     and a.shape[0] == b else a)
+            sub = ctx._replace(x_t=ctx.x_t[idx], cond=take(ctx.cond), null_cond=take(ctx.null_cond),
+                               key=take(ctx.key))
+            outs = open_terms(take(state), sub, det.label[idx], s2[idx], x0_hat[idx], eps_base[idx], eps_u[idx])
+            return tuple(jnp.zeros((b,) + o.shape[1:], o.dtype).at[idx].set(o) for o in outs)
 
         def closed(_):
             z = jnp.zeros_like(eps_base)
             return z, z, zeros_b, jnp.zeros((b,), bool)
 
-        if c.dedup or c.dissimilar:
-            g_dup, g_sim, gnorm, fb = jax.lax.cond(jnp.any(gate), expensive, closed, None)
-        else:
+        if not (c.dedup or c.dissimilar):
             g_dup, g_sim, gnorm, fb = closed(None)
+        elif c.open_batch is not None and c.open_batch < b:
+            n_open = jnp.sum(gate.astype(jnp.int32))
+            branch = jnp.where(n_open == 0, 0, jnp.where(n_open <= c.open_batch, 1, 2))
+            g_dup, g_sim, gnorm, fb = jax.lax.switch(branch, (closed, compacted, whole_batch), None)
+        else:
+            g_dup, g_sim, gnorm, fb = jax.lax.cond(jnp.any(gate), whole_batch, closed, None)
         open_ = gate.reshape(bshape)
         eps_hat = eps_base + jnp.where(open_, g_spe + g_dup + g_sim, 0.0)
 

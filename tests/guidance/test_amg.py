@@ -404,3 +404,27 @@ def test_detect_every_holds_the_detection_between_detecting_steps():
     assert n_every > 7 - 1                   # k=1: every one of the 7 steps detects
     with pytest.raises(ValueError, match="detect_every must be an integer >= 1"):
         make_amg(CFG(), d, detect_every=0)
+
+
+@pytest.mark.parametrize("gradient", ["full", "cheap"])
+def test_open_batch_compacts_the_open_samples_with_the_same_result(gradient):
+    """open_batch=2 on a batch of 5: steps where 1-2 samples are open run them as a batch of 2,
+    steps with more open run the whole batch; samples, gates and gradients equal open_batch=None."""
+    counter = []
+    den = toy_denoiser(counter)
+    d = det(-3.0, np.random.default_rng(5).normal(size=D) * 0.02)        # 3, 3, 3, 2, 2, 2 samples open
+    keys, cond = keys_from_seeds(range(5)), jnp.array([0, 2, 1, 0, 2], jnp.int32)
+    cfg = SamplerConfig("ddim", num_steps=6)
+    kw = dict(gradient=gradient, c3=0.0)      # G_sim computed (grad_norm) but not applied: the gates stay put
+    plain = sample(den, make_amg(CFG(scale=3.0), d, **kw), cfg, keys, cond)
+    counter.clear()
+    comp = sample(den, make_amg(CFG(scale=3.0), d, open_batch=2, **kw), cfg, keys, cond)
+    n_open = np.asarray(comp.trace["gate"]).sum(axis=0)
+    assert ((n_open >= 1) & (n_open <= 2)).any() and (n_open > 2).any()      # both branches were taken
+    small = [n for n in counter if n == 2]                                     # G_dup's pass on 2 samples
+    assert len(small) >= int(((n_open >= 1) & (n_open <= 2)).sum())
+    chex.assert_trees_all_close(comp.x0, plain.x0, rtol=1e-5, atol=1e-5)
+    for k in ("gate", "grad_norm", "s2", "sigma"):
+        np.testing.assert_allclose(np.asarray(comp.trace[k]), np.asarray(plain.trace[k]), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="open_batch must be an integer >= 1 or None"):
+        make_amg(CFG(), d, open_batch=0)
