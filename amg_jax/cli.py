@@ -147,7 +147,7 @@ def _add_bench(sub) -> None:
                     "bank size, scaling over devices. Writes OUT/bench.json and OUT/bench.md.",
         formatter_class=_Help)
     b.add_argument("--out", default="bench_out", help="output directory")
-    b.add_argument("--quick", action="store_true", help="tiny settings (a few minutes on a CPU)")
+    b.add_argument("--quick", action="store_true", help="tiny settings: the tiny SD, 3 steps, no gate-open loops (about 2 minutes on 2 CPU cores)")
     b.add_argument("--parts", default=None, help="comma-separated parts: pipeline, amg, search, devices")
     b.add_argument("--sd-size", choices=("tiny", "1.5"), default="tiny",
                    help="Stable Diffusion UNet size for the pipeline / SSCD parts (1.5: random SD-1.5-sized, GPU)")

@@ -224,4 +224,4 @@ def run_demo(config: DemoConfig = DemoConfig(), *, progress: bool = True, echo=p
     return report
 
 
-__all__ = ["DEFAULT_METHODS", "DEFAULT_MODELS", "DemoConfig", "format_table", "run_demo"]
+__all__ = ["DEFAULT_METHODS", "DEFAULT_MODELS", "DemoConfig", "METHOD_LABELS", "format_table", "prompt_caption", "run_demo"]

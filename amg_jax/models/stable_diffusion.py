@@ -176,8 +176,10 @@ class StableDiffusion:
 
     def decode(self, latents: Array) -> Array:
         """latents [B, h, w, C] -> pixels [B, h*f, w*f, 3] float32, clipped to [-1, 1] (as the pipeline
-        clips its [0, 1] images): the VAE decoder applied to latents / scaling_factor."""
-        return _vae_decode(self._vae_static, self.vae_params, latents)
+        clips its [0, 1] images): the VAE decoder applied to latents / scaling_factor. Latents
+        sharded over several devices (``sample_sharded``'s output) are gathered onto the device
+        that holds the VAE params first."""
+        return _vae_decode(self._vae_static, self.vae_params, _onto_params_device(latents, self.vae_params))
 
     @functools.cached_property
     def _vae_static(self) -> "_Static":
@@ -186,6 +188,21 @@ class StableDiffusion:
     @functools.cached_property
     def _text_static(self) -> "_Static":
         return _text_model(self.text_encoder, self.dtype)
+
+
+def _onto_params_device(x, params):
+    """``x`` moved onto the single device holding ``params`` when it is a concrete array on other
+    devices (jit refuses arguments committed to different devices); unchanged otherwise."""
+    leaves = jax.tree.leaves(params)
+    if not leaves or not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+        return x
+    p = leaves[0]
+    if not isinstance(p, jax.Array) or isinstance(p, jax.core.Tracer):
+        return x
+    devs = p.sharding.device_set
+    if len(devs) == 1 and x.sharding.device_set != devs:
+        return jax.device_put(x, next(iter(devs)))
+    return x
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -282,3 +282,22 @@ def test_hub_id_downloads_one_set_of_weights(tiny_dir, monkeypatch):
     assert not any("safetensors" in p or "safety" in p for p in calls["patterns"])
     _, from_pt = sdm._download("owner/tiny-sd", None, True)
     assert from_pt and "text_encoder/model.safetensors" in calls["patterns"]
+
+
+def test_latents_sharded_over_devices_are_gathered_onto_the_params_device():
+    """decode's helper: sample_sharded's output (latents over all devices) moves onto the VAE params'
+    device (jit refuses the mix); arrays already there and tracers are left alone."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from amg_jax.sharding import make_mesh
+
+    params = {"w": jax.device_put(jnp.ones((3,)), jax.devices()[0])}
+    mesh = make_mesh()
+    x = jax.device_put(jnp.arange(4.0 * len(jax.devices())).reshape(-1, 1),
+                       NamedSharding(mesh, PartitionSpec(mesh.axis_names[0])))
+    moved = sdm._onto_params_device(x, params)
+    assert moved.sharding.device_set == {jax.devices()[0]}
+    np.testing.assert_array_equal(np.asarray(moved), np.asarray(x))
+    local = jnp.ones((2, 1))
+    assert sdm._onto_params_device(local, params) is local
+    jax.jit(lambda v: sdm._onto_params_device(v, params))(local)          # a tracer passes through
