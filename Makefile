@@ -1,4 +1,6 @@
 # Two entry points: `make demo` and `make test`. Each creates .venv on first use and reuses it.
+# `make test` runs the suite in 2 processes (pytest-xdist, one test file per process at a time:
+# module fixtures are built once); XLA compilation, which dominates, is single-threaded.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -18,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/amg demo
 
 test: $(STAMP)
-	XLA_FLAGS=--xla_force_host_platform_device_count=4 $(BIN)/python -m pytest -q --durations=15
+	XLA_FLAGS=--xla_force_host_platform_device_count=4 $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 clean:
 	rm -rf $(VENV)

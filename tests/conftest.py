@@ -11,6 +11,20 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 import pytest  # noqa: E402
 
+
+@pytest.fixture(scope="module")
+def fast_compiles():
+    """XLA's optimisations off for a module (``jax_disable_most_optimizations``): its compilations
+    take 2-3x less time; for modules that check plumbing and results, not speed or last-ulp parity.
+    Opt in with ``pytestmark = pytest.mark.usefixtures("fast_compiles")``."""
+    import jax
+
+    old = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)
+
+
 @pytest.fixture(scope="session")
 def small_mixture():
     """(testbed, partial-memorizer Denoiser) on the demo's small testbed (16x16, 12 captions),

@@ -15,13 +15,7 @@ import pytest
 from amg_jax import bench
 from amg_jax.models import stable_diffusion as sdm
 
-
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    old = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @pytest.fixture(scope="module")

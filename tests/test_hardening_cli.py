@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from amg_jax import cli, workbench
+from cli_checks import assert_clean_error, run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,29 +33,6 @@ def _user_dir(path) -> list:
                                       'samples_per_prompt = 1\nout = "afile/res"\n\n[[method]]\nname = "CFG"\n'
                                       'guidance = "cfg"\n')
     return sorted(os.listdir(path))
-
-
-def listing(path) -> list:
-    """Every file and folder under ``path`` (relative), sorted."""
-    return sorted(os.path.relpath(os.path.join(r, n), path) for r, ds, fs in os.walk(path) for n in ds + fs)
-
-
-def run_cli(argv, capsys) -> tuple[int, str]:
-    """(exit code, stderr) of ``amg argv`` in-process; fails on any exception but SystemExit."""
-    try:
-        code = cli.main(argv)
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
-
-
-def assert_clean_error(code, err, message) -> None:
-    """Exit 2, no traceback, and exactly one line saying ``error: ... message ...`` (after the usage)."""
-    assert code == 2, (code, err)
-    assert "Traceback" not in err, err
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert len(errors) == 1 and errors[0] == err.strip().splitlines()[-1], err
-    assert message in errors[0], err
 
 
 SD = ["sample", "--model", "sd:/no/such/sd", "--prompt", "a cat", "--out", "o"]

@@ -15,14 +15,13 @@ from amg_jax import workbench
 from amg_jax.index import build_bank, save_bank
 from amg_jax.similarity import sscd
 
-from amg_jax import cli
+from cli_checks import assert_clean_error, listing, run_cli
 
 SSCD_CFG = sscd.SSCDConfig(stage_sizes=(1, 1), width=4, embed_dim=8, image_size=32)
 # orbax leaves an unraisable "Event loop is closed" after a failed read of damaged weights (collected later)
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
-# the helpers of tests/test_hardening_cli.py (test modules do not import each other here)
 def _user_dir(path) -> None:
     """A working directory with a folder of images."""
     from PIL import Image
@@ -30,27 +29,6 @@ def _user_dir(path) -> None:
     os.makedirs(path / "imgs")
     for i in range(2):
         Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(path / "imgs" / f"{i}.png")
-
-
-def listing(path) -> list:
-    return sorted(os.path.relpath(os.path.join(r, n), path) for r, ds, fs in os.walk(path) for n in ds + fs)
-
-
-def run_cli(argv, capsys) -> tuple[int, str]:
-    try:
-        code = cli.main(argv)
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
-
-
-def assert_clean_error(code, err, message) -> None:
-    """Exit 2, no traceback, and exactly one line saying ``error: ... message ...`` (after the usage)."""
-    assert code == 2, (code, err)
-    assert "Traceback" not in err, err
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert len(errors) == 1 and errors[0] == err.strip().splitlines()[-1], err
-    assert message in errors[0], err
 
 
 @pytest.fixture(scope="module")

@@ -44,6 +44,8 @@ import pytest
 
 from amg_jax import cli
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 
@@ -199,14 +201,6 @@ def workspace(tmp_path_factory):
     sys.modules[module.__name__] = module
     yield root, vars(module)
     del sys.modules[module.__name__]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    old = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
 
 
 @contextlib.contextmanager
