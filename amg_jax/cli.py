@@ -80,6 +80,14 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+def _add_no_progress(p) -> None:
+    """``--no-progress`` (sets ``progress`` False; True by default, without the formatter's
+    misleading "(default: True)" after a flag that turns it off)."""
+    p.set_defaults(progress=True)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
+                   help="hide the progress bar")
+
+
 def _add_run_args(p) -> None:
     """The options every testbed run shares: prompts, seeds, sampler, steps, scale, seed."""
     from amg_jax.samplers import SAMPLERS
@@ -126,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: the models' (unet for the trained UNets, else default); default: 32x32, "
                         "62 captions; small: 16x16, 12 captions (quick); unet: the default captions at 16x16")
     _add_run_args(d)
-    d.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    _add_no_progress(d)
     _add_eval(sub)
     _add_train(sub)
     _add_evalnet(sub)
@@ -178,7 +186,7 @@ def _add_sweep(sub) -> None:
                     "out folder. The config is checked before any work.",
         formatter_class=_Help)
     w.add_argument("config", help="sweep config (.toml)")
-    w.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    _add_no_progress(w)
 
 
 def _run_sweep(args, parser) -> int:
@@ -320,7 +328,7 @@ def _add_index(sub) -> None:
     b.add_argument("--copy-threshold", type=_finite_float,
                    help="store a calibrated copy threshold with the bank (pixel banks)")
     b.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
-    b.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    _add_no_progress(b)
 
 
 def _run_index(args, parser) -> None:
@@ -365,7 +373,7 @@ def _add_train(sub) -> None:
     t.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every, help="steps between checkpoints")
     t.add_argument("--seed", type=int, default=d.seed, help="seed of init, batches and noise")
     t.add_argument("--channels", type=_unet_channels, default=32, help="UNet base width")
-    t.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    _add_no_progress(t)
 
 
 def _add_evalnet(sub) -> None:

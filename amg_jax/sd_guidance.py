@@ -202,14 +202,14 @@ class SampleRun:
 
 def _prompts_for(run: SampleRun, sd) -> tuple[list[str], Array]:
     """Every (prompt, seed) pair's prompt and text embedding, with the run's prompt baseline."""
-    from amg_jax.prompt_baselines import EMBEDDING_BASELINES, apply_baseline, gaussian_noise_embedding
+    from amg_jax.prompt_baselines import EMBEDDING_BASELINES, apply_baseline
 
     prompts = [p for p in run.prompts for _ in range(run.seeds)]
     if run.baseline is not None and run.baseline not in EMBEDDING_BASELINES:
         prompts = list(apply_baseline(run.baseline, prompts, run.seed))
     cond = sdm.encode_prompts(sd, prompts)
-    if run.baseline in EMBEDDING_BASELINES:
-        cond = gaussian_noise_embedding(jax.random.key(run.seed), cond)
+    if run.baseline in EMBEDDING_BASELINES:      # row i's noise from fold_in(key(seed), i), as in the sweeps
+        cond = apply_baseline(run.baseline, cond, run.seed)
     return prompts, cond
 
 

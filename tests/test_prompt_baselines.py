@@ -165,3 +165,21 @@ def test_errors():
         pb.random_number_addition("seed", "a")
     with pytest.raises(ValueError, match="prompt must be a string"):
         pb.caption_word_repetition(0, ["a"])
+
+
+def test_amg_sample_gni_noise_is_per_row(monkeypatch):
+    """`amg sample --baseline gni`: each (prompt, seed) row gets its own stream (fold_in(key(seed), i),
+    as apply_baseline and the sweeps), so a row's noise does not depend on how many prompts there are."""
+    from amg_jax import sd_guidance as sg
+
+    def fake_encode(sd, prompts, batch=64):
+        return jnp.stack([jnp.full((3, 4), float(len(p))) for p in prompts])
+
+    monkeypatch.setattr(sg.sdm, "encode_prompts", fake_encode)
+    one = sg.SampleRun(model="sd:x", prompts=("a cat",), out="o", seeds=2, seed=5, baseline="gni")
+    two = sg.SampleRun(model="sd:x", prompts=("a cat", "a dog"), out="o", seeds=2, seed=5, baseline="gni")
+    _, c1 = sg._prompts_for(one, None)
+    _, c2 = sg._prompts_for(two, None)
+    chex.assert_trees_all_close(c1, c2[:2])
+    chex.assert_trees_all_close(c2, pb.apply_baseline("gni", fake_encode(None, ["a cat"] * 2 + ["a dog"] * 2), 5))
+    assert not np.allclose(np.asarray(c2[0]), np.asarray(c2[1]))           # the two seeds of one prompt differ
