@@ -572,6 +572,8 @@ def _components(env: _Shared, group: str, den, detector, cond, cfg_step_s: float
     loop: one CFG denoiser call [2B], one detector call [B], and what an open gate adds: the
     cheap G_sim gradient (through the detector only) and the full one (``jax.grad`` of
     sigma(x0_hat(x_t)) through the CFG denoiser call: its forward again plus its backward)."""
+    from amg_jax.guidance.base import x0_from_eps
+
     b = int(cond.shape[0])
     x = jax.random.normal(jax.random.key(1), (b,) + tuple(den.sample_shape))
     cond2 = jnp.concatenate([jnp.broadcast_to(den.null_cond, cond.shape), cond])
@@ -582,13 +584,10 @@ def _components(env: _Shared, group: str, den, detector, cond, cfg_step_s: float
         e = d.eps_fn(d.params, jnp.concatenate([xx, xx]), t, cc)
         return e[:b] + scale * (e[b:] - e[:b])
 
-    def x0_of(xx, e):
-        return (xx - jnp.sqrt(1.0 - ab) * e) / jnp.sqrt(ab)
-
     eps = jax.jit(lambda d, xx, tt, cc: d.eps_fn(d.params, xx, tt, cc))
     det = jax.jit(lambda d, xx: d(xx).sigma)
     cheap = jax.jit(jax.grad(lambda xx, d: jnp.sum(d(xx).sigma)))
-    full = jax.jit(jax.grad(lambda xx, d, dd, cc: jnp.sum(dd(x0_of(xx, cfg_eps(d, xx, cc))).sigma)))
+    full = jax.jit(jax.grad(lambda xx, d, dd, cc: jnp.sum(dd(x0_from_eps(xx, cfg_eps(d, xx, cc), ab)).sigma)))
     x2 = jnp.concatenate([x, x])
     parts = [(f"component: one denoiser call [2B = {2 * b}]", eps, (den, x2, t, cond2)),
              (f"component: one detector call [B = {b}]", det, (detector, x)),
