@@ -1357,18 +1357,13 @@ def results_markdown(table: dict) -> str:
     kinds = [k for k in truth if k != "all"]
     rows = [("true renders", truth)] + [(rec["label"], rec["metrics"]) for rec in table["cells"].values()]
     parts = [f"# sweep {table['name']}: {table['model']}\n"]
-    groups = [(kinds, "per prompt kind")] if len(kinds) > 1 else []
-    for group, title in groups + [(["all"], "all prompts")]:
-        ks = " / ".join(group)
-        out = [f"## {title}\n", f"| method | copied {ks} | nL2<1.4 {ks} | FD {ks} | align {ks} | out of range | "
-               "gate open |", "|---|---|---|---|---|---|---|"]
-        for label, m in rows:
-            per = lambda key, f: " / ".join(f(m.get(k, {}).get(key)) for k in group)  # noqa: E731
-            overall = m.get("all", {})
-            out.append(f"| {label} | {per('frac_copied', _pct)} | {per('frac_nl2_below_1.4', _pct)} | "
-                       f"{per('fd', _fd)} | {per('alignment', _pct)} | "
-                       f"{_pct(overall.get('frac_out_of_range'))} | {_pct(overall.get('gate_open_rate'))} |")
-        parts.append("\n".join(out) + "\n")
+    parts += _kind_tables(
+        kinds, rows,
+        lambda ks: f"| method | copied {ks} | nL2<1.4 {ks} | FD {ks} | align {ks} | out of range | gate open |",
+        lambda label, per, overall: (
+            f"| {label} | {per('frac_copied', _pct)} | {per('frac_nl2_below_1.4', _pct)} | "
+            f"{per('fd', _fd)} | {per('alignment', _pct)} | "
+            f"{_pct(overall.get('frac_out_of_range'))} | {_pct(overall.get('gate_open_rate'))} |"))
     counts = {k: truth[k].get("count") for k in kinds} if truth else {}
     settings = {(s["sampler"], s["steps"], s["scale"]) for s in (r["settings"] for r in table["cells"].values())}
     parts.append(f"{table['model']}: samples per kind {counts}, copy threshold {table['threshold']:.3f}, FD on "
@@ -1376,6 +1371,23 @@ def results_markdown(table: dict) -> str:
                  + ", ".join(f"{a} {b} {c}" for a, b, c in sorted(settings, key=str))
                  + (f"\n\nnot done: {', '.join(table['missing'])}" if table["missing"] else ""))
     return "\n".join(parts) + "\n"
+
+
+def _kind_tables(kinds: list, rows: list, header, line) -> list:
+    """The markdown tables of a results page: one over the prompt kinds (when there are several),
+    one over all prompts. ``rows``: (label, metrics by kind); ``header(ks)`` the header line for
+    the kinds' label ``ks`` ("a / b"); ``line(label, per, overall)`` one row, ``per(key, fmt)``
+    giving the kinds' values of ``key`` joined by " / ", ``overall`` the "all" metrics."""
+    groups = [(kinds, "per prompt kind")] if len(kinds) > 1 else []
+    tables = []
+    for group, title in groups + [(["all"], "all prompts")]:
+        head = header(" / ".join(group))
+        out = [f"## {title}\n", head, "|" + "---|" * (head.count("|") - 1)]
+        for label, m in rows:
+            per = lambda key, f, m=m: " / ".join(f(m.get(k, {}).get(key)) for k in group)  # noqa: E731
+            out.append(line(label, per, m.get("all", {})))
+        tables.append("\n".join(out) + "\n")
+    return tables
 
 
 def _num(v, fmt: str = ".3f") -> str:
@@ -1389,20 +1401,13 @@ def sd_results_markdown(table: dict) -> str:
     kinds = list(prompts)
     rows = [(rec["label"], rec["metrics"]) for rec in table["cells"].values()]
     parts = [f"# sweep {table['name']}: {table['model']}\n"]
-    groups = [(kinds, "per prompt kind")] if len(kinds) > 1 else []
     t = f"{table['threshold']:g}"
-    for group, title in groups + [(["all"], "all prompts")]:
-        ks = " / ".join(group)
-        out = [f"## {title}\n",
-               f"| method | SSCD>{t} {ks} | SSCD mean {ks} | FID (all) | CLIP score (all) | gate open |",
-               "|---|---|---|---|---|---|"]
-        for label, m in rows:
-            per = lambda key, f: " / ".join(f(m.get(k, {}).get(key)) for k in group)  # noqa: E731
-            overall = m.get("all", {})
-            out.append(f"| {label} | {per('frac_copied', _pct)} | {per('sscd_mean', _num)} | "
-                       f"{_fd(overall.get('fd'))} | "
-                       f"{_num(overall.get('clip_score'), '.2f')} | {_pct(overall.get('gate_open_rate'))} |")
-        parts.append("\n".join(out) + "\n")
+    parts += _kind_tables(
+        kinds, rows,
+        lambda ks: f"| method | SSCD>{t} {ks} | SSCD mean {ks} | FID (all) | CLIP score (all) | gate open |",
+        lambda label, per, overall: (
+            f"| {label} | {per('frac_copied', _pct)} | {per('sscd_mean', _num)} | {_fd(overall.get('fd'))} | "
+            f"{_num(overall.get('clip_score'), '.2f')} | {_pct(overall.get('gate_open_rate'))} |"))
     counts = {k: len(v) for k, v in prompts.items()}
     settings = {(s["sampler"], s["steps"], s["scale"]) for s in (r["settings"] for r in table["cells"].values())}
     per_prompt = next((r["settings"]["samples_per_prompt"] for r in table["cells"].values()), None)
