@@ -58,16 +58,23 @@ def dataclass_to_json(obj) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(obj).items()}
 
 
+def unknown_fields(cls, names) -> tuple[list, list]:
+    """(the sorted ``names`` that are not fields of dataclass ``cls``, its sorted field names): the
+    one check behind every "unknown setting" error of a config built from keywords or a dict."""
+    import dataclasses
+
+    known = sorted(f.name for f in dataclasses.fields(cls))
+    return sorted(set(names) - set(known)), known
+
+
 def dataclass_from_json(cls, d):
     """``cls(**d)`` for a dict written by ``dataclass_to_json``: lists become tuples; a non-mapping
     or unknown fields raise ValueError naming them (the config's own checks run in ``cls``)."""
-    import dataclasses
     from collections.abc import Mapping
 
     if not isinstance(d, Mapping):
         raise ValueError(f"{cls.__name__}.from_dict: expected a mapping, got {type(d).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
+    unknown, known = unknown_fields(cls, d)
     if unknown:
-        raise ValueError(f"{cls.__name__}.from_dict: unknown fields {unknown} (known: {sorted(names)})")
+        raise ValueError(f"{cls.__name__}.from_dict: unknown fields {unknown} (known: {known})")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})

@@ -6,8 +6,6 @@ anything is compiled.
 """
 from __future__ import annotations
 
-import dataclasses
-
 from amg_jax.guidance.amg import AMG, AMGConfig, make_amg
 from amg_jax.guidance.base import Guidance, StepContext, eps_uncond_cond, x0_from_eps
 from amg_jax.guidance.cfg import (
@@ -20,6 +18,7 @@ from amg_jax.guidance.cfg import (
     first_strict_local_min,
     guided,
 )
+from amg_jax.jsonio import unknown_fields
 
 GUIDANCES = {
     "none": Unguided,
@@ -42,10 +41,9 @@ def make_guidance(name: str, **fields):
     if key not in GUIDANCES:
         raise ValueError(f"unknown guidance {name!r}; choose one of {sorted(GUIDANCES)}")
     cls = GUIDANCES[key]
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(fields) - known)
+    unknown, known = unknown_fields(cls, fields)
     if unknown:
-        raise ValueError(f"guidance {key!r} has no field {unknown[0]!r}; its fields are {sorted(known)}")
+        raise ValueError(f"guidance {key!r} has no field {unknown[0]!r}; its fields are {known}")
     for k, v in fields.items():
         if k != "fallback_step" and not isinstance(v, (int, float)):
             raise ValueError(f"guidance {key!r}: field {k!r} must be a number, got {v!r}")

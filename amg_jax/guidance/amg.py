@@ -66,6 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from amg_jax.guidance.base import StepContext, eps_uncond_cond, per_sample_norm, x0_from_eps
+from amg_jax.jsonio import unknown_fields
 
 Array = jax.Array
 
@@ -357,10 +358,9 @@ def make_amg(base, detector, *, neighbour_conds=None, **config) -> AMG:
     for name in ("sigma_range", "scale"):
         if not hasattr(detector, name):
             raise ValueError(f"AMG: detector {type(detector).__name__} has no {name!r} (see amg_jax.similarity.base)")
-    known = {f.name for f in dataclasses.fields(AMGConfig)}
-    unknown = sorted(set(config) - known)
+    unknown, known = unknown_fields(AMGConfig, config)
     if unknown:
-        raise ValueError(f"AMG has no setting {unknown[0]!r}; its settings are {sorted(known)}")
+        raise ValueError(f"AMG has no setting {unknown[0]!r}; its settings are {known}")
     amg = AMG(base=base, detector=detector, config=AMGConfig(**config), neighbour_conds=neighbour_conds)
     labels = getattr(getattr(detector, "bank", None), "labels", None)
     if (neighbour_conds is not None and labels is not None and not isinstance(labels, jax.core.Tracer)

@@ -49,6 +49,7 @@ import numpy as np
 from flax import struct
 
 from amg_jax import index as _index
+from amg_jax.jsonio import unknown_fields
 from amg_jax.index import ReferenceBank, build_bank, flatten, safe_norm, squared_norms  # noqa: F401  (re-exported)
 from amg_jax.similarity.base import Detection
 
@@ -339,10 +340,9 @@ def pixel_detector(reference, labels=None, *, config: PixelDetectorConfig | None
     ``pixel_detector(train_images, kind="cosine")`` the pixel-cosine one; ``overrides`` are
     ``PixelDetectorConfig`` fields.
     """
-    known = {f.name for f in dataclasses.fields(PixelDetectorConfig)}
-    unknown = sorted(set(overrides) - known)
+    unknown, known = unknown_fields(PixelDetectorConfig, overrides)
     if unknown:
-        raise ValueError(f"pixel_detector: unknown setting {unknown[0]!r}; settings are {sorted(known)}")
+        raise ValueError(f"pixel_detector: unknown setting {unknown[0]!r}; settings are {known}")
     config = dataclasses.replace(config or PixelDetectorConfig(), **overrides)
     if isinstance(reference, ReferenceBank):
         if labels is not None or copy_threshold is not None or dedup is not None:
