@@ -258,7 +258,7 @@ def run_sample(run: SampleRun, *, progress: bool = True, echo=print) -> dict:
     for lo in range(len(records), len(prompts), run.batch):
         sl = slice(lo, lo + run.batch)
         res = sample_sharded(den, guidance, sampler, keys_from_seeds(seeds[sl]), cond[sl])
-        img = to_uint8(np.asarray(den.decode(np.asarray(res.x0))))       # gathered from the devices first
+        img = to_uint8(np.asarray(den.decode(res.x0)))       # decode gathers the sharded latents itself
         trace = {k: np.asarray(v) for k, v in res.trace.items()}
         traces.append(trace)
         for j in range(img.shape[0]):
