@@ -46,7 +46,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
-import math
 import os
 import platform
 import statistics
@@ -514,7 +513,6 @@ def _unet_text_group(env: _Shared) -> tuple[list, dict]:
     """AMG on the trained unet-text (pixel detector over its bank, the distance gate) vs CFG."""
     from amg_jax import workbench
     from amg_jax.data import testbed as tb
-    from amg_jax.demo import DEMO_AMG
     from amg_jax.samplers import SamplerConfig
 
     s = env.s
@@ -528,7 +526,7 @@ def _unet_text_group(env: _Shared) -> tuple[list, dict]:
     cond = jnp.asarray(pool[np.arange(s.unet_batch) % len(pool)], jnp.int32)
     keys = env.keys(s.unet_batch)
     sampler = SamplerConfig("ddim", num_steps=s.unet_steps)
-    base = dict(DEMO_AMG.get(name, {}))
+    base = workbench.model_amg(name)
 
     def amg(**over):
         return workbench.method_guidance("amg", scale, bed=lm.bed, detector=detector, bank=lm.bank,
@@ -856,19 +854,16 @@ PART_FUNCTIONS = {"pipeline": part_pipeline, "amg": part_amg, "search": part_sea
 
 
 def _clean(v):
-    """JSON-safe: numpy scalars to Python, non-finite floats to None, tuples to lists."""
+    """JSON-safe, as ``bench.json`` is written (``jsonio.json_safe``: numpy scalars to Python,
+    non-finite floats to None = ``null``, "not measured", since NaN is not JSON; tuples to
+    lists), keys as strings; the markdown and the returned report read the same values."""
+    from amg_jax.jsonio import json_safe
+
     if isinstance(v, dict):
         return {str(k): _clean(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [_clean(x) for x in v]
-    if isinstance(v, (np.bool_, bool)):
-        return bool(v)
-    if isinstance(v, (np.integer, int)):
-        return int(v)
-    if isinstance(v, (np.floating, float)):
-        v = float(v)
-        return v if math.isfinite(v) else None
-    return v
+    return json_safe(v)
 
 
 def _fmt(v, spec: str = ".3g") -> str:

@@ -475,15 +475,17 @@ def _add_eval(sub) -> None:
                    help="AMG's pixel detector: auto (nl2-bank for the trained UNets, else nl2), nl2 (sigma = -nL2), nl2-bank (nL2 over the bank's typical "
                         "k-NN distance: the distance itself, so the calibrated gate is the copy criterion) "
                         "or cosine")
-    a = e.add_argument_group("AMG settings (METHODS.md section 1)")
+    a = e.add_argument_group("AMG settings (unset: the model's own, workbench.MODEL_AMG, then AMGConfig's)")
     a.add_argument("--c1", type=_finite_float, help=f"despecification strength (default {AMGConfig.c1:g})")
     a.add_argument("--c2", type=_finite_float, help=f"caption deduplication strength (default {AMGConfig.c2:g})")
-    a.add_argument("--c3", type=_finite_float, help=f"dissimilarity strength (default {AMGConfig.c3:g})")
+    a.add_argument("--c3", type=_finite_float, help=f"dissimilarity strength (default: the model's, e.g. 1 for the "
+                                                     f"trained UNets, 1e4 for empirical; else {AMGConfig.c3:g})")
     a.add_argument("--c3-units", choices=C3_UNITS, help="data: c3 x (bank k-NN distance)^2 (default); raw")
     a.add_argument("--threshold", choices=THRESHOLDS, help="gate schedule (default parabolic)")
     a.add_argument("--lambda-min", type=_finite_float, help="gate threshold at the first steps")
     a.add_argument("--lambda-max", type=_finite_float, help="gate threshold at the last steps")
-    a.add_argument("--gradient", choices=GRADIENTS, help=f"G_sim gradient: full (through the denoiser) or cheap (default {AMGConfig.gradient})")
+    a.add_argument("--gradient", choices=GRADIENTS, help=f"G_sim gradient: full (through the denoiser) or cheap (default: the model's, cheap for "
+                                                        f"empirical; else {AMGConfig.gradient})")
     a.add_argument("--score", choices=SCORES, help="map of sigma to the G_spe/G_dup score")
     a.add_argument("--no-spe", dest="despecify", action="store_const", const=False, help="drop G_spe")
     a.add_argument("--no-dup", dest="dedup", action="store_const", const=False, help="drop G_dup")

@@ -36,21 +36,14 @@ from amg_jax.guidance import GUIDANCES
 from amg_jax.jsonio import write_json
 from amg_jax.samplers import SamplerConfig
 from amg_jax.workbench import (MODELS, SMALL_TESTBED, TESTBEDS, bench_evaluator, build_model,  # noqa: F401
-                               build_testbed, check_run_fields, method_guidance, model_bank, model_base, model_detector,
-                               model_kind,
+                               build_testbed, check_run_fields, method_guidance, model_amg, model_bank, model_base,
+                               model_detector, model_kind,
                                model_scale, prepare_bench, resolve_testbed, sample_in_chunks)
 
 DEFAULT_MODELS = ("unet-text",)
 CHUNK = 16      # seeds per sampler call: AMG's batch-level gate then skips its gradient per chunk
 DEFAULT_METHODS = ("cfg", "stp", "dtp", "amg")
 METHODS = tuple(GUIDANCES) + ("amg",)
-# AMG in the demo: CFG 7.5 as its base, the pixel nL2 detector over the training images; the
-# library defaults (full gradient) on the partial memorizer, the cheap gradient with a large
-# c3 on the perfect one (METHODS.md pitfall 5: its x0_hat is locally constant, so the full
-# gradient is ~0 inside a basin). Measured: README, "AMG on the testbed".
-DEMO_AMG = {"empirical": {"gradient": "cheap", "c3": 10000.0}, "mixture": {},
-            # the trained UNets: c3 = 1, the "AMG" rows of README's trained-model tables
-            "unet-text": {"c3": 1.0}, "unet-class": {"c3": 1.0}, "unet-uncond": {"c3": 1.0}}
 METHOD_LABELS = {"none": "unguided", "cfg": "CFG", "stp": "STP", "dtp": "DTP", "og": "OG", "og_dtp": "OG+DTP",
                  "amg": "AMG"}
 
@@ -132,7 +125,9 @@ def _progress(total: int, enabled: bool):
 
 
 def run_demo(config: DemoConfig = DemoConfig(), *, progress: bool = True, echo=print) -> dict:
-    """Run the demo (see the module docstring); returns what it writes to ``metrics.json``."""
+    """Run the demo (see the module docstring); returns what it writes to ``metrics.json``, where
+    a metric not defined for a group (NaN here: e.g. the FD of fewer than 2 samples, the
+    alignment of an unconditional model) is ``null``, since NaN is not JSON (``jsonio.write_json``)."""
     t_start = time.time()
     testbed = resolve_testbed(config.testbed, config.models)
     echo(f"building the {testbed} testbed, copy threshold and alignment classifier ...")
@@ -171,7 +166,7 @@ def run_demo(config: DemoConfig = DemoConfig(), *, progress: bool = True, echo=p
             bar.set_description(f"{model_name}: {METHOD_LABELS.get(method, method)}")
             t0 = time.time()
             guidance = method_guidance(method, model_scale(model_name, config.scale), bed=bed,
-                                       amg=DEMO_AMG.get(model_name), bank=bank, base=model_base(model_name),
+                                       amg=model_amg(model_name), bank=bank, base=model_base(model_name),
                                        detector=model_detector(model_name))
             res = sample_in_chunks(den, guidance, sampler, bench.keys, bench.cond, CHUNK)
             x = np.asarray(res.x0)

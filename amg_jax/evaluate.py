@@ -14,6 +14,9 @@ writes, per prompt kind and for "all":
   prompts (the FID analogue); ``alignment``: the attribute classifier agrees with the caption
   (the CLIP-score analogue); ``frac_out_of_range``: pixels outside [-1, 1];
 - AMG only: ``gate_open_rate`` (share of steps with the gate open), ``fallback_rate``.
+
+A value that is not defined for a group is written as ``null`` (``jsonio.write_json``; NaN is
+not JSON): e.g. ``quality_fd`` of fewer than 2 samples, ``alignment`` of an unconditional model.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from amg_jax.guidance.amg import AMGConfig
 from amg_jax.jsonio import write_json
 from amg_jax.samplers import SamplerConfig
 from amg_jax.workbench import (DEFAULT_SCALE, MODELS, bench_evaluator, build_model, build_testbed, check_run_fields,
-                               method_guidance, model_bank, model_base, model_detector, model_kind, model_scale,
+                               method_guidance, model_amg, model_bank, model_base, model_detector, model_kind, model_scale,
                                prepare_bench, resolve_testbed,
                                sample_in_chunks)
 
@@ -92,7 +95,7 @@ def build_guidance(config: EvalConfig, bed: tb.Testbed, bank=None):
     # before the model is loaded (bank None: validation) the scale is only checked, so 7.5 will do
     scale = model_scale(config.model, config.scale) if bank is not None else (config.scale if config.scale is not None else DEFAULT_SCALE)
     return method_guidance(config.method, scale, bed=bed, base=base, detector=detector,
-                           amg=dict(config.amg), bank=bank)
+                           amg=model_amg(config.model, dict(config.amg)), bank=bank)
 
 
 def summarize(per_kind: dict, trace: dict, kinds: np.ndarray) -> dict:
@@ -147,7 +150,9 @@ def plot_similarity(trace: dict, path: str, *, max_samples: int = 8, title: str 
 
 
 def run_eval(config: EvalConfig, *, echo=print) -> dict:
-    """Sample ``config.method`` on the bench and write ``metrics.json`` (see the module docstring)."""
+    """Sample ``config.method`` on the bench and write ``metrics.json`` (see the module docstring;
+    a metric not defined for a group, NaN in the returned report, is ``null`` in the file: NaN is
+    not JSON)."""
     t0 = time.time()
     bed = build_testbed(resolve_testbed(config.testbed, [config.model]))
     guidance = build_guidance(config, bed)          # fails on bad AMG settings before the model is fit

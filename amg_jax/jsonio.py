@@ -1,9 +1,12 @@
 """Files written atomically; JSON read with clear errors (metrics, cards, metadata, tokenizers, banks).
 
 ``write_json`` writes to a temporary file in the same directory, fsyncs and ``os.replace``s it,
-so a reader (or a run killed mid-write) never sees half a file. ``read_json`` raises
-``FileNotFoundError`` for a missing file and ``ValueError`` naming the file for one that is
-not valid JSON.
+so a reader (or a run killed mid-write) never sees half a file, and writes every non-finite
+float (NaN, +-inf) as ``null`` (``json_safe``): Python's ``NaN`` / ``Infinity`` are not JSON (a
+strict parser, ``jq`` or a browser rejects the file), and in a metrics file such a value means
+"not defined here", e.g. the Frechet distance of a group of fewer than 2 samples or the
+alignment of an unconditional model. ``read_json`` raises ``FileNotFoundError`` for a missing
+file and ``ValueError`` naming the file for one that is not valid JSON.
 """
 from __future__ import annotations
 
@@ -32,9 +35,28 @@ def write_atomic(path: str, write, *, binary: bool = False) -> str:
     return path
 
 
+def json_safe(obj):
+    """``obj`` as strict JSON can hold it: every non-finite float (NaN, +-inf) becomes None
+    (``null``: "not defined", see the module docstring), numpy scalars and arrays become Python
+    numbers and lists, tuples lists; other values are returned as they are."""
+    import math
+
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if type(obj).__module__ == "numpy":           # np.float32 / np.int64 / np.bool_ / np.ndarray
+        return json_safe(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def write_json(path: str, obj, *, indent: int | None = 1) -> str:
-    """Write ``obj`` as JSON to ``path`` atomically; returns ``path``."""
-    return write_atomic(path, lambda f: json.dump(obj, f, indent=indent))
+    """Write ``obj`` as JSON to ``path`` atomically; returns ``path``. NaN / inf are written as
+    ``null`` (``json_safe``; NaN is not JSON), and ``allow_nan=False`` makes sure none slips through."""
+    obj = json_safe(obj)
+    return write_atomic(path, lambda f: json.dump(obj, f, indent=indent, allow_nan=False))
 
 
 def read_json(path: str, what: str = "file"):
@@ -48,7 +70,7 @@ def read_json(path: str, what: str = "file"):
         raise ValueError(f"{what} {path} is unreadable: {e}") from None
 
 
-__all__ = ["read_json", "write_atomic", "write_json"]
+__all__ = ["json_safe", "read_json", "write_atomic", "write_json"]
 
 
 def dataclass_to_json(obj) -> dict:

@@ -29,8 +29,11 @@ current word list; RNA's numbers are ``np.random.choice(100000)``; CWR draws fro
 - Words are whitespace-separated (``str.split()``; the reference splits on single spaces), and
   the result is joined with single spaces.
 - GNI: the reference overrides diffusers' ``_encode_prompt``, which then returned the
-  unconditional and conditional embeddings concatenated, so its noise hit both CFG branches;
-  apply ``gaussian_noise_embedding`` to both to match it, or to the conditional one only.
+  unconditional and conditional embeddings concatenated, so its noise hit both CFG branches,
+  each with its own draw. ``branches="both"`` (default) does that: ``apply_baseline("gni", emb,
+  seed, null=null_emb)`` returns ``WithNull(cond=emb + noise, null=null_emb + other noise)``, a
+  condition whose unconditional half is that sample's own noisy empty-prompt embedding;
+  ``branches="cond"`` noises the conditional embedding only (the earlier behaviour).
 
 ``n`` is a count (int >= 0) or, as a float in [0, 1], a fraction of the caption's words
 (rounded). Transforms are pure: the randomness comes from ``rng`` (an int seed, a
@@ -49,12 +52,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from amg_jax.models.base import WithNull
+
 Array = jax.Array
 
 DEFAULT_STD = 0.1
 DEFAULT_N = 4
 DEFAULT_NUMBER_HIGH = 100000
 RT_MODES = ("replace", "add")
+GNI_BRANCHES = ("both", "cond")
+NULL_STREAM = 0x6E756C6C      # fold_in constant of the unconditional branch's GNI noise ("null")
 
 DEFAULT_WORDS = tuple("""
 apple art autumn baby ball beach bear bicycle bird blue boat book bottle bread bridge
@@ -167,11 +174,15 @@ def _insert(rng: np.random.Generator, words: list[str], word: str) -> None:
 
 # ----------------------------------------------------------------------------- the baselines
 
-def gaussian_noise_embedding(key, emb, std: float = DEFAULT_STD) -> Array:
+def gaussian_noise_embedding(key, emb, std: float = DEFAULT_STD, branches: str = "both", null=None) -> Array:
     """GNI: ``emb + std * N(0, 1)`` for text embeddings ``emb [B, L, D]`` (any shape), in
     ``emb``'s dtype. ``key``: a JAX PRNG key or an int seed. Pure and jit-able (``std`` may be
-    traced). Reference strength 0.1 (on SD v1.4's CLIP-L token embeddings)."""
+    traced). Reference strength 0.1 (on SD v1.4's CLIP-L token embeddings). ``branches`` and
+    ``null`` are ``apply_baseline``'s (which CFG branches get noise; the null embedding); this
+    function noises the one array it is given."""
     where = "gaussian_noise_embedding"
+    if branches not in GNI_BRANCHES:
+        _fail(where, f"branches must be one of {list(GNI_BRANCHES)}, got {branches!r}")
     _check_std(std, where)
     if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
         key = jax.random.key(int(key))
@@ -259,7 +270,7 @@ PROMPT_BASELINES: dict[str, Callable] = {
     "rna": random_number_addition,
 }
 EMBEDDING_BASELINES = ("gni",)        # act on text embeddings [B, L, D]; the others on prompt strings
-BASELINE_DEFAULTS = {"gni": {"std": DEFAULT_STD}, "rt": {"n": DEFAULT_N, "mode": "replace"},
+BASELINE_DEFAULTS = {"gni": {"std": DEFAULT_STD, "branches": "both"}, "rt": {"n": DEFAULT_N, "mode": "replace"},
                      "cwr": {"n": DEFAULT_N}, "rna": {"n": DEFAULT_N, "high": DEFAULT_NUMBER_HIGH}}
 
 
@@ -276,10 +287,35 @@ def _lookup(name: str) -> Callable:
 
 
 @jax.jit
-def _gni_rows(key: Array, emb: Array, std: Array) -> Array:
-    """GNI over a batch, row ``i`` with key ``fold_in(key, i)`` (one compilation per shape)."""
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(emb.shape[0]))
-    return jax.vmap(lambda k, e: gaussian_noise_embedding(k, e, std))(keys, emb)
+def _gni_rows(key: Array, index: Array, emb: Array, std: Array) -> Array:
+    """GNI over a batch, row ``i`` with key ``fold_in(key, index[i])`` (one compilation per shape)."""
+    return jax.vmap(lambda i, e: _add_noise(jax.random.fold_in(key, i), e, std))(index, emb)
+
+
+def gni_rows(seed, emb, std=DEFAULT_STD, branches: str = "both", null=None, index=None):
+    """GNI over a batch of embeddings ``emb [B, L, D]``; row ``i`` (global sample number
+    ``index[i]``, default ``i``) draws its conditional noise from ``fold_in(key(seed), index[i])``.
+    ``branches="cond"``: the noisy embeddings [B, L, D]. ``"both"`` (the reference): also the
+    null embedding ``null [L, D]`` (or [B, L, D]) noised per row from ``fold_in(fold_in(key(seed),
+    NULL_STREAM), index[i])``, returned as ``WithNull(cond, null)`` for the sampler."""
+    where = "prompt baseline 'gni'"
+    if branches not in GNI_BRANCHES:
+        _fail(where, f"branches must be one of {list(GNI_BRANCHES)}, got {branches!r}")
+    emb = jnp.asarray(emb)
+    index = jnp.arange(emb.shape[0], dtype=jnp.int32) if index is None else jnp.asarray(index, jnp.int32)
+    key = jax.random.key(int(seed)) if isinstance(seed, (int, np.integer)) else seed
+    cond = _gni_rows(key, index, emb, jnp.float32(std))
+    if branches == "cond":
+        return cond
+    if null is None:
+        _fail(where, "branches='both' noises the unconditional embedding too (the reference): pass null= "
+                     "the empty prompt's embedding [L, D], or set branches='cond'")
+    null = jnp.asarray(null, emb.dtype)
+    if null.shape != emb.shape:
+        if null.shape != emb.shape[1:]:
+            _fail(where, f"null must be [L, D] = {tuple(emb.shape[1:])} or [B, L, D], got {tuple(null.shape)}")
+        null = jnp.broadcast_to(null, emb.shape)
+    return WithNull(cond=cond, null=_gni_rows(jax.random.fold_in(key, NULL_STREAM), index, null, jnp.float32(std)))
 
 
 def apply_baseline(name: str, prompts, seed: int, **params) -> Any:
@@ -287,8 +323,10 @@ def apply_baseline(name: str, prompts, seed: int, **params) -> Any:
     own stream (``(seed, i)``), so its result does not depend on the other prompts.
 
     String baselines ("rt", "cwr", "rna"): ``prompts`` a string or a sequence of strings ->
-    list of strings. "gni": ``prompts`` the text embeddings ``[B, L, D]`` -> noisy embeddings
-    (row ``i`` with key ``fold_in(key(seed), i)``). ``params``: the baseline's keywords
+    list of strings. "gni": ``prompts`` the text embeddings ``[B, L, D]`` -> ``gni_rows``: with
+    ``branches="both"`` (default; pass ``null=`` the empty prompt's embedding) a ``WithNull`` of
+    both noisy branches, with ``branches="cond"`` the noisy embeddings (row ``i`` with key
+    ``fold_in(key(seed), i)``). ``params``: the baseline's keywords
     (``baseline_params(name)``), e.g. ``n=4``, ``vocab=tokenizer``, ``std=0.1``."""
     fn = _lookup(name)
     allowed = baseline_params(name)
@@ -309,7 +347,7 @@ def apply_baseline(name: str, prompts, seed: int, **params) -> Any:
             raise ValueError(f"prompt baseline {name!r}: embeddings must be floats, got dtype {emb.dtype}")
         std = params.get("std", DEFAULT_STD)
         _check_std(std, f"prompt baseline {name!r}")
-        return _gni_rows(jax.random.key(seed), emb, jnp.float32(std))
+        return gni_rows(seed, emb, std, params.get("branches", "both"), params.get("null"))
     single = isinstance(prompts, str)
     batch = [prompts] if single else list(prompts)
     bad_items = [p for p in batch if not isinstance(p, str)]
@@ -323,7 +361,8 @@ def apply_baseline(name: str, prompts, seed: int, **params) -> Any:
 
 
 __all__ = [
-    "BASELINE_DEFAULTS", "DEFAULT_WORDS", "EMBEDDING_BASELINES", "PROMPT_BASELINES", "apply_baseline",
+    "BASELINE_DEFAULTS", "DEFAULT_WORDS", "EMBEDDING_BASELINES", "GNI_BRANCHES", "PROMPT_BASELINES", "apply_baseline",
+    "gni_rows",
     "baseline_params", "caption_word_repetition", "gaussian_noise_embedding", "random_number_addition",
     "random_token_replacement", "vocab_words",
 ]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import warnings
 from typing import Any, Callable, NamedTuple
 
@@ -39,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from amg_jax import schedules
-from amg_jax.guidance.base import StepContext
+from amg_jax.guidance.base import ProbeResult, StepContext
 from amg_jax.schedules import Schedule
 
 Array = jax.Array
@@ -411,11 +412,18 @@ def run_loop(denoiser, guidance, sampler: Sampler, keys: Array, cond: Any, x_T: 
 
     Returns (x0 [B,*S], trace {name: [B, N]}). Pure and traceable (one ``lax.scan``).
     """
+    x0, trace, _ = _scan(denoiser, guidance, sampler, keys, cond, x_T, state)
+    return x0, trace
+
+
+def _scan(denoiser, guidance, sampler: Sampler, keys: Array, cond: Any, x_T: Array,
+          state: Any) -> tuple[Array, dict, Any]:
+    """``run_loop`` that also returns the guidance state after the last step."""
     n = len(sampler.timesteps)
     batch = x_T.shape[0]
     t_all = jnp.asarray(sampler.timesteps, jnp.int32)
     ab_all = jnp.asarray(sampler.alpha_bars, jnp.float32)
-    null_cond = denoiser.null_batch(batch)
+    cond, null_cond = denoiser.split_cond(cond, batch)
     noise_keys = fold_keys(keys, NOISE_STREAM)
     guide_keys = fold_keys(keys, GUIDANCE_STREAM)
 
@@ -430,8 +438,8 @@ def run_loop(denoiser, guidance, sampler: Sampler, keys: Array, cond: Any, x_T: 
         return (x_prev.astype(x.dtype), g_state, s_state), trace
 
     carry = (x_T, state, sampler.init(x_T))
-    (x0, _, _), trace = jax.lax.scan(body, carry, jnp.arange(n, dtype=jnp.int32))
-    return x0, _batch_major(trace)
+    (x0, g_state, _), trace = jax.lax.scan(body, carry, jnp.arange(n, dtype=jnp.int32))
+    return x0, _batch_major(trace), g_state
 
 
 def sample_loop(denoiser, guidance, sampler_cfg: SamplerConfig, keys: Array, cond: Any,
@@ -440,7 +448,8 @@ def sample_loop(denoiser, guidance, sampler_cfg: SamplerConfig, keys: Array, con
 
     Pure: use it inside your own jit / vmap / shard_map. keys: [B] typed keys; cond: [B, ...];
     x_T: [B, *S] or None (then ``initial_noise(keys, denoiser.sample_shape)``).
-    Two-pass guidances (``first_pass`` not None) run the probe pass from the same noise first.
+    Two-pass guidances (``first_pass`` not None) run the probe pass from the same noise first and
+    hand its ``ProbeResult`` (final samples, trace, final state) to ``after_first_pass``.
     """
     sampler = make_sampler(sampler_cfg, denoiser.schedule)
     if x_T is None:
@@ -449,8 +458,9 @@ def sample_loop(denoiser, guidance, sampler_cfg: SamplerConfig, keys: Array, con
     first_pass = getattr(guidance, "first_pass", None)
     first_trace = None
     if first_pass is not None:
-        _, first_trace = run_loop(denoiser, first_pass, sampler, keys, cond, x_T, first_pass.init(x_T))
-        state = guidance.after_first_pass(state, first_trace)
+        probe = ProbeResult(*_scan(denoiser, first_pass, sampler, keys, cond, x_T, first_pass.init(x_T)))
+        first_trace = probe.trace
+        state = guidance.after_first_pass(state, probe)
     x0, trace = run_loop(denoiser, guidance, sampler, keys, cond, x_T, state)
     return SampleResult(x0, trace, first_trace)
 
@@ -544,8 +554,15 @@ def sample(denoiser, guidance, sampler_cfg: SamplerConfig, keys, cond, *, x_T: A
     jit:         False runs the same loop without ``jax.jit`` (for debugging / tests).
     Returns ``SampleResult(x0 [B,*S], trace {name: [B, N]}, first_pass_trace | None)``.
     Everything is validated (ValueError naming the problem) before anything is compiled.
-    A guidance with ``check_trace(trace) -> message | None`` (AMG: NaN/inf in a term) has its
-    message issued as a RuntimeWarning; the samples are returned all the same.
+
+    Divergence: samples that are NaN/inf or beyond ``DIVERGED``, and a guidance's
+    ``check_trace(trace) -> message | None`` (AMG: NaN/inf in a term), are reported as one
+    RuntimeWarning; the samples are returned all the same. ``sample`` reads nothing back to the
+    host (``report_divergence``: the check runs on the device after the samples), so it returns
+    as soon as the work is queued and a loop over batches queues the next batch while the
+    device computes. The warning therefore arrives when the computation completes, possibly
+    after ``sample`` returned and from another thread; ``jax.effects_barrier()`` waits for it
+    (reading ``x0`` does not).
     """
     keys, x_T = validate_inputs(denoiser, guidance, sampler_cfg, keys, cond, x_T)
     if not jit:
@@ -553,11 +570,7 @@ def sample(denoiser, guidance, sampler_cfg: SamplerConfig, keys, cond, *, x_T: A
     else:
         res = _sample_jit(denoiser, guidance if _is_pytree(guidance) else _StaticGuidance(guidance),
                           sampler_cfg, keys, cond, x_T)
-    check = getattr(guidance, "check_trace", None)
-    message = "; ".join(m for m in (check(res.trace) if callable(check) else None,
-                                    nonfinite_samples_message(res.x0, guidance)) if m)
-    if message:   # report, keep the samples: nothing computed is thrown away
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
+    report_divergence(guidance, res)   # report, keep the samples: nothing computed is thrown away
     return res
 
 
@@ -576,22 +589,109 @@ def _strengths(guidance) -> str:
 DIVERGED = 1e6      # |x0| beyond this is no image (samples live at the data's unit scale): the guidance diverged
 
 
-def nonfinite_samples_message(x0, guidance) -> str | None:
-    """A message when samples ``x0`` [B, *S] hold NaN/inf or values beyond ``DIVERGED`` (the
-    guidance diverged, e.g. a huge CFG scale or AMG c3), naming the guidance's strength settings;
-    None when all are fine."""
+def diverged(x0: Array) -> Array:
+    """[B] bool: sample b of ``x0`` [B, *S] holds NaN/inf or a value beyond ``DIVERGED``
+    (traceable; computed where ``x0`` lives, nothing is read back)."""
     flat = jnp.reshape(x0, (x0.shape[0], -1))
-    bad = np.asarray(jnp.any(~(jnp.abs(flat) <= DIVERGED), axis=1))       # NaN compares False
+    return jnp.any(~(jnp.abs(flat) <= DIVERGED), axis=1)       # NaN compares False
+
+
+def _diverged_message(bad: np.ndarray, guidance) -> str | None:
+    """``nonfinite_samples_message`` from the host flags ``bad`` [B] (``diverged``)."""
+    bad = np.asarray(bad, bool)
     if not bad.any():
         return None
     return (f"sample: {int(bad.sum())} of {bad.size} samples are NaN/inf or beyond +-{DIVERGED:g} (samples "
             f"{np.flatnonzero(bad)[:8].tolist()}): the guidance diverged; lower its strength: {_strengths(guidance)}")
 
 
+def nonfinite_samples_message(x0, guidance) -> str | None:
+    """A message when samples ``x0`` [B, *S] hold NaN/inf or values beyond ``DIVERGED`` (the
+    guidance diverged, e.g. a huge CFG scale or AMG c3), naming the guidance's strength settings;
+    None when all are fine. It reads the flags back, so it waits for ``x0``; ``sample`` issues
+    the same message without waiting (``report_divergence``)."""
+    return _diverged_message(np.asarray(diverged(x0)), guidance)
+
+
+def divergence_message(guidance, bad: np.ndarray, trace: dict) -> str | None:
+    """The one divergence message of a run from host values: the guidance's ``check_trace(trace)``
+    (trace {name: [B, N]}) and ``nonfinite_samples_message`` of the flags ``bad`` [B], joined by "; "."""
+    check = getattr(guidance, "check_trace", None)
+    message = "; ".join(m for m in (check(trace) if callable(check) else None,
+                                    _diverged_message(bad, guidance)) if m)
+    return message or None
+
+
+# Reports in flight: ticket -> (guidance, keep). The device program of a report carries only its
+# ticket (a traced int32, so one compilation serves every guidance); the callback looks the
+# guidance up here to word the message. ``keep``: a report traced inside the caller's own jit
+# fires on every run of it, so its entry stays; the oldest entries go beyond _MAX_REPORTS.
+_REPORTS: dict = {}
+_TICKETS = itertools.count()
+_MAX_REPORTS = 4096
+
+
+def _report_callback(ticket, bad, trace) -> None:
+    """Host side of ``report_divergence`` (a ``jax.debug.callback``): warn if the run diverged."""
+    with jax.transfer_guard("allow"):       # it may run inline on a thread that disallows transfers
+        t = int(np.asarray(ticket))
+        entry = _REPORTS.get(t)
+        if entry is None:
+            return
+        guidance, keep = entry
+        if not keep:
+            _REPORTS.pop(t, None)
+        message = divergence_message(guidance, np.asarray(bad), {k: np.asarray(v) for k, v in trace.items()})
+    if message:
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _report_program(ticket, x0, trace, gather):
+    """The device side of ``report_divergence``: ``diverged(x0)`` and the trace handed to
+    ``_report_callback`` when they are computed (``gather``: a replicated sharding to collect
+    sharded outputs on first, or None)."""
+    bad = diverged(x0)
+    if gather is not None:                 # sharded -> replicated, then the callback's one device
+        bad, trace = jax.lax.with_sharding_constraint((bad, trace), gather)
+    jax.debug.callback(_report_callback, ticket, bad, trace)
+
+
+def _gather_sharding(x):
+    """A replicated sharding over the devices ``x`` is split over (None on one device, or traced)."""
+    sharding = getattr(x, "sharding", None) if not isinstance(x, jax.core.Tracer) else None
+    if sharding is None or len(sharding.device_set) < 2:
+        return None
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = getattr(sharding, "mesh", None)
+    if not isinstance(mesh, Mesh):
+        mesh = Mesh(np.asarray(sorted(sharding.device_set, key=lambda d: d.id), dtype=object), ("devices",))
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def report_divergence(guidance, res: SampleResult) -> None:
+    """Queue the divergence check of a sampling result (``x0`` [B, *S], trace {name: [B, N]}):
+    ``diverged(x0)`` runs on the device after the samples, and a ``jax.debug.callback`` issues
+    ``divergence_message`` as a RuntimeWarning when it is computed. Nothing is read back here,
+    so this returns at once; ``jax.effects_barrier()`` waits for the warning. Skipped for outputs
+    this process cannot read whole (several hosts)."""
+    leaves = jax.tree.leaves((res.x0, res.trace))
+    if not all(getattr(a, "is_fully_addressable", True) for a in leaves if not isinstance(a, jax.core.Tracer)):
+        return
+    ticket = next(_TICKETS) % (2 ** 31 - 1)
+    _REPORTS[ticket] = (guidance, isinstance(res.x0, jax.core.Tracer))
+    while len(_REPORTS) > _MAX_REPORTS:
+        _REPORTS.pop(next(iter(_REPORTS)), None)
+    trace = dict(res.trace) if callable(getattr(guidance, "check_trace", None)) else {}
+    _report_program(np.int32(ticket), res.x0, trace, _gather_sharding(res.x0))
+
+
 __all__ = [
-    "DDIMTables", "DDPMTables", "DPMSolverTables", "SAMPLERS", "SampleResult", "Sampler", "SamplerConfig",
+    "DDIMTables", "DDPMTables", "DPMSolverTables", "ProbeResult", "SAMPLERS", "SampleResult", "Sampler", "SamplerConfig",
     "as_keys", "check_guidance", "ddim_step", "ddim_tables", "ddpm_step", "ddpm_tables", "dpm_solver_step",
     "dpm_solver_tables", "fold_keys", "initial_noise", "keys_from_seeds", "make_sampler", "nonfinite_samples_message",
+    "diverged", "divergence_message", "report_divergence",
     "run_loop",
     "sample", "sample_loop", "sampler_timesteps", "step_noise", "validate_inputs",
 ]

@@ -209,7 +209,8 @@ def _prompts_for(run: SampleRun, sd) -> tuple[list[str], Array]:
         prompts = list(apply_baseline(run.baseline, prompts, run.seed))
     cond = sdm.encode_prompts(sd, prompts)
     if run.baseline in EMBEDDING_BASELINES:      # row i's noise from fold_in(key(seed), i), as in the sweeps
-        cond = apply_baseline(run.baseline, cond, run.seed)
+        # GNI on both CFG branches (the reference): a WithNull whose null half is each row's noisy empty prompt
+        cond = apply_baseline(run.baseline, cond, run.seed, null=sd.null_embedding)
     return prompts, cond
 
 
@@ -257,7 +258,7 @@ def run_sample(run: SampleRun, *, progress: bool = True, echo=print) -> dict:
     report = None
     for lo in range(len(records), len(prompts), run.batch):
         sl = slice(lo, lo + run.batch)
-        res = sample_sharded(den, guidance, sampler, keys_from_seeds(seeds[sl]), cond[sl])
+        res = sample_sharded(den, guidance, sampler, keys_from_seeds(seeds[sl]), jax.tree.map(lambda a: a[sl], cond))
         img = to_uint8(np.asarray(den.decode(res.x0)))       # decode gathers the sharded latents itself
         trace = {k: np.asarray(v) for k, v in res.trace.items()}
         traces.append(trace)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 from typing import Any, Mapping
 
 import jax
@@ -154,15 +153,11 @@ def _validate(denoiser, guidance, sampler_cfg, keys, cond, x_T, where: str):
 
 
 def _warn_trace(guidance, res: SampleResult) -> None:
-    """Issue the guidance's ``check_trace`` message (AMG: NaN/inf terms) and a NaN/inf-samples
-    message as ``samplers.sample`` does; skipped for outputs this process cannot read whole (several hosts)."""
-    check = getattr(guidance, "check_trace", None)
-    if not all(getattr(a, "is_fully_addressable", True) for a in jax.tree.leaves((res.x0, res.trace))):
-        return
-    message = "; ".join(m for m in (check(res.trace) if callable(check) else None,
-                                    samplers.nonfinite_samples_message(res.x0, guidance)) if m)
-    if message:
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+    """Queue the guidance's ``check_trace`` message (AMG: NaN/inf terms) and the NaN/inf-samples
+    message as ``samplers.sample`` does (``samplers.report_divergence``: checked on the devices,
+    warned when computed, nothing read back here); skipped for outputs this process cannot read
+    whole (several hosts)."""
+    samplers.report_divergence(guidance, res)
 
 
 def _as_traced_guidance(guidance):

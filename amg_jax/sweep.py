@@ -100,8 +100,9 @@ from amg_jax.data import testbed as tb
 from amg_jax.evaluate import DETECTORS
 from amg_jax.guidance import GUIDANCES
 from amg_jax.guidance.amg import AMGConfig
-from amg_jax.jsonio import write_atomic, write_json
-from amg_jax.prompt_baselines import EMBEDDING_BASELINES, PROMPT_BASELINES, apply_baseline, baseline_params
+from amg_jax.jsonio import json_safe, write_atomic, write_json
+from amg_jax.prompt_baselines import (BASELINE_DEFAULTS, EMBEDDING_BASELINES, GNI_BRANCHES, PROMPT_BASELINES, apply_baseline,
+                                      baseline_params, gni_rows)
 from amg_jax.samplers import SAMPLERS, SamplerConfig
 from amg_jax.workbench import (DEFAULT_SCALE, MODELS, TRAINED, method_guidance, model_base, model_detector,
                                model_kind, resolve_testbed, sample_in_chunks)
@@ -359,7 +360,7 @@ def _method_cells(m: dict, sweep: dict, where: str, model: str) -> list:
 def _check_baseline(name: str, params: dict, fail) -> None:
     """Baseline parameters: known to ``name`` (its vocabulary comes from the model) and accepted
     by it (a dry run on a short caption / embedding)."""
-    allowed = [p for p in baseline_params(name) if p != "vocab"]
+    allowed = [p for p in baseline_params(name) if p not in ("vocab", "null")]     # both come from the model
     bad = [p for p in params if p not in allowed]
     if bad:
         fail(f"baseline_params.{bad[0]}", f"is not a parameter of baseline {name!r}; it takes {allowed}")
@@ -368,6 +369,8 @@ def _check_baseline(name: str, params: dict, fail) -> None:
             std = params.get("std", 0.1)
             if not (_is_number(std) and std >= 0):
                 raise ValueError(f"std must be a finite number >= 0, got {std!r}")
+            if params.get("branches", "both") not in GNI_BRANCHES:
+                raise ValueError(f"branches must be one of {list(GNI_BRANCHES)}, got {params['branches']!r}")
         else:
             apply_baseline(name, "a red circle on a gray background", 0, **params)
     except (TypeError, ValueError) as e:
@@ -783,8 +786,14 @@ def cell_settings(config: SweepConfig, cell: Cell) -> dict:
         bench_settings(config), method=cell.method, guidance=cell.guidance, base=base,
         detector=(model_detector(config.model) if cell.detector == "auto" else cell.detector) if amg else None,
         scale=scale, sampler=cell.sampler, steps=cell.steps,
-        amg=dataclasses.asdict(AMGConfig(**dict(cell.amg))) if amg else None,
-        baseline=cell.baseline, baseline_params=dict(cell.baseline_params) if cell.baseline else None))
+        amg=dataclasses.asdict(AMGConfig(**workbench.model_amg(config.model, dict(cell.amg)))) if amg else None,
+        baseline=cell.baseline, baseline_params=_baseline_settings(cell)))
+
+
+def _baseline_settings(cell: Cell) -> dict | None:
+    """A cell's prompt-baseline parameters with the baseline's defaults filled in (a changed default,
+    e.g. GNI's branches, makes the cell stale), None without a baseline."""
+    return {**BASELINE_DEFAULTS[cell.baseline], **dict(cell.baseline_params)} if cell.baseline else None
 
 
 @functools.lru_cache(maxsize=64)
@@ -849,12 +858,14 @@ def sd_cell_settings(config: SweepConfig, cell: Cell) -> dict:
     return _jsonable(dict(
         bench_settings(config), method=cell.method, guidance=cell.guidance, base=base,
         detector="sscd" if amg else None, scale=scale, sampler=cell.sampler, steps=cell.steps, amg=settings,
-        baseline=cell.baseline, baseline_params=dict(cell.baseline_params) if cell.baseline else None))
+        baseline=cell.baseline, baseline_params=_baseline_settings(cell)))
 
 
 def _jsonable(obj):
-    """``obj`` as it reads back from JSON (tuples -> lists, numpy scalars -> Python)."""
-    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+    """``obj`` as it reads back from JSON (tuples -> lists, numpy scalars -> Python, NaN / inf ->
+    None: the files hold ``null`` there, ``jsonio.json_safe``), so a record kept in memory equals
+    the one a resumed sweep reads back."""
+    return json_safe(json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o))))
 
 
 # ----------------------------------------------------------------------------- model backends
@@ -918,8 +929,11 @@ class TestbedBackend:
         b = self.bench
         den, cond = self._conditions(cell)
         scale = settings["scale"] if settings["scale"] is not None else DEFAULT_SCALE
+        # under a prompt baseline the text UNet takes token conditions: y_N is the neighbour caption's tokens
+        conds = (workbench.caption_conditions(self.config.model, self.bed)
+                 if cell.baseline and cell.guidance == "amg" else None)
         g = method_guidance(cell.guidance, scale, bed=self.bed, bank=self.bank, base=settings["base"] or "cfg",
-                            detector=settings["detector"] or "nl2", amg=dict(cell.amg))
+                            detector=settings["detector"] or "nl2", amg=settings["amg"], neighbour_conds=conds)
         t0 = time.time()
         res = sample_in_chunks(den, g, SamplerConfig(cell.sampler, num_steps=cell.steps), b.keys, cond,
                                self.config.chunk, sharded=jax.device_count() > 1)   # seeds over all devices
@@ -949,15 +963,6 @@ def _load_sd(source: str, dtype: str):
     from amg_jax.models.stable_diffusion import load_stable_diffusion
 
     return load_stable_diffusion(source, dtype=dtype)
-
-
-@jax.jit
-def _gni_at(key, index, emb, std):
-    """GNI on rows ``emb [b, L, D]`` of global sample numbers ``index [b]`` (row i's key
-    ``fold_in(key, i)``: ``apply_baseline("gni", all_rows, seed)``'s streams, batch by batch)."""
-    from amg_jax.prompt_baselines import gaussian_noise_embedding
-
-    return jax.vmap(lambda i, e: gaussian_noise_embedding(jax.random.fold_in(key, i), e, std))(index, emb)
 
 
 @functools.lru_cache(maxsize=None)
@@ -1061,15 +1066,14 @@ class StableDiffusionBackend:
 
     def _conditions(self, cell: Cell):
         """``cond_of(index [b]) -> [b, L, D]``: the text embeddings of samples ``index``, with the
-        cell's prompt baseline (per-sample streams seeded by the sweep's seed, as ``apply_baseline``)."""
+        cell's prompt baseline (GNI: a ``WithNull`` of both noisy CFG branches, unless branches="cond") (per-sample streams seeded by the sweep's seed, as ``apply_baseline``)."""
         params = dict(cell.baseline_params)
         if cell.baseline is None:
             return lambda idx: self.embeddings[self.caption_ids[idx]]
-        if cell.baseline in EMBEDDING_BASELINES:
-            from amg_jax.prompt_baselines import DEFAULT_STD
-
-            key, std = jax.random.key(self.config.seed), np.float32(params.get("std", DEFAULT_STD))
-            return lambda idx: _gni_at(key, np.asarray(idx, np.int32), self.embeddings[self.caption_ids[idx]], std)
+        if cell.baseline in EMBEDDING_BASELINES:    # row i's streams from the global sample number i (gni_rows)
+            null = self.sd.null_embedding
+            return lambda idx: gni_rows(self.config.seed, self.embeddings[self.caption_ids[idx]], null=null,
+                                        index=np.asarray(idx, np.int32), **params)
         edited = apply_baseline(cell.baseline, self.prompts, self.config.seed, **params)
         return lambda idx: self._encode([edited[i] for i in idx])
 
@@ -1181,7 +1185,9 @@ def cell_status(out: str, cid: str, settings: dict) -> tuple[str, Any]:
 
 
 def _write_cell(out: str, cell: Cell, rec: dict, run: CellRun) -> None:
-    """Samples first, then the JSON (its presence marks the cell done); both atomic."""
+    """Samples first, then the JSON (its presence marks the cell done); both atomic. A metric
+    not defined for a group (NaN: the FD / FID of fewer than 2 samples, the alignment of an
+    unconditional model) is ``null`` in the JSON, since NaN is not JSON; the tables show it as "-"."""
     jpath, npath = _cell_paths(out, cell.id)
     x = run.samples if run.samples.dtype == np.uint8 else run.samples.astype(np.float16)   # SD: uint8 images
     arrays = {"x": x, "kinds": run.kinds.astype(str),
@@ -1327,7 +1333,8 @@ def build_results(config: SweepConfig, bench: dict, records: dict) -> dict:
 
 
 def results_csv(table: dict) -> str:
-    """The rows as CSV text (floats at full precision, None as empty)."""
+    """The rows as CSV text (floats at full precision; None, a metric that is not defined or does
+    not apply (``null`` in the cell files), as empty; a NaN of an older cell file as ``nan``)."""
     rows = table["rows"]
     if not rows:
         return ""
@@ -1503,7 +1510,8 @@ def plot_tradeoff(table: dict, path: str) -> str:
     xkey, xlabel = "fd", f"FD (all prompts, {table['fd_features']}; lower is better)"
     if table["model"].startswith(SD_PREFIX):
         xlabel = "FID (all prompts, Inception; lower is better)"
-        if not any(np.isfinite(r.get("fd", np.nan)) for _, r in pts) and any("clip_score" in r for _, r in pts):
+        if (not any(r.get("fd") is not None and np.isfinite(r["fd"]) for _, r in pts)
+                and any("clip_score" in r for _, r in pts)):
             xkey, xlabel = "clip_score", "CLIP score (all prompts; higher is better)"
     xs = []
     for i, (label, r) in enumerate(pts + ([("true renders", truth)] if truth else [])):

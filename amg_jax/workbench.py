@@ -19,6 +19,7 @@ import numpy as np
 from amg_jax import metrics
 from amg_jax.data import testbed as tb
 from amg_jax.guidance import make_guidance
+from amg_jax.models.base import WithNull
 from amg_jax.samplers import keys_from_seeds
 
 # The trained testbed UNets shipped in checkpoints/ (``amg_jax.models.zoo``) and their kinds.
@@ -156,6 +157,23 @@ def model_scale(name: str, scale: float | None = None) -> float:
     return DEFAULT_SCALE
 
 
+# AMG's settings per model, under the user's (AMGConfig's defaults for the rest). The partial
+# memorizer takes the library defaults (full gradient, data-scaled c3 = 0.25); the perfect one needs
+# the cheap gradient and a large c3 (METHODS.md pitfall 5: its x0_hat is locally constant, so the
+# full gradient is ~0 inside a basin); the trained UNets c3 = 1 (the "AMG" rows of the README's
+# trained-model tables). Class and unconditional models have no prompt to despecify or deduplicate:
+# dissimilarity alone, as the paper. Measured: README, "AMG on the testbed".
+MODEL_AMG = {"empirical": {"gradient": "cheap", "c3": 10000.0}, "mixture": {},
+             "unet-text": {"c3": 1.0},
+             "unet-class": {"c3": 1.0, "despecify": False, "dedup": False},
+             "unet-uncond": {"c3": 1.0, "despecify": False, "dedup": False}}
+
+
+def model_amg(name: str, amg: dict | None = None) -> dict:
+    """AMG's settings for model ``name``: ``MODEL_AMG[name]`` updated by ``amg`` (the user's)."""
+    return {**MODEL_AMG.get(name, {}), **dict(amg or {})}
+
+
 def model_base(name: str) -> str:
     """The guidance AMG wraps for model ``name``: CFG, or the unguided sampler for an
     unconditional model (it has no condition to guide towards)."""
@@ -179,7 +197,8 @@ def baseline_conditions(name: str, bed: tb.Testbed, bench, baseline: str, params
     ``(build_model(name, bed), bench.cond)``. The text UNet is re-exposed on token conditions
     (``unet.token_denoiser``): rt / cwr / rna edit each sample's caption (words drawn from the
     model's vocabulary; a word it does not know, e.g. a number, becomes <unk>) and re-tokenize
-    it, gni adds N(0, std^2) noise to its text embedding. Each sample gets its own stream
+    it, gni adds N(0, std^2) noise to its text embedding (on both CFG branches, as the reference:
+    a ``WithNull`` condition, unless ``params`` say branches="cond"). Each sample gets its own stream
     (``apply_baseline``'s per-prompt streams), seeded by ``seed``. Only text models have a
     prompt to mitigate."""
     from amg_jax.models.text import CaptionTokenizer
@@ -198,8 +217,13 @@ def baseline_conditions(name: str, bed: tb.Testbed, bench, baseline: str, params
     c = lm.model.config
     if baseline in EMBEDDING_BASELINES:
         tokens = np.asarray(lm.model.tokens)[np.asarray(bench.caption_ids)]
-        noise = apply_baseline(baseline, jnp.zeros((len(captions), c.max_tokens, c.text_dim), jnp.float32), seed,
-                               **params)
+        zeros = jnp.zeros((len(captions), c.max_tokens, c.text_dim), jnp.float32)
+        noise = apply_baseline(baseline, zeros, seed, null=zeros[0], **params)
+        if isinstance(noise, WithNull):           # both CFG branches (the reference): the null caption gets its own
+            null_tokens = np.broadcast_to(np.asarray(lm.model.null_tokens, np.int32), tokens.shape)
+            den = token_denoiser(lm.model, lm.denoiser.params)
+            return den, WithNull(cond={"tokens": jnp.asarray(tokens, jnp.int32), "noise": noise.cond},
+                                 null={"tokens": jnp.asarray(null_tokens), "noise": noise.null})
     else:
         if baseline in ("rt", "cwr"):
             params.setdefault("vocab", list(tok.vocab))
@@ -212,6 +236,16 @@ def baseline_conditions(name: str, bed: tb.Testbed, bench, baseline: str, params
     return den, {"tokens": jnp.asarray(tokens, jnp.int32), "noise": jnp.asarray(noise, jnp.float32)}
 
 
+def caption_conditions(name: str, bed: tb.Testbed) -> dict:
+    """Each training caption of text model ``name`` as a condition of its token denoiser
+    (``unet.token_denoiser``): ``{"tokens": [C, L], "noise": zeros [C, L, D]}``, row c = caption c.
+    AMG's ``neighbour_conds`` under a prompt baseline: y_N = the neighbour's caption, clean."""
+    lm = load_trained(name, bed)
+    c = lm.model.config
+    tokens = jnp.asarray(lm.model.tokens, jnp.int32)
+    return {"tokens": tokens, "noise": jnp.zeros(tokens.shape + (c.text_dim,), jnp.float32)}
+
+
 def model_bank(name: str, bed: tb.Testbed):
     """The reference bank AMG searches for bench model ``name``: a trained model's own (labels =
     its condition ids), else the testbed's calibrated pixel bank (labels = caption ids)."""
@@ -219,11 +253,12 @@ def model_bank(name: str, bed: tb.Testbed):
 
 
 def method_guidance(name: str, scale: float, *, bed: tb.Testbed | None = None, base: str = "cfg",
-                    detector: str = "nl2", amg: dict | None = None, bank=None):
+                    detector: str = "nl2", amg: dict | None = None, bank=None, neighbour_conds=None):
     """The guidance of a method name at guidance scale ``scale`` (papers' defaults otherwise;
     OG+DTP's early scale is -scale, as the reference code does). ``"amg"`` wraps the ``base``
     method with a pixel ``detector`` over ``bank`` (default: ``bed``'s calibrated bank of its
-    training images) and ``amg`` settings."""
+    training images) and ``amg`` settings; ``neighbour_conds`` (None: the label id is the
+    condition) is y_N per bank label for a denoiser on other conditions (``caption_conditions``)."""
     if name == "amg":
         from amg_jax.guidance.amg import make_amg
         from amg_jax.similarity.pixel import pixel_detector
@@ -233,7 +268,7 @@ def method_guidance(name: str, scale: float, *, bed: tb.Testbed | None = None, b
         kind, _, norm = detector.partition("-")          # "nl2", "cosine", "nl2-bank"
         det = pixel_detector(_calibrated_bank(bed) if bank is None else bank, kind=kind,
                              **({"normalize": norm} if norm else {}))
-        return make_amg(method_guidance(base, scale), det, **(amg or {}))
+        return make_amg(method_guidance(base, scale), det, neighbour_conds=neighbour_conds, **(amg or {}))
     if name == "none":
         return make_guidance("none")
     if name == "og_dtp":
@@ -427,4 +462,4 @@ def prepare_bench(bed: tb.Testbed, prompts_per_kind: int, samples_per_prompt: in
 
 __all__ = ["Bench", "check_run_fields", "MODELS", "SMALL_TESTBED", "TESTBEDS", "TRAINED", "build_model",
            "bench_evaluator", "build_testbed", "checkpoints_dir", "resolve_testbed", "testbed_config", "UNET_TESTBED", "choose_prompts", "load_trained", "measure", "method_guidance",
-           "baseline_conditions", "model_bank", "model_base", "model_detector", "model_kind", "model_scale", "sample_in_chunks", "prepare_bench"]
+           "MODEL_AMG", "baseline_conditions", "caption_conditions", "model_amg", "model_bank", "model_base", "model_detector", "model_kind", "model_scale", "sample_in_chunks", "prepare_bench"]

@@ -109,8 +109,8 @@ class TwoPass:
     def init(self, x):
         return {"pick": jnp.full((x.shape[0],), -1, jnp.int32)}
 
-    def after_first_pass(self, state, trace):
-        return {"pick": jnp.argmin(trace["xnorm"], axis=1).astype(jnp.int32)}
+    def after_first_pass(self, state, probe):
+        return {"pick": jnp.argmin(probe.trace["xnorm"], axis=1).astype(jnp.int32)}
 
     def apply(self, state, ctx):
         return ctx.eps(ctx.x_t, ctx.cond), state, {"pick": state["pick"]}

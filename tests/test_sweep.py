@@ -348,8 +348,28 @@ def test_baseline_cells_use_workbench_baseline_conditions(tmp_path, monkeypatch)
     table = sweep.main(path, progress=False, echo=lambda *a: None)
     assert seen == [("empirical", "rna", {"n": 2}, 0, 4)]
     s = table["cells"]["RNA"]["settings"]
-    assert (s["baseline"], s["baseline_params"], s["guidance"]) == ("rna", {"n": 2}, "cfg")
+    # the stored settings fill in the baseline's defaults (a changed default makes the cell stale)
+    assert (s["baseline"], s["baseline_params"], s["guidance"]) == ("rna", {"n": 2, "high": 100000}, "cfg")
     assert read_rows(tmp_path / "out")[0]["baseline"] == "rna"
+
+
+def test_amg_under_gni_on_the_text_unet(tmp_path):
+    """AMG with a Somepalli baseline on unet-text: the sweep accepts the cell and it runs (y_N = the
+    neighbour caption's tokens, GNI on both CFG branches by default); the model's AMG defaults
+    (c3 = 1) sit under the cell's settings."""
+    path = write_config(tmp_path, TEXT_SWEEP.replace("steps = 3", "steps = 2").format(out="out") + """
+        [[method]]
+        name = "AMG GNI"
+        guidance = "amg"
+        baseline = "gni"
+        amg = { threshold = "always", gradient = "cheap" }
+    """)
+    table = sweep.main(path, progress=False, echo=lambda *a: None)
+    rec = table["cells"]["AMG_GNI"]
+    s = rec["settings"]
+    assert s["baseline_params"] == {"std": 0.1, "branches": "both"}
+    assert (s["amg"]["c3"], s["amg"]["gradient"], s["amg"]["threshold"]) == (1.0, "cheap", "always")
+    assert rec["metrics"]["all"]["gate_open_rate"] == 1.0
 
 
 def test_cli_sweep_rejects_a_bad_config_before_any_work(tmp_path, capsys):

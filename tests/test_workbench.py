@@ -1,4 +1,6 @@
 """The bench: prompts, conditions, references and metrics for text, class and unconditional models."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,6 +8,7 @@ import pytest
 
 from amg_jax import workbench
 from amg_jax.data import testbed as tb
+from amg_jax.models.base import WithNull
 
 
 @pytest.fixture(scope="module")
@@ -123,15 +126,80 @@ def test_baseline_conditions(text_bench, baseline):
     den, cond = workbench.baseline_conditions("unet-text", bed, bench, baseline, seed=1)
     lm = workbench.load_trained("unet-text", bed)
     tokens = np.asarray(lm.model.tokens)[np.asarray(bench.cond)]
-    if baseline == "gni":
+    den.validate_cond(cond, len(bench.cond))
+    if baseline == "gni":         # both CFG branches noised, each with its own draw (the reference)
+        assert isinstance(cond, WithNull)
+        null, cond = cond.null, cond.cond
+        np.testing.assert_array_equal(np.asarray(null["tokens"]),
+                                      np.broadcast_to(np.asarray(lm.model.null_tokens), tokens.shape))
+        assert 0.05 < float(np.std(np.asarray(null["noise"]))) < 0.2
+        assert not np.allclose(np.asarray(null["noise"]), np.asarray(cond["noise"]))
         np.testing.assert_array_equal(np.asarray(cond["tokens"]), tokens)
         assert 0.05 < float(np.std(np.asarray(cond["noise"]))) < 0.2
     else:
         assert (np.asarray(cond["tokens"]) != tokens).any(axis=1).all()      # every caption edited
         assert not np.asarray(cond["noise"]).any()
-    den.validate_cond(cond, len(bench.cond))
     again = workbench.baseline_conditions("unet-text", bed, bench, baseline, seed=1)[1]
+    again = again.cond if isinstance(again, WithNull) else again
     np.testing.assert_array_equal(np.asarray(again["tokens"]), np.asarray(cond["tokens"]))
+
+
+def test_gni_cond_only_is_a_named_option(text_bench):
+    """branches="cond": the earlier behaviour (noise on the conditional embedding only), same draws."""
+    bed, bench = text_bench
+    _, both = workbench.baseline_conditions("unet-text", bed, bench, "gni", seed=1)
+    _, cond = workbench.baseline_conditions("unet-text", bed, bench, "gni", {"branches": "cond"}, seed=1)
+    assert isinstance(cond, dict)
+    np.testing.assert_array_equal(np.asarray(cond["noise"]), np.asarray(both.cond["noise"]))
+
+
+def test_gni_noises_the_unconditional_branch_of_cfg(text_bench):
+    """With WithNull the sampler's unconditional call gets each sample's own null condition: the
+    CFG result differs from noising the conditional branch only, and equals a hand-built CFG step."""
+    from amg_jax.guidance import make_guidance
+    from amg_jax.samplers import SamplerConfig, sample
+
+    bed, bench = text_bench
+    den, both = workbench.baseline_conditions("unet-text", bed, bench, "gni", seed=1)
+    _, cond = workbench.baseline_conditions("unet-text", bed, bench, "gni", {"branches": "cond"}, seed=1)
+    g, cfg = make_guidance("cfg", scale=3.0), SamplerConfig("ddim", num_steps=1)
+    keys = bench.keys
+    a = np.asarray(sample(den, g, cfg, keys, both).x0)
+    b = np.asarray(sample(den, g, cfg, keys, cond).x0)
+    assert np.abs(a - b).max() > 1e-3
+    # one DDIM step from x_T at t: eps_hat = eps(null_b) + 3 (eps(cond_b) - eps(null_b))
+    from amg_jax.samplers import initial_noise, make_sampler
+
+    s = make_sampler(cfg, den.schedule)
+    x = initial_noise(keys, den.sample_shape)
+    t = jnp.full((x.shape[0],), int(s.timesteps[0]), jnp.int32)
+    e_u, e_c = den(x, t, both.null), den(x, t, both.cond)
+    eps = e_u + 3.0 * (e_c - e_u)
+    ab = float(s.alpha_bars[0])
+    x0 = (x - np.sqrt(1 - ab) * eps) / np.sqrt(ab)
+    # float32 UNet calls batched differently (2B vs B rows): round-off ~1e-5 relative
+    np.testing.assert_allclose(a, np.asarray(x0), rtol=1e-4, atol=1e-4)
+
+
+def test_amg_with_a_prompt_baseline_on_the_text_unet(text_bench):
+    """AMG over the token denoiser of a prompt baseline: y_N = the neighbour caption's tokens in the
+    same condition structure (it crashed at trace time with the label broadcast into the dict)."""
+    from amg_jax.samplers import SamplerConfig, sample
+
+    bed, bench = text_bench
+    den, cond = workbench.baseline_conditions("unet-text", bed, bench, "rna", seed=1)
+    lm = workbench.load_trained("unet-text", bed)
+    conds = workbench.caption_conditions("unet-text", bed)
+    np.testing.assert_array_equal(np.asarray(conds["tokens"]), np.asarray(lm.model.tokens))
+    g = workbench.method_guidance("amg", 1.5, bed=bed, bank=lm.bank, detector="nl2-bank", neighbour_conds=conds,
+                                  amg={"threshold": "always", "c3": 0.0})
+    res = sample(den, g, SamplerConfig("ddim", num_steps=2), bench.keys, cond)
+    assert np.isfinite(np.asarray(res.x0)).all() and np.asarray(res.trace["s2"]).max() > 0   # G_dup acted
+    # without the caption table the mismatch is named, not a broadcasting error
+    bad = workbench.method_guidance("amg", 1.5, bed=bed, bank=lm.bank, detector="nl2-bank",
+                                    amg={"threshold": "always"})
+    with pytest.raises(ValueError, match="neighbour_conds"):
+        sample(den, bad, SamplerConfig("ddim", num_steps=2), bench.keys, cond)
 
 
 def test_baseline_conditions_errors(text_bench):
@@ -140,3 +208,31 @@ def test_baseline_conditions_errors(text_bench):
         workbench.baseline_conditions("unet-text", bed, bench, "xyz")
     with pytest.raises(ValueError, match="needs a model with a text encoder"):
         workbench.baseline_conditions("unet-class", bed, bench, "rna")
+
+
+def test_one_set_of_amg_defaults_per_model(monkeypatch, tmp_path):
+    """eval, the sweeps and the bench read a model's AMG defaults from workbench.MODEL_AMG (the
+    user's settings on top); `amg eval --model empirical --method amg` with its defaults stops
+    copying (it copied 100%: only `amg demo` set the perfect memorizer's cheap gradient, c3 1e4)."""
+    import dataclasses
+
+    from amg_jax import evaluate, sweep
+    from amg_jax.guidance.amg import AMGConfig
+
+    assert workbench.model_amg("empirical") == {"gradient": "cheap", "c3": 10000.0}
+    assert workbench.model_amg("unet-text", {"c3": 3.0}) == {"c3": 3.0}
+    monkeypatch.setitem(workbench.MODEL_AMG, "mixture", {"c3": 0.125, "fallback": False})
+    bed = workbench.build_testbed("small")
+    g = evaluate.build_guidance(evaluate.EvalConfig(model="mixture", method="amg", amg=(("c2", 1.0),)), bed)
+    assert g.config == AMGConfig(c3=0.125, fallback=False, c2=1.0)
+    path = tmp_path / "s.toml"
+    path.write_text('[sweep]\nname = "t"\nmodel = "mixture"\ntestbed = "small"\nout = "o"\nprompts_per_kind = 1\nsamples_per_prompt = 2\n'
+                    '[[method]]\nname = "AMG"\nguidance = "amg"\namg = { c2 = 1.0 }\n')
+    cfg = sweep.load_config(str(path))
+    s = sweep.cell_settings(cfg, cfg.cells[0])
+    assert s["amg"] == json.loads(json.dumps(dataclasses.asdict(AMGConfig(c3=0.125, fallback=False, c2=1.0))))
+    monkeypatch.undo()
+    r = evaluate.run_eval(evaluate.EvalConfig(out=str(tmp_path / "e"), model="empirical", testbed="small",
+                                              method="amg", prompts_per_kind=1, samples_per_prompt=4, steps=20),
+                          echo=lambda *a: None)
+    assert r["metrics"]["all"]["frac_copied"] < 0.5      # measured 0/24 at 2 prompts per kind (old defaults: 24/24)

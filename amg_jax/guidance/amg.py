@@ -161,8 +161,9 @@ class AMG:
     def first_pass(self):
         return getattr(self.base, "first_pass", None)
 
-    def after_first_pass(self, state: AMGState, trace: dict) -> AMGState:
-        return dataclasses.replace(state, base=self.base.after_first_pass(state.base, trace))
+    def after_first_pass(self, state: AMGState, probe) -> AMGState:
+        """The wrapped guidance's ``after_first_pass`` on the probe's ``ProbeResult``."""
+        return dataclasses.replace(state, base=self.base.after_first_pass(state.base, probe))
 
     # ---------------------------------------------------------------- protocol
     def init(self, x: Array) -> AMGState:
@@ -208,6 +209,11 @@ class AMG:
         """The condition y_N of each neighbour (the null condition where it has no label)."""
         has = label >= 0
         if self.neighbour_conds is None:
+            shapes = [tuple(n.shape) for n in jax.tree.leaves(null_cond)]
+            if any(len(sh) != 1 for sh in shapes):
+                raise ValueError(f"AMG: the denoiser's conditions are {jax.tree.structure(null_cond)} with shapes "
+                                 f"{shapes}, not label ids [B]: pass make_amg(neighbour_conds=...) with each bank "
+                                 "label's condition in that structure (y_N for G_dup), or set dedup=False")
             return jax.tree.map(lambda n: jnp.where(has, label.astype(n.dtype), n), null_cond)
 
         def pick(table, n):

@@ -12,8 +12,9 @@ that the sampler stacks over steps into [B, num_steps]. Being hashable, a guidan
 config is a static argument of the jitted sampling loop: one compilation per config.
 
 Two-pass methods (OG+DTP) set ``first_pass`` to the guidance of the probing pass and
-implement ``after_first_pass(state, trace) -> state``; the sampling loop runs the
-probe from the same noise and hands its stacked trace over before the real pass.
+implement ``after_first_pass(state, probe: ProbeResult) -> state``; the sampling loop runs the
+probe from the same noise and hands over its final samples, stacked trace and final state
+before the real pass.
 """
 from __future__ import annotations
 
@@ -48,6 +49,15 @@ class StepContext(NamedTuple):
     null_cond: Any
     eps: Callable[[Array, Any], Array]
     key: Array
+
+
+class ProbeResult(NamedTuple):
+    """A two-pass guidance's probe pass, as ``after_first_pass`` receives it: x0 [B,*S] its final
+    samples, trace {name: [B, N]}, state its guidance state after the last step."""
+
+    x0: Array
+    trace: dict
+    state: Any
 
 
 class Guidance(Protocol):

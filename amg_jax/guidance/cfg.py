@@ -27,7 +27,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from amg_jax.guidance.base import StepContext, eps_uncond_cond, per_sample_norm
+from amg_jax.guidance.base import ProbeResult, StepContext, eps_uncond_cond, per_sample_norm
 
 Array = jax.Array
 
@@ -243,6 +243,17 @@ class OppositeProbe:
         return guided(eps_u, eps_c, self.early_scale), ProbeState(x_prev=ctx.x_t), trace
 
 
+def probe_curve(probe: ProbeResult) -> Array:
+    """The OG+DTP curve c_j = 1 - cos(x_{j+1}, x_j), j = 0 .. N-1, of a probe pass: [B, N].
+
+    The probe's trace holds c_{s-1} at step s (column 0 is NaN: no x_{-1}); the last value
+    c_{N-1} = 1 - cos(x_N, x_{N-1}) compares its final sample with the one its last step saw
+    (``probe.state.x_prev``), so a minimum at j = N-2 can be found, as in the reference code.
+    """
+    last = _cosine_distance(probe.x0, probe.state.x_prev).astype(jnp.float32)
+    return jnp.concatenate([probe.trace["cos_dist"][:, 1:], last[:, None]], axis=1)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class SwitchState:
@@ -273,11 +284,10 @@ class OppositeDynamic:
     def init(self, x: Array) -> SwitchState:
         return SwitchState(transition=jnp.full((x.shape[0],), self.default_step, jnp.int32))
 
-    def after_first_pass(self, state: SwitchState, trace: dict) -> SwitchState:
-        """trace['cos_dist']: [B, N] with c_{s-1} at column s; c_j lives at column j + 1."""
-        c = trace["cos_dist"][:, 1:]
+    def after_first_pass(self, state: SwitchState, probe: ProbeResult) -> SwitchState:
+        """The transition from the probe's curve ``probe_curve(probe)`` [B, N]."""
         return SwitchState(transition=first_strict_local_min(
-            c, skip_index=self.skip_index, default=self.default_step))
+            probe_curve(probe), skip_index=self.skip_index, default=self.default_step))
 
     def apply(self, state: SwitchState, ctx: StepContext) -> tuple[Array, SwitchState, dict]:
         return self.combine(state, ctx, *eps_uncond_cond(ctx))

@@ -11,6 +11,11 @@ A denoiser is a pure function ``eps_fn(params, x_t, t, cond) -> eps``:
 ``Denoiser`` bundles it with the metadata the samplers and guidances need. It is a
 ``flax.struct`` pytree: ``params`` and ``null_cond`` are traced, everything else is
 static, so ``jax.jit`` compiles once per (eps_fn, shapes, configs).
+
+A batch of conditions may carry its own unconditional condition per sample: ``WithNull(cond,
+null)`` (both [B, ...], ``null`` shaped like the denoiser's ``null_cond`` plus the batch axis).
+CFG then pairs sample b's ``cond`` with ``null[b]`` instead of the shared null condition: GNI
+noises both branches that way, as the reference code does.
 """
 from __future__ import annotations
 
@@ -29,6 +34,14 @@ EpsFn = Callable[[Any, Array, Array, Any], Array]
 
 def _identity(x):
     return x
+
+
+@struct.dataclass
+class WithNull:
+    """Conditions with a per-sample unconditional condition: cond [B, ...], null [B, ...]."""
+
+    cond: Any
+    null: Any
 
 
 @struct.dataclass
@@ -69,8 +82,26 @@ class Denoiser:
         """The unconditional condition broadcast to a batch: pytree [B, ...]."""
         return jax.tree.map(lambda c: jnp.broadcast_to(c, (batch,) + jnp.shape(c)), self.null_cond)
 
+    def split_cond(self, cond: Any, batch: int) -> tuple[Any, Any]:
+        """(cond, null [B, ...]): a ``WithNull``'s parts, else ``cond`` and the shared null condition."""
+        if isinstance(cond, WithNull):
+            return cond.cond, cond.null
+        return cond, self.null_batch(batch)
+
     def validate_cond(self, cond: Any, batch: int | None = None) -> None:
-        """Raise ValueError (before any compilation) when ``cond`` is not a valid batch of conditions."""
+        """Raise ValueError (before any compilation) when ``cond`` is not a valid batch of conditions
+        (for a ``WithNull``: both parts, and ``null`` shaped like ``null_cond`` per sample)."""
+        if isinstance(cond, WithNull):
+            self.validate_cond(cond.cond, batch)
+            want = jax.tree.structure(self.null_cond)
+            if jax.tree.structure(cond.null) != want:
+                raise ValueError(f"{self.name}: WithNull.null must have the structure of the null condition "
+                                 f"({want}), got {jax.tree.structure(cond.null)}")
+            for got, ref in zip(jax.tree.leaves(cond.null), jax.tree.leaves(self.null_cond)):
+                if tuple(np.shape(got)[1:]) != tuple(np.shape(ref)) or (batch is not None and np.shape(got)[:1] != (batch,)):
+                    raise ValueError(f"{self.name}: WithNull.null leaf shape {tuple(np.shape(got))} is not "
+                                     f"[{batch if batch is not None else 'B'}, {', '.join(map(str, np.shape(ref)))}]")
+            return
         leaves = jax.tree.leaves(cond)
         if not leaves:
             raise ValueError(f"{self.name}: condition is empty")

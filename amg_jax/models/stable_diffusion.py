@@ -10,9 +10,11 @@
   ``sd.null_embedding`` [77, D] is the empty prompt's, CFG's unconditional.
 - ``sd_denoiser(sd, height, width) -> Denoiser`` on latents [B, h/8, w/8, 4] (NHWC; the Flax UNet
   is NCHW, transposed inside ``eps_fn``). v-prediction models are converted to eps with the
-  schedule. ``decode``: latents -> pixels [B, H, W, 3] in [-1, 1] via the VAE.
-- ``sd_sampler_config(sd, num_steps, name)``: the ``SamplerConfig`` of the model's
-  scheduler_config.json (spacing, steps_offset, set_alpha_to_one, clip_sample).
+  schedule. ``decode``: latents -> pixels [B, H, W, 3] in [-1, 1] via the VAE. Two loads of one
+  model give equal denoisers (``UNetEps`` and ``VAEDecode`` are values), so they share compiled loops.
+- ``sd_sampler_config(sd, num_steps, name)``: the ``SamplerConfig`` that diffusers' class for ``name``
+  (DDIM / DDPM / DPMSolverMultistepScheduler) builds ``from_config`` the model's scheduler_config.json,
+  missing keys at that class's defaults; keys whose steps amg_jax does not implement are refused.
 - ``write_tiny_sd(directory, seed, framework)``: a tiny random-weight SD in diffusers format
   (Flax or PyTorch weights) that ``FlaxStableDiffusionPipeline.from_pretrained`` also loads.
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import re
@@ -35,8 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from amg_jax.models.base import Denoiser
-from amg_jax.samplers import SamplerConfig
-from amg_jax.schedules import Schedule
+from amg_jax.samplers import DDPM_VARIANCE_TYPES, FINAL_SIGMAS_TYPES, SamplerConfig
+from amg_jax.schedules import SPACINGS, Schedule
 
 Array = jax.Array
 
@@ -114,6 +117,24 @@ class _Static:
     model: Any = dataclasses.field(compare=False)
 
 
+@dataclasses.dataclass(frozen=True)
+class VAEDecode:
+    """``StableDiffusion.decode`` as a value, for a ``Denoiser``'s static ``decode`` field: latents
+    [B, h, w, C] -> pixels [B, h*f, w*f, 3] float32 in [-1, 1]. Equal (and equally hashed) by (VAE config,
+    scaling factor, dtype, weights id), so two loads of one model share every compiled loop that takes the
+    denoiser; the params are not compared: the weights id stands for them (a bound ``sd.decode`` is new
+    per load and would make jit recompile)."""
+
+    static: _Static
+    weights: tuple
+    params: Any = dataclasses.field(compare=False, repr=False)
+
+    def __call__(self, latents: Array) -> Array:
+        return _vae_decode(self.static, self.params, _onto_params_device(latents, self.params))
+
+
+_BUNDLE_IDS = itertools.count()
+
 _META_KEYS = ("architectures", "transformers_version", "torch_dtype", "dtype", "name_or_path", "model_type")
 
 
@@ -138,7 +159,10 @@ class StableDiffusion:
     latents; vae_factor: pixels per latent (8); image_size: default pixel size (unet
     sample_size * vae_factor); null_embedding: [L, D] float32, the empty prompt's embedding;
     eps_fn: the ``UNetEps`` denoiser function; dtype: "float32" | "bfloat16" | "float16";
-    source: where it was loaded from.
+    source: where it was loaded from; vae_weights_id: what ``vae_params`` were loaded from (the weights
+    file's real path, size and mtime, set by ``load_stable_diffusion``): two bundles with the same one
+    have equal ``vae_decoder``s. Empty (a bundle built in memory): the decoder is this bundle's own.
+    ``dataclasses.replace`` with other ``vae_params`` must reset it.
     """
 
     unet: Any
@@ -159,6 +183,7 @@ class StableDiffusion:
     eps_fn: UNetEps
     dtype: str = "float32"
     source: str = ""
+    vae_weights_id: tuple = ()
 
     @property
     def compute_dtype(self):
@@ -179,7 +204,13 @@ class StableDiffusion:
         clips its [0, 1] images): the VAE decoder applied to latents / scaling_factor. Latents
         sharded over several devices (``sample_sharded``'s output) are gathered onto the device
         that holds the VAE params first."""
-        return _vae_decode(self._vae_static, self.vae_params, _onto_params_device(latents, self.vae_params))
+        return self.vae_decoder(latents)
+
+    @functools.cached_property
+    def vae_decoder(self) -> VAEDecode:
+        """``decode`` as a hashable value (``sd_denoiser``'s ``decode``): equal for two loads of one model."""
+        weights = self.vae_weights_id or ("bundle", next(_BUNDLE_IDS))
+        return VAEDecode(self._vae_static, weights, self.vae_params)
 
     @functools.cached_property
     def _vae_static(self) -> "_Static":
@@ -289,27 +320,125 @@ def sd_denoiser(sd: StableDiffusion, height: int | None = None, width: int | Non
     f = sd.vae_factor
     return Denoiser(params=sd.unet_params, null_cond=sd.null_embedding, eps_fn=sd.eps_fn,
                     sample_shape=(height // f, width // f, sd.latent_channels), schedule=sd.schedule,
-                    num_conditions=None, decode=sd.decode, name=name)
+                    num_conditions=None, decode=sd.vae_decoder, name=name)
+
+
+# diffusers' scheduler class each sampler stands for, and that class's __init__ defaults (diffusers 0.39,
+# checked against the classes by tests/models/test_sd_sampler_config.py) for the keys a SamplerConfig
+# follows. As ``Cls.from_config(scheduler_config)`` does, a key the config lacks takes the default of the
+# sampler's own class (DPMSolverMultistepScheduler lays its steps by "linspace", DDIM / DDPM by
+# "leading"), and a key the class does not have (DPM-Solver's clip_sample, PNDM's skip_prk_steps) is ignored.
+SCHEDULER_CLASSES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "dpm++2m": "DPMSolverMultistepScheduler"}
+SCHEDULER_DEFAULTS = {
+    "ddim": {"timestep_spacing": "leading", "steps_offset": 0, "clip_sample": True, "clip_sample_range": 1.0,
+             "set_alpha_to_one": True},
+    "ddpm": {"timestep_spacing": "leading", "steps_offset": 0, "clip_sample": True, "clip_sample_range": 1.0,
+             "variance_type": "fixed_small"},
+    "dpm++2m": {"timestep_spacing": "linspace", "steps_offset": 0, "lower_order_final": True,
+                "final_sigmas_type": "zero"},
+}
+# scheduler_config.json key -> SamplerConfig field
+SCHEDULER_FIELDS = {"timestep_spacing": "spacing", "steps_offset": "steps_offset", "clip_sample": "clip_sample",
+                    "clip_sample_range": "clip_range", "set_alpha_to_one": "set_alpha_to_one",
+                    "variance_type": "variance_type", "lower_order_final": "lower_order_final",
+                    "final_sigmas_type": "final_sigmas_type"}
+# Keys the samplers implement at the class default only (the same defaults, also checked by the tests): any
+# other value changes diffusers' steps, so it is refused (``_check_fixed_keys`` lists the few other values that
+# leave the result unchanged). prediction_type, trained_betas and the beta keys are the training schedule's
+# (``_scheduler_settings``): v_prediction is converted to eps by the denoiser (``UNetEps``), which gives
+# every sampler diffusers' v_prediction step. Keys read only under a refused setting (dynamic_thresholding_ratio
+# and sample_max_value with thresholding; flow_shift, use_dynamic_shifting, time_shift_type with flow sigmas)
+# do not matter and are ignored.
+_COMMON_FIXED = {"thresholding": False, "rescale_betas_zero_snr": False}
+SCHEDULER_FIXED = {
+    "ddim": dict(_COMMON_FIXED),
+    "ddpm": dict(_COMMON_FIXED),
+    "dpm++2m": dict(_COMMON_FIXED, algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
+                    euler_at_final=False, use_karras_sigmas=False, use_exponential_sigmas=False,
+                    use_beta_sigmas=False, use_lu_lambdas=False, use_flow_sigmas=False,
+                    lambda_min_clipped=-float("inf"), variance_type=None),
+}
+
+
+def _check_followed_key(key: str, value, name: str, where: str) -> None:
+    """ValueError naming ``key`` when its value is not one SamplerConfig can take (before it is built)."""
+    bad = None
+    if key == "timestep_spacing" and value not in SPACINGS:
+        bad = f"unknown timestep spacing; choose one of {list(SPACINGS)}"
+    elif key == "steps_offset" and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                                    or value < 0):
+        bad = "must be an integer >= 0"
+    elif key in ("clip_sample", "set_alpha_to_one", "lower_order_final") and not isinstance(value, bool):
+        bad = "must be true or false"
+    elif key == "clip_sample_range" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                         or not value > 0):
+        bad = "must be a number > 0"
+    elif key == "variance_type" and value not in DDPM_VARIANCE_TYPES:
+        bad = f"is not supported by amg_jax's ddpm sampler; choose one of {list(DDPM_VARIANCE_TYPES)}"
+    elif key == "final_sigmas_type" and value not in FINAL_SIGMAS_TYPES:
+        bad = f"is not supported; choose one of {list(FINAL_SIGMAS_TYPES)}"
+    if bad:
+        raise ValueError(f"{where}: {key}={value!r} {bad} (sampler {name!r}, diffusers' {SCHEDULER_CLASSES[name]})")
+
+
+def _check_fixed_keys(config: dict, cfg: SamplerConfig, schedule: Schedule, where: str) -> None:
+    """ValueError naming the first key of ``config`` set to a value whose diffusers steps the sampler of
+    ``cfg`` does not implement."""
+    for key, default in SCHEDULER_FIXED[cfg.name].items():
+        value = config.get(key, default)
+        if value == default or (value is None and default is None) or (default is False and not value):
+            continue          # (diffusers tests these flags for truth: null is false)
+        if key == "solver_type" and value in ("logrho", "bh1", "bh2"):
+            continue          # DEIS / UniPC solver types: diffusers' DPM-Solver replaces them by "midpoint"
+        if key == "variance_type" and value not in ("learned", "learned_range"):
+            continue          # DPM-Solver reads variance_type only to drop learned-variance channels
+        if key == "euler_at_final" and (cfg.final_sigmas_type == "zero"
+                                        or (cfg.lower_order_final and cfg.num_steps < 15)):
+            continue          # the last step is first order (Euler) anyway
+        if key == "lambda_min_clipped" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            ac = schedule.alphas_cumprod()
+            lam = np.log(np.sqrt(ac)) - np.log(np.sqrt(np.float32(1.0) - ac))
+            if not np.any(lam < np.float32(value)):
+                continue      # clips no timestep: diffusers' grid is the unclipped one
+        raise ValueError(f"{where}: {key}={value!r} is not supported by amg_jax's {cfg.name} sampler (it "
+                         f"implements diffusers' {SCHEDULER_CLASSES[cfg.name]} with {key}={default!r} only)")
+
+
+def sampler_config_from_scheduler(config: dict, num_steps: int = 50, name: str = "ddim", *,
+                                  schedule: Schedule | None = None, where: str = "scheduler_config",
+                                  **overrides) -> SamplerConfig:
+    """The ``SamplerConfig`` of diffusers' class for ``name`` built ``from_config(config)`` with
+    ``set_timesteps(num_steps)``: same timesteps and step coefficients (missing keys take that class's
+    defaults, ``SCHEDULER_DEFAULTS``). ``schedule`` (default: the one ``config`` describes) must be the
+    one ``config`` describes. A key whose value would change diffusers' steps in a way amg_jax does not
+    implement raises ValueError naming it (``where`` prefixes the message). ``overrides`` replace any
+    field (e.g. ``eta=1.0``); the result is checked against the schedule before it is returned."""
+    name = SamplerConfig(name=name).name
+    own, prediction = _scheduler_settings(config, where)
+    del prediction    # epsilon or v_prediction: the denoiser's concern (UNetEps), not the sampler's
+    if schedule is not None and schedule != own:
+        raise ValueError(f"{where}: the schedule {schedule} is not the one the scheduler config describes "
+                         f"({own}): beta_schedule / beta_start / beta_end / num_train_timesteps differ")
+    fields = {}
+    for key, default in SCHEDULER_DEFAULTS[name].items():
+        value = config.get(key, default)
+        _check_followed_key(key, value, name, where)
+        fields[SCHEDULER_FIELDS[key]] = value
+    cfg = SamplerConfig(name=name, num_steps=num_steps, **dict(fields, **overrides))
+    _check_fixed_keys(config, cfg, own, where)
+    cfg.check(own)
+    return cfg
 
 
 def sd_sampler_config(sd: StableDiffusion, num_steps: int = 50, name: str = "ddim", **overrides) -> SamplerConfig:
     """The ``SamplerConfig`` diffusers builds from the model's scheduler_config.json for ``name``
-    (e.g. ``DDIMScheduler.from_config``): timestep_spacing, steps_offset, set_alpha_to_one,
-    clip_sample / clip_sample_range (missing keys take DDIMScheduler's defaults). ``overrides``
-    replace any field (e.g. ``eta=1.0``)."""
-    c = sd.scheduler_config
-    fields = dict(name=name, num_steps=num_steps, spacing=c.get("timestep_spacing", "leading"),
-                  steps_offset=int(c.get("steps_offset", 0)))
-    probe = SamplerConfig(name=name, num_steps=num_steps)
-    if probe.name in ("ddim", "ddpm"):
-        fields.update(clip_sample=bool(c.get("clip_sample", True)),
-                      clip_range=float(c.get("clip_sample_range", 1.0)))
-    if probe.name == "ddpm" and c.get("variance_type") in ("fixed_small", "fixed_large"):
-        fields["variance_type"] = c["variance_type"]
-    if probe.name == "ddim":
-        fields["set_alpha_to_one"] = bool(c.get("set_alpha_to_one", True))
-    fields.update(overrides)
-    return SamplerConfig(**fields)
+    (``DDIMScheduler`` / ``DDPMScheduler`` / ``DPMSolverMultistepScheduler.from_config``, missing keys
+    at that class's defaults): see ``sampler_config_from_scheduler``. Reads ``sd.scheduler_config`` and
+    ``sd.schedule`` only. ``overrides`` replace any field (e.g. ``eta=1.0``)."""
+    source = getattr(sd, "source", "")
+    where = os.path.join(source, "scheduler", "scheduler_config.json") if source else "scheduler_config"
+    return sampler_config_from_scheduler(sd.scheduler_config, num_steps, name, schedule=sd.schedule, where=where,
+                                         **overrides)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -338,6 +467,14 @@ def _first_existing(folder: str, names: Sequence[str]) -> str | None:
         if os.path.isfile(os.path.join(folder, n)):
             return os.path.join(folder, n)
     return None
+
+
+def _weights_id(folder: str, names: Sequence[str]) -> tuple:
+    """(real path, size, mtime in ns) of the weights file a component is loaded from (the first of
+    ``names`` in ``folder``, as the loaders pick it): stands for its params in equality tests."""
+    path = _first_existing(folder, names)
+    st = os.stat(path)
+    return os.path.realpath(path), st.st_size, st.st_mtime_ns
 
 
 def check_layout(path: str, from_pt: bool | None = None) -> bool:
@@ -562,7 +699,8 @@ def load_stable_diffusion(path_or_hub_id: str | os.PathLike, *, dtype="float32",
         prediction_type=prediction, vae_scaling_factor=float(vae.config.scaling_factor),
         latent_channels=int(vae.config.latent_channels), vae_factor=vae_factor,
         image_size=int(unet.config.sample_size) * vae_factor, null_embedding=null,
-        eps_fn=UNetEps(unet, prediction, schedule, dtype), dtype=dtype, source=source)
+        eps_fn=UNetEps(unet, prediction, schedule, dtype), dtype=dtype, source=source,
+        vae_weights_id=_weights_id(os.path.join(path, "vae"), (PT_WEIGHTS if from_pt else FLAX_WEIGHTS)["vae"]))
 
 
 # ----------------------------------------------------------------------------- a tiny SD for tests
@@ -713,6 +851,7 @@ def write_tiny_sd(directory: str | os.PathLike, seed: int = 0, *, framework: str
 
 __all__ = [
     "DTYPES", "SD_V1_SCHEDULER", "StableDiffusion", "check_image_size", "check_layout", "encode_prompts",
-    "load_stable_diffusion", "quiet_libraries", "sd_denoiser", "sd_sampler_config", "tiny_configs", "tokenize",
-    "write_tiny_sd", "write_tiny_tokenizer", "random_params", "UNetEps",
+    "load_stable_diffusion", "quiet_libraries", "sampler_config_from_scheduler", "sd_denoiser", "sd_sampler_config",
+    "tiny_configs", "tokenize", "write_tiny_sd", "write_tiny_tokenizer", "random_params", "SCHEDULER_DEFAULTS",
+    "UNetEps", "VAEDecode",
 ]

@@ -9,6 +9,8 @@ from scipy.signal import argrelextrema
 from amg_jax.guidance import (
     CFG, DynamicTransition, OppositeDynamic, OppositeGuidance, StaticTransition, StepContext,
     Unguided, first_strict_local_min, make_guidance)
+from amg_jax.guidance.base import ProbeResult
+from amg_jax.guidance.cfg import ProbeState, probe_curve
 
 B, S = 3, (2, 2, 1)
 
@@ -115,6 +117,15 @@ def test_first_strict_local_min_matches_scipy_and_the_reference_rule():
         np.testing.assert_array_equal(np.asarray(got), [5, 5, 5])
 
 
+def _probe(c: np.ndarray, last: np.ndarray) -> ProbeResult:
+    """A ProbeResult whose trace is ``c`` [B, N] (c_{s-1} at column s) and whose final step gives
+    c_{N-1} = ``last`` [B]: x_prev = e_0, x0 at angle acos(1 - last) from it (S = (2, 2, 1))."""
+    x_prev = jnp.zeros((B,) + S).at[:, 0, 0, 0].set(1.0)
+    cos = 1.0 - last
+    x0 = x_prev.at[:, 0, 1, 0].set(jnp.sqrt(1.0 - cos ** 2) / cos)
+    return ProbeResult(x0=x0, trace={"cos_dist": jnp.asarray(c)}, state=ProbeState(x_prev=x_prev))
+
+
 def test_og_dtp_reads_its_transition_from_the_probe_trace():
     g = OppositeDynamic()
     n = 10
@@ -122,11 +133,28 @@ def test_og_dtp_reads_its_transition_from_the_probe_trace():
     c[0, 1:] = [5, 4, 3, 4, 5, 6, 7, 8, 9]        # c_j: min at j=2
     c[1, 1:] = [5, 3, 4, 2, 3, 4, 5, 6, 7]        # first min at j=1 -> take the second, j=3
     c[2, 1:] = np.arange(9)                       # none -> default 5
-    state = g.after_first_pass(g.init(jnp.ones((B,) + S)), {"cos_dist": jnp.asarray(c)})
+    state = g.after_first_pass(g.init(jnp.ones((B,) + S)), _probe(c, np.array([0.99, 0.99, 0.99])))
     np.testing.assert_array_equal(np.asarray(state.transition), [2, 3, 5])
     for j in range(n):
         _, _, tr = g.apply(state, _ctx(j, 999 - j, np.ones(B)))
         np.testing.assert_allclose(np.asarray(tr["scale"]), np.where(j >= np.array([2, 3, 5]), 7.5, -7.5))
+
+
+def test_og_dtp_curve_includes_the_last_step():
+    """c_{N-1} = 1 - cos(x_N, x_{N-1}) closes the curve: a minimum at j = N-2 is found (the
+    reference code's curve has all N values); without it row 0 would fall back to the default."""
+    g = OppositeDynamic()
+    n = 10
+    c = np.full((B, n), np.nan, np.float32)
+    c[:, 1:] = np.arange(9, 0, -1) / 10.0          # c_0..c_8 = 0.9 .. 0.1, falling
+    last = np.array([0.5, 0.05, 0.5])              # c_9: rises after c_8 = 0.1 (rows 0, 2), falls (row 1)
+    probe = _probe(c, last)
+    curve = np.asarray(probe_curve(probe))
+    chex.assert_shape(curve, (B, n))
+    np.testing.assert_allclose(curve[:, :-1], c[:, 1:])
+    np.testing.assert_allclose(curve[:, -1], last, rtol=1e-5)   # float32 cosine of unit-scale vectors
+    state = g.after_first_pass(g.init(jnp.ones((B,) + S)), probe)
+    np.testing.assert_array_equal(np.asarray(state.transition), [n - 2, 5, n - 2])
 
 
 def test_og_probe_records_cosine_distance_to_the_previous_sample():

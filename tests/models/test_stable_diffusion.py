@@ -81,7 +81,11 @@ def test_sampler_config_follows_scheduler_config(sd):
     assert (cfg.name, cfg.spacing, cfg.steps_offset, cfg.set_alpha_to_one, cfg.clip_sample) == (
         "ddim", "leading", 1, False, False)
     np.testing.assert_array_equal(sampler_timesteps(cfg, sd.schedule), np.arange(901, 0, -100))
-    assert sdm.sd_sampler_config(sd, 20, "dpm++2m").steps_offset == 1
+    # DPMSolverMultistepScheduler.from_config(SD v1.x's config) keeps steps_offset=1 but lays its steps by
+    # its own default timestep_spacing, "linspace" (which ignores the offset): 999, 949, ... (not "leading")
+    dpm = sdm.sd_sampler_config(sd, 20, "dpm++2m")
+    assert (dpm.spacing, dpm.steps_offset) == ("linspace", 1)
+    assert sampler_timesteps(dpm, sd.schedule)[0] == 999
     assert sdm.sd_sampler_config(sd, 20, eta=1.0).eta == 1.0
 
 
