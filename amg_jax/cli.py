@@ -513,13 +513,42 @@ def _eval_config(args, parser):
         parser.error(str(err))
 
 
+def _command_parser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
+    """The parser of the (sub)command ``args`` ran (``amg eval``, ``amg index build``, ...): an
+    error found after parsing is reported through it, as ``amg eval: error: ...`` with exit
+    status 2, the way argparse reports its own errors of that command."""
+    while True:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        name = getattr(args, subs[0].dest, None) if subs else None
+        if name not in (subs[0].choices if subs else {}):
+            return parser
+        parser = subs[0].choices[name]
+
+
+def _wait_for_warnings() -> None:
+    """Let the asynchronous divergence warnings of the command's sampling (``samplers.sample``
+    issues them when the computation completes) arrive before the command returns."""
+    jax = sys.modules.get("jax")
+    if jax is not None:
+        jax.effects_barrier()
+
+
 def main(argv=None) -> int:
+    """`amg COMMAND ...`: 0 on success; argument and other errors found before or after parsing
+    exit 2 with ``amg COMMAND: error: ...`` (``_command_parser``)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     _quiet_libraries()
+    code = _run_command(args, _command_parser(parser, args))
+    _wait_for_warnings()
+    return code
+
+
+def _run_command(args, parser) -> int:
+    """Run the parsed command; ``parser`` is the command's own (``_command_parser``)."""
     if args.command == "demo":
         from amg_jax import demo
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import sys
 import warnings
 from typing import Any, Callable, NamedTuple
 
@@ -632,18 +633,25 @@ _MAX_REPORTS = 4096
 
 
 def _report_callback(ticket, bad, trace) -> None:
-    """Host side of ``report_divergence`` (a ``jax.debug.callback``): warn if the run diverged."""
-    with jax.transfer_guard("allow"):       # it may run inline on a thread that disallows transfers
-        t = int(np.asarray(ticket))
-        entry = _REPORTS.get(t)
-        if entry is None:
-            return
-        guidance, keep = entry
-        if not keep:
-            _REPORTS.pop(t, None)
-        message = divergence_message(guidance, np.asarray(bad), {k: np.asarray(v) for k, v in trace.items()})
-    if message:
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
+    """Host side of ``report_divergence`` (a ``jax.debug.callback``): warn if the run diverged.
+    It never raises: an exception in a callback fails the device program and every later
+    ``jax.effects_barrier()``, so one it cannot hand to the caller (a warnings filter set to
+    "error", a failing ``check_trace``) is printed to stderr instead."""
+    try:
+        with jax.transfer_guard("allow"):       # it may run inline on a thread that disallows transfers
+            t = int(np.asarray(ticket))
+            entry = _REPORTS.get(t)
+            if entry is None:
+                return
+            guidance, keep = entry
+            if not keep:
+                _REPORTS.pop(t, None)
+            message = divergence_message(guidance, np.asarray(bad), {k: np.asarray(v) for k, v in trace.items()})
+        if message:
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+    except Exception as e:      # noqa: BLE001 - see the docstring
+        print(f"amg_jax.samplers: the divergence report of a sample call failed: {type(e).__name__}: {e}",
+              file=sys.stderr)
 
 
 @functools.partial(jax.jit, static_argnums=(3,))

@@ -140,11 +140,17 @@ def pad_batch(tree: Any, multiple: int) -> tuple[Any, int]:
     return jax.tree.map(lambda a: a[idx], tree), b
 
 
+@functools.partial(jax.jit, static_argnums=(1,))
+def _first_rows(tree, batch: int):
+    return jax.tree.map(lambda a: a[:batch], tree)
+
+
 def _cut(res: SampleResult, batch: int) -> SampleResult:
-    """The first ``batch`` rows of every output (a no-op when nothing was padded)."""
+    """The first ``batch`` rows of every output (a no-op when nothing was padded). Jitted: an
+    eager slice of a sharded array waits for its data, which would end the caller's async dispatch."""
     if int(res.x0.shape[0]) == batch:
         return res
-    return jax.tree.map(lambda a: a[:batch], res)
+    return _first_rows(res, batch)
 
 
 def _validate(denoiser, guidance, sampler_cfg, keys, cond, x_T, where: str):
@@ -226,7 +232,9 @@ def sample_sharded(denoiser, guidance, sampler_cfg: SamplerConfig, keys, cond, *
     along the mesh's axis, the denoiser and guidance replicated (a sharded reference bank
     stays sharded), and one jitted program (``sharded_sample_fn``) runs the whole loop.
     Returns ``SampleResult`` with the padding cut off; when B divides the device count the
-    outputs stay split along the batch axis (``NamedSharding(mesh, P(axis))``).
+    outputs stay split along the batch axis (``NamedSharding(mesh, P(axis))``). Nothing is read
+    back to the host: the divergence warning arrives as ``samplers.sample``'s does, when the
+    computation completes (``jax.effects_barrier()`` waits for it).
 
     Several hosts: call ``maybe_initialize_distributed()`` first, and the same function with
     the same global keys / cond on every process; the outputs are global arrays (gather them

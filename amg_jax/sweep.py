@@ -774,8 +774,10 @@ def _default_scale(model: str) -> float:
 
 def cell_settings(config: SweepConfig, cell: Cell) -> dict:
     """Everything that decides a cell's samples, resolved ("auto" -> the model's choice, the
-    full AMGConfig): a stored cell with equal settings is not run again. (``chunk`` is left
-    out: it changes how seeds are batched, not the samples.)"""
+    full AMGConfig), and ``weights``, the content digest of the model's weights
+    (``weights_digest``): a stored cell with equal settings is not run again, so a retrained
+    checkpoint re-runs its cells. (``chunk`` is left out: it changes how seeds are batched, not
+    the samples.)"""
     if config.sd is not None:
         return sd_cell_settings(config, cell)
     amg = cell.guidance == "amg"
@@ -783,7 +785,7 @@ def cell_settings(config: SweepConfig, cell: Cell) -> dict:
     scale_used = cell.guidance not in ("none",) and not (amg and base == "none")
     scale = (cell.scale if cell.scale is not None else _default_scale(config.model)) if scale_used else None
     return _jsonable(dict(
-        bench_settings(config), method=cell.method, guidance=cell.guidance, base=base,
+        bench_settings(config), weights=weights_digest(config), method=cell.method, guidance=cell.guidance, base=base,
         detector=(model_detector(config.model) if cell.detector == "auto" else cell.detector) if amg else None,
         scale=scale, sampler=cell.sampler, steps=cell.steps,
         amg=dataclasses.asdict(AMGConfig(**workbench.model_amg(config.model, dict(cell.amg)))) if amg else None,
@@ -796,7 +798,7 @@ def _baseline_settings(cell: Cell) -> dict | None:
     return {**BASELINE_DEFAULTS[cell.baseline], **dict(cell.baseline_params)} if cell.baseline else None
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=4096)       # a few strings per file: a model folder's files all stay cached
 def _file_digest_cached(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -812,6 +814,63 @@ def _file_digest(path: str | None) -> str | None:
         return None
     st = os.stat(path)
     return _file_digest_cached(path, st.st_size, st.st_mtime_ns)
+
+
+def _files_digest(root: str, names) -> str | None:
+    """A short sha256 of the files ``names`` (relative to ``root``): each name and the sha256 of
+    its bytes (``_file_digest``); None when there are none."""
+    names = sorted(names)
+    if not names:
+        return None
+    h = hashlib.sha256()
+    for name in names:
+        h.update(f"{name}\0{_file_digest(os.path.join(root, *name.split('/')))}\n".encode())
+    return "sha256:" + h.hexdigest()[:20]
+
+
+def _walk_files(path: str) -> list:
+    """The files under ``path``, relative with "/" separators; dot files and folders (editor and
+    OS litter, ``write_atomic``'s temporaries) left out."""
+    out = []
+    for root, dirs, files in os.walk(path):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        rel = os.path.relpath(root, path)
+        out += [f if rel == "." else f"{rel}/{f}".replace(os.sep, "/") for f in files if not f.startswith(".")]
+    return out
+
+
+# The files of a diffusers Stable Diffusion folder that decide its samples: the weights and configs
+# of the three networks, the scheduler and tokenizer configs and model_index.json (not the safety
+# checker, feature extractor, README, ...).
+SD_WEIGHT_FOLDERS = ("unet", "vae", "text_encoder")
+SD_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".msgpack", ".json")
+SD_CONFIG_FOLDERS = ("scheduler", "tokenizer")
+
+
+def _sd_weight_files(path: str) -> list:
+    """``weights_digest``'s files of the Stable Diffusion folder ``path`` (see ``SD_WEIGHT_FOLDERS``)."""
+    def keep(name: str) -> bool:
+        top = name.split("/", 1)[0]
+        return (name == "model_index.json" or top in SD_CONFIG_FOLDERS
+                or (top in SD_WEIGHT_FOLDERS and name.endswith(SD_WEIGHT_SUFFIXES)))
+    return [f for f in _walk_files(path) if keep(f)]
+
+
+def weights_digest(config: SweepConfig) -> str | None:
+    """A short sha256 of the model's weights, by content: a trained testbed model's checkpoint
+    folder (``workbench.checkpoints_dir()/<kind>``: params, bank, card), every file; a local
+    Stable Diffusion folder's weights and configs (``SD_WEIGHT_FOLDERS``); None for the
+    closed-form models (no weights: the testbed fixes them) and a hub id that is not a local folder.
+    Every byte is hashed, GBs for SD too: a fine-tune keeps the file sizes and safetensors headers,
+    so sizes or the first and last MiB would miss it. The cost (~1 s/GB) is paid once per file and
+    process (``_file_digest``'s cache per path, size and mtime)."""
+    if config.sd is not None:
+        src = config.sd.source
+        return _files_digest(src, _sd_weight_files(src)) if os.path.isdir(src) else None
+    if config.model in TRAINED:
+        path = os.path.join(workbench.checkpoints_dir(), TRAINED[config.model])
+        return _files_digest(path, _walk_files(path)) if os.path.isdir(path) else None
+    return None
 
 
 def _folder_digest(path: str | None) -> str | None:
@@ -845,7 +904,7 @@ def sd_bench_settings(config: SweepConfig) -> dict:
 def sd_cell_settings(config: SweepConfig, cell: Cell) -> dict:
     """``cell_settings`` of a Stable Diffusion cell: AMG's settings are ``sd_guidance.SD_AMG``
     updated by the cell's (the full AMGConfig; ``dedup`` off without captions beside the bank),
-    its detector "sscd"."""
+    its detector "sscd"; ``weights`` the digest of a local model folder (``weights_digest``)."""
     from amg_jax.sd_guidance import SD_AMG
 
     amg = cell.guidance == "amg"
@@ -856,7 +915,7 @@ def sd_cell_settings(config: SweepConfig, cell: Cell) -> dict:
     if amg and not os.path.isfile(config.sd.bank + ".captions.json"):
         settings["dedup"] = False                   # no captions: no y_N, G_dup is off (sd_guidance.method_guidance)
     return _jsonable(dict(
-        bench_settings(config), method=cell.method, guidance=cell.guidance, base=base,
+        bench_settings(config), weights=weights_digest(config), method=cell.method, guidance=cell.guidance, base=base,
         detector="sscd" if amg else None, scale=scale, sampler=cell.sampler, steps=cell.steps, amg=settings,
         baseline=cell.baseline, baseline_params=_baseline_settings(cell)))
 
@@ -1375,9 +1434,14 @@ def results_markdown(table: dict) -> str:
     settings = {(s["sampler"], s["steps"], s["scale"]) for s in (r["settings"] for r in table["cells"].values())}
     parts.append(f"{table['model']}: samples per kind {counts}, copy threshold {table['threshold']:.3f}, FD on "
                  f"{table['fd_features']}; sampler / steps / scale: "
-                 + ", ".join(f"{a} {b} {c}" for a, b, c in sorted(settings, key=str))
+                 + ", ".join(f"{a} {b} {_scale_text(c)}" for a, b, c in sorted(settings, key=str))
                  + (f"\n\nnot done: {', '.join(table['missing'])}" if table["missing"] else ""))
     return "\n".join(parts) + "\n"
+
+
+def _scale_text(scale) -> str:
+    """A cell's guidance scale for a table footer ("unguided" for a model sampled without guidance)."""
+    return "unguided" if scale is None else str(scale)
 
 
 def _kind_tables(kinds: list, rows: list, header, line) -> list:
@@ -1421,7 +1485,7 @@ def sd_results_markdown(table: dict) -> str:
     parts.append(f"{table['model']}: prompts per kind {counts}, {per_prompt} samples per prompt; memorized = SSCD "
                  f"cosine to the nearest bank image > {t}; FID on "
                  f"{table['fd_features'] or '- (no sweep.inception)'}; sampler / steps / scale: "
-                 + ", ".join(f"{a} {b} {c}" for a, b, c in sorted(settings, key=str))
+                 + ", ".join(f"{a} {b} {_scale_text(c)}" for a, b, c in sorted(settings, key=str))
                  + (f"\n\nnot done: {', '.join(table['missing'])}" if table["missing"] else ""))
     return "\n".join(parts) + "\n"
 
@@ -1559,4 +1623,4 @@ __all__ = ["Cell", "CellRun", "SDSettings", "SD_SWEEP_KEYS", "SweepConfig", "Swe
            "TestbedBackend", "bench_settings", "build_results", "cell_id", "cell_settings", "cell_status",
            "load_config", "main", "make_backend", "parse_config", "plot_similarity_cells", "plot_tradeoff",
            "read_prompts", "results_csv", "results_json", "results_markdown", "run_sweep", "sd_bench_settings",
-           "sd_cell_settings", "sd_results_markdown", "write_results"]
+           "sd_cell_settings", "sd_results_markdown", "weights_digest", "write_results"]

@@ -31,7 +31,9 @@ def table(path: str, overall: bool = False) -> str:
                    f"{fmt_pct(m['all']['frac_out_of_range'])} | {fmt_pct(gate) if gate is not None else '-'} |")
     counted = [r for r in rows.values() if "count" in r["metrics"]["all"]]
     n = {k: counted[0]["metrics"][k]["count"] for k in kinds} if counted else {}
-    out.append(f"\n{meta.get('model')}: scale {meta.get('scale')}, {meta.get('sampler')} {meta.get('steps')}, "
+    uncond = meta.get("conditioning") == "uncond" or str(meta.get("model", "")).endswith("uncond")
+    guidance = "no guidance (unguided sampler)" if uncond else f"scale {meta.get('scale')}"
+    out.append(f"\n{meta.get('model')}: {guidance}, {meta.get('sampler')} {meta.get('steps')}, "
                f"samples per kind {n}, copy threshold {meta.get('threshold', float('nan')):.3f}, "
                f"FD on {meta.get('fd_features')}")
     return "\n".join(out)

@@ -19,10 +19,15 @@ def run_cli(argv, capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def assert_clean_error(code, err, message) -> None:
-    """Exit 2, no traceback, and exactly one line saying ``error: ... message ...`` (after the usage)."""
+def assert_clean_error(code, err, message, prog: str | None = None) -> None:
+    """Exit 2, no traceback, and exactly one line saying ``error: ... message ...`` (after the usage);
+    with ``prog`` (e.g. "amg eval") that line starts ``amg eval: error: `` and the usage names it too,
+    as argparse words its own errors of a subcommand."""
     assert code == 2, (code, err)
     assert "Traceback" not in err, err
     errors = [line for line in err.splitlines() if "error:" in line]
     assert len(errors) == 1 and errors[0] == err.strip().splitlines()[-1], err
     assert message in errors[0], err
+    if prog is not None:
+        assert errors[0].startswith(f"{prog}: error: "), err
+        assert err.startswith(f"usage: {prog} "), err

@@ -115,6 +115,51 @@ def test_bad_eval_arguments_fail_before_any_work(tmp_path, capsys, args, message
     assert not out.exists()
 
 
+def test_an_eval_error_found_after_parsing_names_the_command(tmp_path, capsys):
+    """A value argparse accepts but the command rejects (AMG settings without --method amg) is
+    reported as argparse reports its own errors of `amg eval`: its usage, then ``amg eval: error:``
+    (it said ``amg: error:`` after the top-level usage), exit 2, nothing written."""
+    from cli_checks import assert_clean_error, run_cli
+
+    out = tmp_path / "out"
+    code, err = run_cli(["eval", "--testbed", "small", "--method", "cfg", "--c3", "10", "--out", str(out)], capsys)
+    assert_clean_error(code, err, "AMG settings (--c3) need --method amg", prog="amg eval")
+    assert err.strip().splitlines()[-1] == "amg eval: error: AMG settings (--c3) need --method amg"
+    assert not out.exists()
+
+
+def _strict_json(path):
+    """The JSON of ``path``, failing on NaN / Infinity (Python writes them; they are not JSON)."""
+    def reject(word):
+        raise AssertionError(f"{path} holds {word}, which is not JSON")
+    return json.loads(path.read_text(), parse_constant=reject)
+
+
+def test_write_json_writes_null_for_nan_and_inf(tmp_path):
+    """The one writer of metrics / results files: NaN and +-inf, also inside numpy values, become
+    null (strict JSON), finite numbers stay exact."""
+    from amg_jax.jsonio import write_json
+
+    obj = {"fd": float("nan"), "x": [float("inf"), np.float32(np.nan), (np.int64(3), np.bool_(True))],
+           "rates": np.array([0.5, -np.inf]), "ok": 1.25, "none": None}
+    path = tmp_path / "m.json"
+    assert write_json(str(path), obj) == str(path)
+    got = _strict_json(path)
+    assert got == {"fd": None, "x": [None, None, [3, True]], "rates": [0.5, None], "ok": 1.25, "none": None}
+
+
+def test_eval_writes_null_for_metrics_a_group_does_not_define(tmp_path):
+    """One sample: its Frechet distance is not defined (NaN in the report); metrics.json holds
+    null there (it held NaN, which is not JSON), the defined metrics as numbers."""
+    out = tmp_path / "eval"
+    assert cli.main(["eval", "--model", "empirical", "--testbed", "small", "--method", "cfg", "--kinds", "duplicated",
+                     "--prompts", "1", "--samples", "1", "--steps", "2", "--out", str(out)]) == 0
+    report = _strict_json(out / "metrics.json")
+    for r in report["metrics"].values():
+        assert r["quality_fd"] is None and r["fd"] is None and r["n"] == 1
+        assert 0.0 <= r["memorized_frac"] <= 1.0
+
+
 def test_tiny_eval_writes_the_agreed_keys(tmp_path):
     out = tmp_path / "eval"
     assert cli.main(["eval", "--model", "empirical", "--testbed", "small", "--kinds", "duplicated,generic",

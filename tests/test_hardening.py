@@ -26,7 +26,7 @@ from amg_jax.guidance import CFG
 from amg_jax.guidance.amg import make_amg
 from amg_jax.models import stable_diffusion as sdm
 from amg_jax.models.empirical import empirical_denoiser
-from amg_jax.samplers import SamplerConfig, keys_from_seeds, nonfinite_samples_message, sample
+from amg_jax.samplers import SamplerConfig, initial_noise, keys_from_seeds, nonfinite_samples_message, sample
 from amg_jax.similarity.pixel import pixel_detector
 
 TINY = tb.TestbedConfig(seed=1, image_size=8, shapes=("circle", "cross"), colours=("red", "blue"),
@@ -55,11 +55,37 @@ def test_a_huge_cfg_scale_warns_naming_the_scale_and_returns_the_samples(tiny):
                 lambda g, k, c: sharding.sample_sharded(den, g, DDIM, k, c)):
         with pytest.warns(RuntimeWarning, match=r"2 of 2 samples are NaN/inf.*lower its strength: CFG\(scale=1e\+30\)"):
             res = run(CFG(scale=1e30), keys_from_seeds([0, 1]), cond(2, bed))      # 2 seeds on 4 devices: padded
+            jax.effects_barrier()          # the warning arrives when the computation completes
         chex.assert_shape(res.x0, (2,) + den.sample_shape)
     # finite but far beyond any image (CFG 1e10 ends near 1e17 here): the same message
     msg = nonfinite_samples_message(jnp.array([[0.5, -1.0], [3e6, 0.0]]), CFG(scale=1e10))
     assert "1 of 2 samples are NaN/inf or beyond +-1e+06 (samples [1])" in msg and "CFG(scale=1e+10)" in msg
     assert nonfinite_samples_message(jnp.ones((2, 3)), CFG(scale=1e10)) is None
+
+
+def test_sample_returns_before_its_samples_are_computed_and_warns_when_they_are(tiny):
+    """``sample`` / ``sample_sharded`` read nothing back to the host (the divergence check runs on
+    the device, its warning comes from a callback): on an input still being computed they return
+    at once, unsynced, so a loop over batches keeps the device busy; the warning arrives once the
+    samples are computed (``jax.effects_barrier`` waits for it). The old check read the flags back
+    and returned only when the samples were done. On a GPU / TPU the transfer guard also catches
+    a read-back; on CPU arrays are host memory and it never fires (measured), hence ``is_ready``."""
+    bed, den, _ = tiny
+    keys, c = keys_from_seeds([0, 1]), cond(2, bed)
+    x_T = initial_noise(keys, den.sample_shape)
+    busy = jax.jit(lambda x, n: x + 0.0 * jax.lax.fori_loop(0, n, lambda i, m: jnp.tanh(m @ m), 0.5 * jnp.eye(256)).sum())
+    for run in (lambda x: sample(den, CFG(scale=1e30), DDIM, keys, c, x_T=x),
+                lambda x: sharding.sample_sharded(den, CFG(scale=1e30), DDIM, keys, c, x_T=x)):
+        with pytest.warns(RuntimeWarning):                  # compile everything first
+            run(busy(x_T, 1))
+            jax.effects_barrier()
+        pending = busy(x_T, 400)                            # ~0.1-1 s of device work before x_T exists
+        with pytest.warns(RuntimeWarning, match=r"2 of 2 samples are NaN/inf.*CFG\(scale=1e\+30\)"):
+            with jax.transfer_guard_device_to_host("disallow"):
+                res = run(pending)
+            assert not res.x0.is_ready()                    # returned while the device still works
+            jax.effects_barrier()
+        chex.assert_shape(res.x0, (2,) + den.sample_shape)          # the samples are still returned
 
 
 def test_huge_amg_strengths(tiny):
@@ -69,13 +95,16 @@ def test_huge_amg_strengths(tiny):
     det = pixel_detector(bank, kind="cosine")
     kw = dict(lambda_min=0.8, lambda_max=0.95, gradient="cheap")
     keys, c = keys_from_seeds(range(4)), cond(4, bed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         res = sample(den, make_amg(CFG(scale=3.0), det, c1=1e30, c2=1e30, dissimilar=False, **kw), DDIM, keys, c)
+        jax.effects_barrier()              # a divergence warning would arrive by now
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]
     assert np.all(np.abs(np.asarray(res.x0)) < 10) and np.asarray(res.trace["gate"]).any()
     assert np.asarray(res.trace["s1"]).max() <= 2.0 + 1e-6                # capped at w - 1
     with pytest.warns(RuntimeWarning, match=r"lower its strength: AMG\(c1=4, c2=3, c3=1e\+30, base CFG\(scale=3\)\)"):
         sample(den, make_amg(CFG(scale=3.0), det, c3=1e30, despecify=False, dedup=False, **kw), DDIM, keys, c)
+        jax.effects_barrier()
 
 
 def test_neighbour_conds_must_cover_the_bank_labels(tiny):

@@ -111,12 +111,29 @@ BAD_ARGS = [
 ]
 
 
+COMMANDS = ("demo", "eval", "train", "evalnet", "convert", "index", "sample", "sweep", "bench")
+NESTED = {"convert": ("sscd", "inception"), "index": ("build",)}
+
+
+def command_prog(argv) -> str:
+    """What an error of ``amg argv`` starts with: ``amg`` and the (sub)commands given, e.g.
+    ``amg index build``, whether argparse or the command found the error."""
+    words = ["amg"]
+    if argv and argv[0] in COMMANDS:
+        words.append(argv[0])
+        if len(argv) > 1 and argv[1] in NESTED.get(argv[0], ()):
+            words.append(argv[1])
+    return " ".join(words)
+
+
 @pytest.mark.parametrize("argv, message", BAD_ARGS, ids=[" ".join(a[0])[:60] for a in BAD_ARGS])
 def test_bad_arguments_exit_2_with_one_line_and_write_nothing(tmp_path, monkeypatch, capsys, argv, message):
+    """Errors found by argparse and after parsing (a bad AMG value, an unwritable --out, a sweep
+    config) read alike: ``amg <command>: error: <message>`` after the command's usage, exit 2."""
     before = _user_dir(tmp_path)
     monkeypatch.chdir(tmp_path)
     code, err = run_cli(argv, capsys)
-    assert_clean_error(code, err, message)
+    assert_clean_error(code, err, message, prog=command_prog(argv))
     assert sorted(os.listdir(tmp_path)) == before
 
 

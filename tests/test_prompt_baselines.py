@@ -1,4 +1,6 @@
 """Somepalli et al.'s prompt baselines (GNI, RT, CWR, RNA): determinism, structure, statistics, errors."""
+import types
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -6,6 +8,7 @@ import numpy as np
 import pytest
 
 from amg_jax import prompt_baselines as pb
+from amg_jax.models.base import WithNull
 from amg_jax.models.text import CaptionTokenizer
 
 PROMPTS = ["a red circle on a gray background", "a small blue striped square", "green", ""]
@@ -21,7 +24,7 @@ def test_registry_and_defaults():
     assert set(pb.PROMPT_BASELINES) == {"gni", "rt", "cwr", "rna"}
     assert pb.EMBEDDING_BASELINES == ("gni",)
     assert pb.baseline_params("rt") == ("n", "vocab", "mode")
-    assert pb.baseline_params("gni") == ("std",)
+    assert pb.baseline_params("gni") == ("std", "branches", "null")
     assert pb.BASELINE_DEFAULTS["gni"]["std"] == 0.1 and pb.BASELINE_DEFAULTS["rna"]["n"] == 4
 
 
@@ -117,21 +120,46 @@ def test_random_number_addition_structure():
 
 def test_gni_statistics_and_determinism():
     emb = jnp.zeros((8, 64, 64), jnp.float32)
-    out = pb.apply_baseline("gni", emb, 0, std=0.3)
+    out = pb.apply_baseline("gni", emb, 0, std=0.3, branches="cond")
     chex.assert_shape(out, emb.shape)
     noise = np.asarray(out - emb)
+    # 8 x 64 x 64 = 32768 draws: the sample mean / std are within 0.01 of 0 / 0.3 (> 5 standard errors)
     assert abs(noise.mean()) < 0.01 and abs(noise.std() - 0.3) < 0.01
-    np.testing.assert_array_equal(np.asarray(pb.apply_baseline("gni", emb, 0, std=0.3)), np.asarray(out))
-    other = np.asarray(pb.apply_baseline("gni", emb, 1, std=0.3))
+    np.testing.assert_array_equal(np.asarray(pb.apply_baseline("gni", emb, 0, std=0.3, branches="cond")),
+                                  np.asarray(out))
+    other = np.asarray(pb.apply_baseline("gni", emb, 1, std=0.3, branches="cond"))
     assert abs(np.corrcoef(other.ravel(), noise.ravel())[0, 1]) < 0.05              # independent draws
     # per-row streams: row i does not depend on the batch size; rows differ from each other
-    np.testing.assert_array_equal(np.asarray(pb.apply_baseline("gni", emb[:2], 0, std=0.3)), np.asarray(out[:2]))
+    np.testing.assert_array_equal(np.asarray(pb.apply_baseline("gni", emb[:2], 0, std=0.3, branches="cond")),
+                                  np.asarray(out[:2]))
     assert not np.allclose(noise[0], noise[1])
     # the function itself: default strength 0.1, an int seed as key, the input's dtype kept
     d = np.asarray(pb.gaussian_noise_embedding(0, emb + 1.0)) - 1.0
     assert abs(d.mean()) < 0.005 and abs(d.std() - 0.1) < 0.005
     assert jax.eval_shape(pb.gaussian_noise_embedding, jax.random.key(1), emb.astype(jnp.bfloat16)).dtype \
         == jnp.bfloat16
+
+
+def test_gni_noises_both_branches_by_default():
+    """The reference noises the concatenated [uncond, cond] embeddings: each sample's null embedding
+    gets its own draw. The conditional half equals branches="cond" (the earlier behaviour)."""
+    emb, null = jnp.zeros((8, 16, 32), jnp.float32), jnp.ones((16, 32), jnp.float32)
+    both = pb.apply_baseline("gni", emb, 0, std=0.3, null=null)
+    assert isinstance(both, WithNull)
+    np.testing.assert_array_equal(np.asarray(both.cond), np.asarray(pb.apply_baseline("gni", emb, 0, std=0.3,
+                                                                                      branches="cond")))
+    n = np.asarray(both.null) - 1.0
+    chex.assert_shape(n, emb.shape)
+    assert abs(n.std() - 0.3) < 0.01 and abs(np.corrcoef(n.ravel(), np.asarray(both.cond).ravel())[0, 1]) < 0.05
+    assert not np.allclose(n[0], n[1])                          # per-row draws of the null branch too
+    part = pb.gni_rows(0, emb[3:5], 0.3, null=null, index=[3, 4])  # global row numbers: batch by batch
+    chex.assert_trees_all_close(part, jax.tree.map(lambda a: a[3:5], both))
+    with pytest.raises(ValueError, match="pass null="):
+        pb.apply_baseline("gni", emb, 0)
+    with pytest.raises(ValueError, match="branches must be one of"):
+        pb.apply_baseline("gni", emb, 0, branches="uncond")
+    with pytest.raises(ValueError, match=r"null must be \[L, D\]"):
+        pb.apply_baseline("gni", emb, 0, null=jnp.ones((3, 32)))
 
 
 def test_errors():
@@ -178,8 +206,12 @@ def test_amg_sample_gni_noise_is_per_row(monkeypatch):
     monkeypatch.setattr(sg.sdm, "encode_prompts", fake_encode)
     one = sg.SampleRun(model="sd:x", prompts=("a cat",), out="o", seeds=2, seed=5, baseline="gni")
     two = sg.SampleRun(model="sd:x", prompts=("a cat", "a dog"), out="o", seeds=2, seed=5, baseline="gni")
-    _, c1 = sg._prompts_for(one, None)
-    _, c2 = sg._prompts_for(two, None)
-    chex.assert_trees_all_close(c1, c2[:2])
-    chex.assert_trees_all_close(c2, pb.apply_baseline("gni", fake_encode(None, ["a cat"] * 2 + ["a dog"] * 2), 5))
-    assert not np.allclose(np.asarray(c2[0]), np.asarray(c2[1]))           # the two seeds of one prompt differ
+    sd = types.SimpleNamespace(null_embedding=jnp.zeros((3, 4)))
+    _, c1 = sg._prompts_for(one, sd)
+    _, c2 = sg._prompts_for(two, sd)
+    assert isinstance(c1, WithNull)                     # both CFG branches noised (the reference)
+    chex.assert_trees_all_close(c1, jax.tree.map(lambda a: a[:2], c2))
+    chex.assert_trees_all_close(c2, pb.apply_baseline("gni", fake_encode(None, ["a cat"] * 2 + ["a dog"] * 2), 5,
+                                                      null=sd.null_embedding))
+    assert not np.allclose(np.asarray(c2.cond[0]), np.asarray(c2.cond[1]))  # the two seeds of one prompt differ
+    assert not np.allclose(np.asarray(c2.null[0]), np.asarray(c2.null[1]))

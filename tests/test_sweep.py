@@ -394,3 +394,134 @@ def test_shipped_testbed_configs_are_valid(name):
     root = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs")
     cfg = sweep.load_config(os.path.join(root, name + ".toml"))
     assert cfg.cells and cfg.out.endswith(os.path.join("results", "sweeps", name))
+
+
+# ----------------------------------------------------------------------------- JSON files and fingerprints
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "configs")
+
+
+def strict_json(path):
+    """The JSON value of ``path``, failing on NaN / Infinity (not JSON: a strict parser rejects them)."""
+    def reject(word):
+        raise AssertionError(f"{path} holds {word}, which is not JSON")
+    with open(path) as f:
+        return json.load(f, parse_constant=reject)
+
+
+def test_undefined_metrics_are_null_in_every_file_and_a_resume_reads_them(tmp_path, monkeypatch):
+    """One sample per kind: the FD of a kind is not defined (NaN in memory). The cell, bench and
+    results files hold null there (NaN is not JSON), the tables "-", and a re-run reads the cell
+    back as done and writes the same tables."""
+    text = SWEEP.replace("samples_per_prompt = 2", "samples_per_prompt = 1").format(out="out")
+    path = write_config(tmp_path, text + '\n[[method]]\nname = "CFG"\nguidance = "cfg"\n')
+    sweep.main(path, progress=False, echo=lambda *a: None)
+    out = tmp_path / "out"
+    rec = strict_json(out / "cells" / "CFG.json")
+    assert rec["metrics"]["duplicated"]["fd"] is None and rec["metrics"]["generic"]["fd"] is None
+    assert rec["metrics"]["all"]["fd"] > 0                                   # 2 samples: defined
+    assert strict_json(out / "bench.json")["truth"]["generic"]["fd"] is None
+    assert strict_json(out / "results.json")["CFG"]["metrics"]["generic"]["fd"] is None
+    md, rows = (out / "results.md").read_text(), read_rows(out)
+    assert "| - / - |" in md and rows[0]["fd"] == ""
+    counter = Counter()
+    monkeypatch.setattr(sweep, "sample_in_chunks", counter)
+    lines = []
+    sweep.main(path, progress=False, echo=lines.append)
+    assert counter.calls == 0 and any("CFG: done before, skipped" in line for line in lines)
+    assert (out / "results.md").read_text() == md and read_rows(out) == rows
+
+
+def committed_sweep(tmp_path, name: str):
+    """A committed sweep (experiments/configs/NAME.toml) writing to a copy of its committed cell
+    JSONs, with empty stand-ins for their samples (.npz files are not committed)."""
+    import dataclasses
+
+    cfg = sweep.load_config(os.path.join(CONFIGS, name + ".toml"))
+    cells = tmp_path / name / "cells"
+    os.makedirs(cells)
+    for c in cfg.cells:
+        shutil.copy(os.path.join(cfg.out, "cells", c.id + ".json"), cells)
+        (cells / f"{c.id}.npz").write_bytes(b"")
+    return dataclasses.replace(cfg, out=str(tmp_path / name))
+
+
+def cell_states(cfg) -> dict:
+    """{cell id: cell_status} as ``run_sweep`` decides which cells are done."""
+    return {c.id: sweep.cell_status(cfg.out, c.id, sweep.cell_settings(cfg, c))[:2] for c in cfg.cells}
+
+
+@pytest.mark.parametrize("name", ["basin_text", "basin_class"])
+def test_committed_cells_are_done_with_the_shipped_checkpoints(tmp_path, name):
+    """The committed cells were computed from the committed checkpoints and carry their weights'
+    digest: a re-run of the committed config finds every cell done (nothing re-sampled)."""
+    cfg = committed_sweep(tmp_path, name)
+    states = cell_states(cfg)
+    assert {s for s, _ in states.values()} == {"done"}, states
+    assert {rec["settings"]["weights"] for _, rec in states.values()} == {sweep.weights_digest(cfg)}
+
+
+def test_changed_checkpoint_bytes_make_its_cells_stale(tmp_path, monkeypatch):
+    """The fingerprint hashes the checkpoint's bytes: a copy of it elsewhere keeps the cells done;
+    one changed byte (same name and size, a new mtime as any rewrite gives it) makes them stale."""
+    ckpt = tmp_path / "checkpoints"
+    shutil.copytree(os.path.join(workbench.checkpoints_dir(), "text"), ckpt / "text")
+    monkeypatch.setenv("AMG_CHECKPOINTS", str(ckpt))
+    cfg = committed_sweep(tmp_path, "basin_text")
+    assert {s for s, _ in cell_states(cfg).values()} == {"done"}
+    params = [os.path.join(r, f) for r, _, fs in os.walk(ckpt / "text" / "params") for f in fs]
+    p = max(params, key=os.path.getsize)                     # the largest weight file
+    data = bytearray(open(p, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    st = os.stat(p)
+    with open(p, "wb") as f:
+        f.write(data)
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    assert os.path.getsize(p) == st.st_size
+    states = cell_states(cfg)
+    assert all(state == ("stale", ["weights"]) for state in states.values()), states
+
+
+def test_sd_weights_digest_hashes_the_model_files_by_content(tmp_path):
+    """A local Stable Diffusion folder: its networks' weights and configs, the scheduler and
+    tokenizer are hashed by content (a same-size change counts), other files (safety checker,
+    README) are not; a hub id that is no local folder gives None."""
+    sd = tmp_path / "sd"
+    files = {"model_index.json": b"{}", "unet/config.json": b"{}", "unet/diffusion_flax_model.msgpack": b"u" * 64,
+             "vae/diffusion_pytorch_model.safetensors": b"v" * 64, "text_encoder/pytorch_model.bin": b"t" * 64,
+             "scheduler/scheduler_config.json": b"{}", "tokenizer/merges.txt": b"a b",
+             "safety_checker/pytorch_model.bin": b"s", "README.md": b"r"}
+    for name, data in files.items():
+        os.makedirs(sd / os.path.dirname(name), exist_ok=True)
+        (sd / name).write_bytes(data)
+    kinds = ("prompts",)
+    settings = sweep.SDSettings(source=str(sd), prompts_file="p.txt", prompts=("a cat",), prompt_kinds=kinds,
+                                kinds=kinds, sscd=str(tmp_path / "sscd.npz"), bank=str(tmp_path / "bank.npz"),
+                                embed_dim=8)
+    cell = sweep.Cell(id="CFG", method="CFG", guidance="cfg", scale=None, steps=2, sampler="ddim")
+    cfg = sweep.SweepConfig(path="<config>", name="sd", model=f"sd:{sd}", testbed=None, prompts_per_kind=None,
+                            samples_per_prompt=1, kinds=kinds, seed=0, sampler="ddim", steps=2, scale=7.5, chunk=1,
+                            out=str(tmp_path / "out"), cells=(cell,), sd=settings)
+
+    def digest():
+        d = sweep.cell_settings(cfg, cell)["weights"]
+        assert d == sweep.weights_digest(cfg) and d.startswith("sha256:")
+        return d
+
+    def rewrite(name, data):
+        st = os.stat(sd / name)
+        (sd / name).write_bytes(data)
+        os.utime(sd / name, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+
+    first = digest()
+    rewrite("README.md", b"edited")
+    rewrite("safety_checker/pytorch_model.bin", b"x")
+    assert digest() == first
+    rewrite("unet/diffusion_flax_model.msgpack", b"u" * 63 + b"!")          # same size, other bytes
+    second = digest()
+    assert second != first
+    rewrite("tokenizer/merges.txt", b"a c")
+    assert digest() != second
+    hub = sweep.SweepConfig(**{**cfg.__dict__, "model": "sd:CompVis/stable-diffusion-v1-4",
+                               "sd": sweep.SDSettings(**{**settings.__dict__, "source": "CompVis/stable-diffusion-v1-4"})})
+    assert sweep.weights_digest(hub) is None and sweep.cell_settings(hub, cell)["weights"] is None

@@ -142,7 +142,7 @@ def test_sweep_writes_every_output(env):
             assert "sigma" not in z.files and rec["metrics"]["all"]["gate_open_rate"] is None
         grid = np.asarray(Image.open(out / "grids" / f"{cid}.png"))
         assert grid.ndim == 3 and grid.shape[0] > 2 * 64
-    assert json.load(open(out / "cells" / "GNI.json"))["settings"]["baseline_params"] == {"std": 0.5}
+    assert json.load(open(out / "cells" / "GNI.json"))["settings"]["baseline_params"] == {"std": 0.5, "branches": "both"}
     rows = read_rows(out)
     assert [(r["cell"], r["kind"]) for r in rows] == [(c, k) for c in CELLS for k in ("memorized", "generic", "all")]
     assert rows[0]["frac_copied"] == rows[0]["frac_sscd_above_0.5"] and "nl2_median" not in rows[0]

@@ -81,10 +81,16 @@ def test_sample_in_chunks_equals_one_batch(small_mixture):
     sampler = SamplerConfig("ddim", num_steps=4)
     whole = sample(den, g, sampler, keys, cond)
     parts = workbench.sample_in_chunks(den, g, sampler, keys, cond, chunk=2)     # 2 + 2 + 1 (padded)
-    np.testing.assert_allclose(parts.x0, np.asarray(whole.x0), rtol=1e-4, atol=1e-4)   # batch-size round-off
+    # Batch-size round-off only: a float32 matmul blocked for 2 rows instead of 5 differs by ~1e-7
+    # relative, and the partial memorizer's softmax over quadratic logits (|logit| ~ 1e3 at small
+    # noise) turns that into ~1e-4 relative in its responsibilities, then in eps; d = ||eps_u - eps_c||
+    # is a difference of two such predictions (|eps| ~ 10x d). Measured over 4 DDIM steps: up to
+    # 2.1e-4 relative (abs 5.4e-4 on d ~ 2.6) on another CPU. 2e-3 leaves ~4x over that; a chunking
+    # bug (a wrong row, padding leaking in) is off by O(1).
+    np.testing.assert_allclose(parts.x0, np.asarray(whole.x0), rtol=2e-3, atol=2e-3)
     assert parts.x0.shape == (5, 16, 16, 3)
     for k, v in whole.trace.items():
-        np.testing.assert_allclose(parts.trace[k], np.asarray(v), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(parts.trace[k], np.asarray(v), rtol=2e-3, atol=2e-3)
 
 
 def test_model_base_and_detector_defaults():

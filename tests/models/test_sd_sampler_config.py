@@ -173,17 +173,20 @@ def test_sd_v14_timesteps_per_sampler():
 
 @pytest.mark.torch
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("num_steps", [6, 20])
-def test_steps_match_diffusers_step_on_sd_v14(name, num_steps, monkeypatch):
+@pytest.mark.parametrize("num_steps, config", [(6, "sd_v1"), (20, "sd_v1"), (6, "v_prediction")])
+def test_steps_match_diffusers_step_on_sd_v14(name, num_steps, config, monkeypatch):
     """Every step of our sampler from sd_sampler_config(SD v1.4) against diffusers' scheduler .step built
-    from_config(SD v1.4), on random eps (DDPM's noise fed to diffusers from our per-step draws)."""
+    from_config(SD v1.4), on random eps (DDPM's noise fed to diffusers from our per-step draws). With
+    v_prediction, diffusers steps on v and ours on UNetEps's eps = sqrt(ab) v + sqrt(1 - ab) x_t."""
     import torch
     from diffusers.schedulers import scheduling_ddpm
 
-    sd = _sd(SD_V1)
+    config = VARIANTS[config]
+    sd = _sd(config)
     cfg = sdm.sd_sampler_config(sd, num_steps, name)
     smp = make_sampler(cfg, sd.schedule)
-    sch = _diffusers(name, SD_V1, num_steps)
+    sch = _diffusers(name, config, num_steps)
+    v_pred = config.get("prediction_type") == "v_prediction"
     rng = np.random.default_rng(0)
     shape = (2, 4, 8, 8)
     x_T = rng.standard_normal(shape).astype(np.float32)
@@ -195,7 +198,11 @@ def test_steps_match_diffusers_step_on_sd_v14(name, num_steps, monkeypatch):
     xt = torch.from_numpy(x_T)
     for i, t in enumerate(sch.timesteps):
         assert int(t) == int(smp.timesteps[i])
-        x, state = smp.step(x, jnp.asarray(eps[i]), jnp.int32(i), keys, state)
+        e = jnp.asarray(eps[i])
+        if v_pred:
+            ab = float(smp.alpha_bars[i])
+            e = math.sqrt(ab) * e + math.sqrt(1.0 - ab) * x
+        x, state = smp.step(x, e, jnp.int32(i), keys, state)
         noise["z"] = torch.from_numpy(np.array(step_noise(keys, i, shape[1:])))
         xt = sch.step(torch.from_numpy(eps[i]), t, xt).prev_sample
         scale = max(1.0, float(np.abs(xt.numpy()).max()))
