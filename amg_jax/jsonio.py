@@ -11,6 +11,7 @@ file and ``ValueError`` naming the file for one that is not valid JSON.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 
@@ -39,8 +40,6 @@ def json_safe(obj):
     """``obj`` as strict JSON can hold it: every non-finite float (NaN, +-inf) becomes None
     (``null``: "not defined", see the module docstring), numpy scalars and arrays become Python
     numbers and lists, tuples lists; other values are returned as they are."""
-    import math
-
     if isinstance(obj, dict):
         return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -37,7 +37,9 @@ Every cell writes ``out/cells/<id>.npz`` (samples as float16, ``kinds``, ``capti
 AMG's per-step ``sigma`` / ``lambda`` / ``gate`` [B, N]) then ``out/cells/<id>.json`` (metrics
 per prompt kind and "all", the cell's resolved settings, seconds), each atomically. A cell whose
 JSON holds the same settings is skipped on a re-run, so an interrupted sweep resumes and a
-changed config re-runs only the cells it changed (a stale cell is re-run with a warning). A
+changed config re-runs only the cells it changed (a stale cell is re-run with a warning); the
+settings hold a content digest of the model's weights (``weights_digest``), so a retrained
+checkpoint or an edited Stable Diffusion folder re-runs its cells too. A
 failing cell does not stop the others; the sweep raises ``SweepError`` at the end. The bench
 (prompts, threshold, the "true renders" row) is kept in ``out/bench.json``. At the end, from the
 files alone: ``results.csv`` (a row per cell and kind), ``results.md`` (a table per kind group, as

@@ -7,7 +7,8 @@ latest checkpoint in ``workdir``. ``load_params(workdir, model)`` restores the (
 inference. The workdir holds::
 
     train_meta.json         model config, train config, schedule, data shape (checked on resume / load)
-    losses.jsonl            {"step": i, "loss": l} per update i = 0, 1, ... (the loss computed at step i)
+    losses.jsonl            {"step": i, "loss": l} per update i = 0, 1, ... (the loss computed at step i;
+                            null where it was NaN / inf)
     checkpoint_files.json   size + sha256 of every file of every finished checkpoint
     checkpoints/<step>/     orbax: params, ema_params, opt_state (StandardSave), progress (JSON:
                             step and every loss so far)
@@ -70,7 +71,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from amg_jax.jsonio import read_json, write_json
+from amg_jax.jsonio import json_safe, read_json, write_json
 from amg_jax.schedules import Schedule
 
 Array = jax.Array
@@ -479,7 +480,8 @@ def _read_meta(workdir: str, where: str) -> dict:
 def _write_losses(path: str, losses: list[float], start: int = 0, mode: str = "a") -> None:
     with open(path, mode) as f:
         for i, v in enumerate(losses[start:], start):
-            f.write(json.dumps({"step": i, "loss": v}) + "\n")
+            # a NaN / inf loss (a diverged update) is written as null: NaN is not JSON
+            f.write(json.dumps(json_safe({"step": i, "loss": v}), allow_nan=False) + "\n")
 
 
 def _file_table(step_dir: str) -> dict:

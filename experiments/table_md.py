@@ -27,7 +27,7 @@ def table(path: str, overall: bool = False) -> str:
         per = lambda key, f: " / ".join(f(m[k][key]) for k in kinds)  # noqa: E731
         gate = m["all"].get("gate_open_rate")
         out.append(f"| {name} | {per('frac_copied', fmt_pct)} | {per('frac_nl2_below_1.4', fmt_pct)} | "
-                   f"{per('fd', lambda v: f'{v:.2f}')} | {per('alignment', fmt_pct)} | "
+                   f"{per('fd', lambda v: '-' if v is None else f'{v:.2f}')} | {per('alignment', fmt_pct)} | "
                    f"{fmt_pct(m['all']['frac_out_of_range'])} | {fmt_pct(gate) if gate is not None else '-'} |")
     counted = [r for r in rows.values() if "count" in r["metrics"]["all"]]
     n = {k: counted[0]["metrics"][k]["count"] for k in kinds} if counted else {}

@@ -357,7 +357,8 @@ def test_amg_under_gni_on_the_text_unet(tmp_path):
     """AMG with a Somepalli baseline on unet-text: the sweep accepts the cell and it runs (y_N = the
     neighbour caption's tokens, GNI on both CFG branches by default); the model's AMG defaults
     (c3 = 1) sit under the cell's settings."""
-    path = write_config(tmp_path, TEXT_SWEEP.replace("steps = 3", "steps = 2").format(out="out") + """
+    path = write_config(tmp_path, TEXT_SWEEP.replace("steps = 3", "steps = 2").replace('"small"', '"auto"')
+                        .format(out="out") + """
         [[method]]
         name = "AMG GNI"
         guidance = "amg"

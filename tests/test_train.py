@@ -346,3 +346,19 @@ def test_cond_dropout_one_sees_only_null(tmp_path):
     change = _embedding_change(run(tmp_path / "drop0", cfg))
     assert np.all(change[:NUM_CLASSES] > 0) and change[NUM_CLASSES] == 0
 
+
+
+def test_losses_file_is_strict_json(tmp_path):
+    """A diverged update's NaN / inf loss is written as null (NaN is not JSON)."""
+    import json
+
+    from amg_jax import train
+
+    path = tmp_path / "losses.jsonl"
+    train._write_losses(str(path), [0.5, float("nan"), float("inf")], mode="w")
+
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    rows = [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+    assert rows == [{"step": 0, "loss": 0.5}, {"step": 1, "loss": None}, {"step": 2, "loss": None}]
