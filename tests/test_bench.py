@@ -92,8 +92,9 @@ def test_pipeline_part(tmp_path, sd):
     assert [r["name"].split(" ")[0] for r in part["rows"]] == ["amg_jax:", "amg_jax:", "diffusers"]
     assert part["rows"][-1]["ratio"] == 1.0
     for r in part["rows"]:
-        np.testing.assert_allclose(r["s_per_image"] * part["batch"], r["seconds"], rtol=1e-9)
-    # both sides sampled the same latents with the same model: the same images
+        np.testing.assert_allclose(r["s_per_image"] * part["batch"], r["seconds"], rtol=1e-9)   # float64: 1 ulp
+    # both sides sampled the same latents with the same model: the same images (float32 Flax UNet
+    # steps in two programs: 1.3e-6 measured on [0, 1] pixels; a different latent or step is >1e-2 off)
     assert part["max_abs_diff"] < 1e-3
     assert any("[pipeline]" in x for x in lines)
 
@@ -126,6 +127,7 @@ def test_random_bank_search_finds_a_planted_row():
     from amg_jax.index import search
 
     bank = bench.random_bank(500, 16, seed=1)
+    # float32 normalised rows and cosines of a row with itself: a few ulps (margins <= 1.8%)
     np.testing.assert_allclose(np.linalg.norm(np.asarray(bank.rows), axis=1), 1.0, rtol=1e-5)
     vals, idx = search(bank, bank.rows[np.array([7, 300])] * 3.0, 1, metric="cosine")
     np.testing.assert_array_equal(np.asarray(idx)[:, 0], [7, 300])
@@ -180,7 +182,7 @@ def test_components_time_each_part_of_a_step(tmp_path):
         "component: cheap G_sim gradient (detector backward)", "component: full G_sim gradient (CFG call"]
     for r in rows:
         assert r["kind"] == "component" and r["group"] == "g"
-        np.testing.assert_allclose(r["ratio"], r["seconds"] / 0.5, rtol=1e-12)
+        np.testing.assert_allclose(r["ratio"], r["seconds"] / 0.5, rtol=1e-12)   # the same float64 division
     short = bench._components(env, "g", den, det, cond, cfg_step_s=0.5, scale=2.0, full_gradient=False)
     assert len(short) == 3
     # XLA's FLOP counts: the denoiser call [2B = 4] of p * x over 4x4x1 samples is a few dozen FLOPs;
@@ -188,7 +190,7 @@ def test_components_time_each_part_of_a_step(tmp_path):
     flops = [r["gflops"] for r in rows]
     assert all(f is not None and f > 0 for f in flops), flops
     assert flops[3] > flops[1]
-    np.testing.assert_allclose(bench.flop_bound(rows, "g"), 1 + flops[1] / flops[0], rtol=1e-12)
+    np.testing.assert_allclose(bench.flop_bound(rows, "g"), 1 + flops[1] / flops[0], rtol=1e-12)   # same formula
     assert bench.flop_bound(rows, "other") is None
 
 

@@ -14,6 +14,9 @@ from amg_jax.data import testbed as tb
 
 SHAPE = (4, 4, 3)
 M = 37                      # not a multiple of the 4 test devices: the sharded bank is padded
+# Tolerances: float32 direct values (48-d distances / cosines) vs the float64 brute force: ~1e-7
+# relative (margins <= 6%), so rtol 1e-5 / atol 1e-6 leave >15x; a wrong row is off by >1e-3. Orders
+# and indices are compared exactly: neighbouring values here are >= 7e-4 relative apart.
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,7 +63,8 @@ class SearchTest(chex.TestCase):
                 np.testing.assert_array_equal(np.asarray(i), order[:, :k])
                 np.testing.assert_allclose(np.asarray(v), np.take_along_axis(full, order[:, :k], 1),
                                            rtol=1e-5, atol=1e-6)
-        # Direct values: the exact copy is at distance exactly 0 / cosine 1.
+        # Direct values: the exact copy is at distance exactly 0 / cosine 1 (float32 q.q / |q|^2: 1 ulp
+        # here, a few at most; rtol 1e-6 = 16 ulps).
         assert float(index.search(bank, jnp.asarray(q), 1)[0][1, 0]) == 0.0
         np.testing.assert_allclose(float(index.search(bank, jnp.asarray(q), 1, metric="cosine")[0][1, 0]), 1.0,
                                    rtol=1e-6)
@@ -85,6 +89,7 @@ def test_gradient_is_direct_at_a_copy(banks):
     g = np.asarray(jax.grad(lambda x: index.search(bank, x, 1)[0].sum())(jnp.asarray(q)))
     assert np.all(np.isfinite(g))
     delta = (q[0] - rows[7]).reshape(-1).astype(np.float64)
+    # float32 unit vector of a 1e-3 difference (delta itself is exact in float32): margin 7e-6
     np.testing.assert_allclose(g[0].reshape(-1), delta / np.linalg.norm(delta), rtol=2e-3, atol=2e-3)
 
 
@@ -133,6 +138,9 @@ def test_sharded_search_equals_unsharded(banks):
     q = jnp.asarray(_data()[2])
     f = jax.jit(_search_all)
     want, got = f(bank, q), f(sharded, q)
+    # Exact by design (index.py): the chosen rows are gathered exactly (one owner per row in the
+    # psum) and the values are the same dot products on them, sharded or not, jitted inside or out;
+    # any difference is a bug in the sharded path, not round-off.
     for key in want:
         for a, b in zip(want[key], got[key]):
             np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=str(key))
@@ -153,6 +161,7 @@ def test_knn_scale_matches_bruteforce():
         d = _brute(rows, rows, "l2")[0]
         np.fill_diagonal(d, np.inf)
         want = np.median(np.mean(np.sort(d, axis=1)[:, :min(k, M - 1)], axis=1))
+        # knn_scale's values are direct float64 distances too: ~1e-16 (margin 0), 1e-6 is loose
         np.testing.assert_allclose(bank.knn_scale, want, rtol=1e-6)
     # a subset of rows estimates it (neighbours still from every row)
     sub = index.knn_mean_distances(rows, 5, max_rows=10)
@@ -170,7 +179,7 @@ def test_dedup_is_default_and_duplicates_shrink_knn_means():
     assert on.dedup and on.size == 12 and off.size == 17
     np.testing.assert_array_equal(np.asarray(on.source_index), np.arange(12))
     np.testing.assert_array_equal(np.asarray(on.labels), labels[:12])
-    np.testing.assert_allclose(on.knn_scale, index.build_bank(uniq, k=3).knn_scale, rtol=1e-6)
+    np.testing.assert_allclose(on.knn_scale, index.build_bank(uniq, k=3).knn_scale, rtol=1e-6)  # same rows: exact
     m_on = index.knn_mean_distances(np.asarray(on.rows), 3)
     m_off = index.knn_mean_distances(np.asarray(off.rows), 3)
     assert m_on[0] > 0 and m_off[0] == 0.0            # row 0 has 4 copies: its 3 nearest are at 0
@@ -182,6 +191,7 @@ def test_normalize_and_embedding_kind():
     rows, _, _ = _data()
     e = rows.reshape(M, -1)[:, :8] * 3.0
     bank = index.build_bank(e, kind="embedding", normalize=True)
+    # float32 rows normalised, their float32 norms: 1 ulp here (6e-8), a few at most
     np.testing.assert_allclose(np.linalg.norm(np.asarray(bank.rows), axis=1), 1.0, rtol=1e-6)
     assert bank.kind == "embedding" and bank.normalized and bank.sample_shape == (8,)
     with pytest.raises(ValueError, match="cannot normalise zero rows"):
@@ -199,7 +209,7 @@ def test_bank_from_testbed():
     np.testing.assert_array_equal(np.asarray(bank.labels), bed.labels[src])
     np.testing.assert_array_equal(np.asarray(bank.rows), bed.images[src].reshape(len(src), -1))
     assert bank.sample_shape == bed.image_shape and bank.kind == "pixel"
-    assert bank.copy_threshold == pytest.approx(tb.calibrate_copy_threshold(bed, rng=0))
+    assert bank.copy_threshold == pytest.approx(tb.calibrate_copy_threshold(bed, rng=0))   # the same call
     assert index.bank_from_testbed(bed, calibrate=False).copy_threshold is None
 
 

@@ -63,6 +63,7 @@ def test_pixel_bank_rows_are_the_images(tmp_path):
     imgs = _write_images(folder, 3, size=8)
     bank = build_index(folder, lambda x: x, str(tmp_path / "px.npz"), size=(8, 8), kind="pixel", progress=False)
     assert bank.sample_shape == (8, 8, 3)
+    # float32 u / 127.5 - 1 vs float64: <= half an ulp of 1 (6e-8, IEEE rounding on every CPU)
     np.testing.assert_allclose(np.asarray(bank.rows)[0], imgs[0].reshape(-1) / 127.5 - 1.0, atol=1e-6)
 
 
@@ -143,6 +144,7 @@ def test_cli_index_build_with_sscd_and_pixel(tmp_path, capsys):
     bank = load_bank(out)
     imgs = np.stack([load_image(os.path.join(folder, f), (16, 16)) for f in list_images(folder)])
     e = sscd.embed_images(params, imgs, cfg)
+    # float32 embeddings in batches of 3 (the CLI) vs one batch: ~1e-7 (margin 1%); a wrong row is O(1) off
     np.testing.assert_allclose(np.asarray(bank.rows), e / np.linalg.norm(e, axis=1, keepdims=True), atol=1e-5)
     assert cli.main(["index", "build", folder, "--out", str(tmp_path / "px.npz"), "--size", "8", "8",
                      "--no-progress"]) == 0

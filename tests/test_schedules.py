@@ -59,6 +59,8 @@ def test_arrays_are_float32_and_sane(s):
 def test_betas_and_alphas_cumprod_match_diffusers_bit_for_bit(s):
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
+    # bit for bit by design (the module reproduces torch's CPU float32 arithmetic, not an
+    # approximation of it): any difference is a parity bug, not round-off to allow for
     for cls in (DDIMScheduler, DPMSolverMultistepScheduler):
         ref = cls(num_train_timesteps=s.num_train_timesteps, beta_schedule=s.beta_schedule,
                   beta_start=s.beta_start, beta_end=s.beta_end)
@@ -70,6 +72,7 @@ def test_betas_and_alphas_cumprod_match_diffusers_bit_for_bit(s):
 def test_torch_linspace_emulation_is_exact():
     import torch
 
+    # bit for bit by design, as above: the emulation reproduces torch's float32 CPU linspace
     for steps in [2, 3, 7, 16, 33, 100, 1000, 1001]:
         for a, b in [(1e-4, 0.02), (0.00085 ** 0.5, 0.012 ** 0.5), (0.5, 0.5), (-1.0, 3.0)]:
             np.testing.assert_array_equal(schedules.torch_linspace_f32(a, b, steps),

@@ -25,7 +25,12 @@ TINY = tb.TestbedConfig(seed=1, image_size=8, shapes=("circle", "cross"), colour
                         backgrounds=("black", "gray"), textures=("plain", "striped"), n_specific=3,
                         n_duplicated=1, duplicate_count=3, n_generic=1, generic_images=3)
 DDIM = SamplerConfig("ddim", 4)
-TOL = dict(atol=1e-5, rtol=1e-5)
+# Batch 8 on one device vs 2 per device: XLA blocks the empirical denoiser's matmul against the
+# training images differently (~1e-7 relative), and its softmax over logits of |x - z|^2 / 2(1 - ab)
+# (up to ~1e3-1e4) turns that into ~1e-6 relative in x0 (measured 2e-6, margin 0.16 at the old 1e-5;
+# the workbench's partial memorizer saw 10x more on another CPU). 1e-4 leaves ~60x; a wrong row,
+# key or padding is off by O(1), and every AMG gate is >= 0.05 from its threshold.
+TOL = dict(atol=1e-4, rtol=1e-4)
 # AMG with the pixel-cosine detector: smooth in x0_hat, so the comparison is well conditioned
 # (nL2's gradient at an exact copy of a training image, where the empirical denoiser's samples
 # end, is the direction of a float-rounding-sized vector and differs with any change of layout).
@@ -110,7 +115,7 @@ def test_padded_amg_with_sharded_bank_equals_one_device(tiny, mesh4, amg):
     mesh1 = sharding.make_mesh(jax.devices()[:1])
     placed = sharding.place_guidance(g, mesh1).detector.bank
     assert placed.mesh.devices.size == 1 and placed.rows.sharding.device_set == {jax.devices()[0]}
-    np.testing.assert_array_equal(np.asarray(placed.rows), np.asarray(bank.rows))
+    np.testing.assert_array_equal(np.asarray(placed.rows), np.asarray(bank.rows))   # moved, not computed: exact
     assert sharding.place_guidance(g, mesh4).detector.bank.rows is sbank.rows    # already in place
 
 

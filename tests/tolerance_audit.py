@@ -122,14 +122,27 @@ def pytest_runtest_call(item):
     _current["test"] = None
 
 
-def pytest_sessionfinish(session, exitstatus):
-    if _DIR is None:
-        return
+def _write(rows: list) -> None:
     os.makedirs(_DIR, exist_ok=True)
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     with open(os.path.join(_DIR, f"{worker}.jsonl"), "a") as f:
-        for (test, site), rec in sorted(_records.items()):
-            f.write(json.dumps({"test": test, "site": site, **rec}) + "\n")
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def pytest_runtest_logreport(report):
+    """After each test: its comparison sites, and its outcome when it failed (written at once, so a
+    run that crashes keeps what it measured)."""
+    if _DIR is None or report.when != "teardown" and not report.failed:
+        return
+    if report.failed:
+        _write([{"test": report.nodeid, "site": f"<{report.when} failed>", "margin": math.inf, "count": 1,
+                 "failed": str(report.longrepr)[-2000:]}])
+    if report.when == "teardown":
+        rows = [{"test": t, "site": s, **r} for (t, s), r in sorted(_records.items()) if t == report.nodeid]
+        for t, s in [(t, s) for (t, s) in _records if t == report.nodeid]:
+            del _records[(t, s)]
+        _write(rows)
 
 
 def load(folder: str) -> dict:
@@ -141,6 +154,8 @@ def load(folder: str) -> dict:
                 for line in f:
                     r = json.loads(line)
                     key = (r["test"], r["site"])
+                    if "failed" in r:
+                        print(f"FAILED in {folder}: {r['test']} ({r['site']}): ...{r['failed'][-300:]}")
                     out[key] = max(out.get(key, 0.0), r["margin"])
     return out
 

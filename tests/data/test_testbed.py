@@ -45,7 +45,8 @@ def test_shapes_dtypes_and_ranges(bed):
     assert bed.num_captions == CFG.n_specific + CFG.n_duplicated + CFG.n_generic
     assert len(set(bed.captions)) == bed.num_captions
     assert np.all(bed.labels < bed.num_captions) and np.all(bed.labels >= 0)
-    # the images are the renders of their attributes and nuisance
+    # the images are the renders of their attributes and nuisance (the same NumPy render on 5 rows:
+    # exact here, 1e-6 allows SIMD remainder loops; a wrong attribute or nuisance is off by O(1))
     np.testing.assert_allclose(tb.render_images(CFG, bed.attributes[:5], {k: v[:5] for k, v in bed.nuisance.items()}),
                                bed.images[:5], atol=1e-6)
     assert bed.images[0].std() > 0.05
@@ -95,7 +96,7 @@ def test_generic_captions_are_shared_by_many_images(bed):
         assert np.all(tb.consistent(bed.unique_attributes[members], bed.constraints[c]))
         combos, probs = tb.full_captions(bed, c)
         assert len(combos) == np.prod(sizes[~named])
-        np.testing.assert_allclose(probs.sum(), 1.0)
+        np.testing.assert_allclose(probs.sum(), 1.0)                 # float64 sum: ~1e-16
         assert np.all(tb.consistent(combos, bed.constraints[c]))
     spec = tb.specificity(bed)
     assert np.all(spec[by["specific"]] == 1.0) and np.all(spec[by["generic"]] < 0.7)

@@ -105,6 +105,8 @@ def test_one_step_matches_the_formulas(toy):
         -s1[:, None, None, None] * np.asarray(eps_c - eps_u) - s2[:, None, None, None] * np.asarray(eps_n - eps_u)
         + g_sim)
     assert gate.all()
+    # float32 JAX step vs the formulas in float64 on the same float32 eps: ~1e-7 relative (margins
+    # <= 2%); a wrong term or strength is off by >1e-2. 7.5 is exact in float32.
     np.testing.assert_allclose(np.asarray(eps_hat), expect, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(tr["sigma"]), sigma, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(tr["s1"]), s1, rtol=1e-5)
@@ -119,6 +121,7 @@ def test_identity_score_and_raw_c3_for_cosine_detectors(toy):
     d = det(0.95, sigma_range=(-1.0, 1.0), default_thresholds=(0.3, 0.5), scale=1.0)
     g = make_amg(CFG(7.5), d, c1=4.0, c2=3.0, dissimilar=False)
     _, _, tr = g.apply(g.init(x), ctx_for(den, x, cond))
+    # float32 4 * 0.95 and 7.5 - s1 - 1: a few ulps (<= 2e-8 measured); a wrong cap is off by O(1).
     np.testing.assert_allclose(np.asarray(tr["s1"]), 3.8, rtol=1e-6)              # c1 * sigma
     np.testing.assert_allclose(np.asarray(tr["s2"]), 7.5 - 3.8 - 1.0, rtol=1e-6)  # capped (c2 sigma = 2.85)
 
@@ -131,6 +134,7 @@ def test_gate_closed_or_everything_off_is_the_base_guidance(toy):
     off = make_amg(CFG(7.5), det(-0.1), despecify=False, dedup=False, dissimilar=False)
     for g, gate in ((closed, False), (off, True)):
         eps_hat, _, tr = g.apply(g.init(x), ctx)
+        # the base plus exact zeros (or a closed gate's select): bit-identical; 1e-6 is loose.
         chex.assert_trees_all_close(eps_hat, base, rtol=1e-6, atol=1e-6)
         assert np.all(np.asarray(tr["gate"]) == gate)
 
@@ -138,9 +142,11 @@ def test_gate_closed_or_everything_off_is_the_base_guidance(toy):
 def test_threshold_schedules():
     g = make_amg(CFG(), det(-1.0), lambda_min=-1.6, lambda_max=-1.2)
     ab = jnp.array([0.0, 0.5, 1.0])
+    # float32 thresholds vs float64 literals: float32(1.2) is 4e-8 off (IEEE rounding, the same on
+    # every CPU), lo + (hi - lo) ab^2 adds an ulp; rtol 1e-6 (the default 1e-7 was 2.5x the rounding).
     np.testing.assert_allclose(np.asarray(g.lambda_t(ab)), [-1.6, -1.6 + 0.4 * 0.25, -1.2], rtol=1e-6)
     const = make_amg(CFG(), det(-1.0), threshold="constant", lambda_min=-1.6, lambda_max=-1.2)
-    np.testing.assert_allclose(np.asarray(const.lambda_t(ab)), -1.2)
+    np.testing.assert_allclose(np.asarray(const.lambda_t(ab)), -1.2, rtol=1e-6)
     always = make_amg(CFG(), det(-1.0), threshold="always")
     assert np.all(np.isneginf(np.asarray(always.lambda_t(ab))))
 
@@ -187,7 +193,9 @@ def test_fallback_direction_where_the_gradient_vanishes(toy):
     u = u / np.linalg.norm(u, axis=1, keepdims=True)
     ab = float(ctx.alpha_bar)
     ref = 1.0 / (2.0 * np.sqrt(ab))                          # 1 / (scale * sqrt(ab))
-    # G_sim = c3' sqrt(1-ab) * (-u * ref): pushes x0_hat toward x_t / sqrt(ab), away from n0
+    # G_sim = c3' sqrt(1-ab) * (-u * ref): pushes x0_hat toward x_t / sqrt(ab), away from n0.
+    # float32 eps_hat - base: ~ulp(|base| <= 5.4) absolute (margin 0.3%); with fallback off the
+    # zero gradient adds exact zeros.
     np.testing.assert_allclose(delta, -1.0 * 4.0 * np.sqrt(1 - ab) * ref * u, rtol=1e-4, atol=1e-6)
     off = make_amg(CFG(7.5), det(-0.2), despecify=False, dedup=False, c3=1.0, fallback=False)
     chex.assert_trees_all_close(off.apply(off.init(x), ctx)[0], base, atol=1e-6)
@@ -204,13 +212,15 @@ def test_max_shift_caps_how_far_g_sim_moves_x0_hat(toy):
     capped = make_amg(CFG(7.5), det(-0.5, direction), max_shift=0.25, **kw)
     shift = lambda g: np.linalg.norm(np.asarray(x0_from_eps(x, g.apply(g.init(x), ctx)[0], ab)  # noqa: E731
                                                 - x0_from_eps(x, base, ab)).reshape(3, -1), axis=1)
-    assert np.all(shift(free) > 1.0)                              # far beyond the cap
+    assert np.all(shift(free) > 1.0)                              # far beyond the cap (2.3e4)
+    # float32 norms of x0 differences: ~1e-6 relative (margins ~1%); a missing cap is off by 5e4x.
     np.testing.assert_allclose(shift(capped), 0.25 * 2.0, rtol=1e-4)   # max_shift * detector scale
     d_free = np.asarray(free.apply(free.init(x), ctx)[0] - base).reshape(3, -1)
     d_cap = np.asarray(capped.apply(capped.init(x), ctx)[0] - base).reshape(3, -1)
     cos = np.sum(d_free * d_cap, 1) / np.linalg.norm(d_free, axis=1) / np.linalg.norm(d_cap, axis=1)
     np.testing.assert_allclose(cos, 1.0, rtol=1e-5)               # same direction, shorter
     small = make_amg(CFG(7.5), det(-0.5, direction), max_shift=1e6, **kw)   # a loose cap changes nothing
+    # G_sim times exactly 1.0: bit-identical here; rtol 1e-6 (~8 ulps, |eps_hat| >= 3.6) allows a fusion change.
     chex.assert_trees_all_close(small.apply(small.init(x), ctx)[0], free.apply(free.init(x), ctx)[0], rtol=1e-6)
 
 
@@ -229,7 +239,10 @@ def test_full_gradient_runs_through_the_denoiser(toy):
     for g, factor in ((cheap, 1.0), (full, 1.0 - 0.3 * np.sqrt(1 - ab))):
         delta = np.asarray(g.apply(g.init(x), ctx)[0] - base)
         expect = k * factor / np.sqrt(ab) * np.broadcast_to(direction.reshape(S), (3,) + S)
-        np.testing.assert_allclose(delta, expect, rtol=1e-4, atol=1e-6)
+        # float32 eps_hat - base loses the digits of |base| <= 5.4: ~ulp(5.4) = 5e-7 absolute
+        # (measured 2e-7; 7e-6 relative on the smallest deltas). atol 1e-5 leaves >10x where the
+        # old 1e-6 left 5x; full vs cheap differ by 29%, a wrong chain rule by >1e-2.
+        np.testing.assert_allclose(delta, expect, rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -266,6 +279,9 @@ def test_jit_and_eager_agree_and_batch_equals_single():
     cond = jnp.array([0, 1, 2], jnp.int32)
     a = sample(den, g, CFG_DDIM, keys, cond)
     e = sample(den, g, CFG_DDIM, keys, cond, jit=False)
+    # Same math through different programs (jit vs eager, batch 3 vs 1, vmap): ~1 ulp of |x0| <= 36
+    # per step (batch vs single measured 1.9e-6 absolute, 5e-8 relative); rtol 1e-5 leaves >10x over
+    # 6 steps, and every gate is >= 0.02 from its threshold. A mixed-up key or row is off by O(1).
     chex.assert_trees_all_close(a.x0, e.x0, rtol=1e-5, atol=1e-5)
     chex.assert_shape(a.x0, (3,) + S)
     for key in ("sigma", "lambda", "gate", "s1", "s2", "index", "label", "grad_norm", "scale"):
@@ -394,10 +410,14 @@ def test_detect_every_holds_the_detection_between_detecting_steps():
     assert "detected" not in every.trace
     np.testing.assert_array_equal(np.asarray(held.trace["detected"])[0], [1, 0, 0, 1, 0, 0, 1])
     sig = np.asarray(held.trace["sigma"])
+    # held values are carried, not recomputed: exact
     np.testing.assert_array_equal(sig[:, 1], sig[:, 0])
     np.testing.assert_array_equal(sig[:, 5], sig[:, 3])
-    np.testing.assert_allclose(sig[:, 0], np.asarray(every.trace["sigma"])[:, 0], rtol=1e-6)
-    # the gate still compares the held sigma with each step's own threshold
+    # step 0 of two programs (the detector under lax.cond or not): bit-identical here, but sigma =
+    # -1.2 + <x0_hat, d> with |x0_hat| ~ 50 at t ~ 850, so an ulp of x0_hat moves |sigma| ~ 3-9 by
+    # ~1e-6: rtol 1e-5. A sigma held from a wrong step is off by >0.1.
+    np.testing.assert_allclose(sig[:, 0], np.asarray(every.trace["sigma"])[:, 0], rtol=1e-5)
+    # the gate still compares the held sigma with each step's own threshold (the traced values: exact)
     np.testing.assert_array_equal(np.asarray(held.trace["gate"]), sig > np.asarray(held.trace["lambda"]))
     # gradient calls aside (cheap G_sim differentiates the detector on open steps), fewer detections
     open_steps = int(np.asarray(held.trace["gate"]).any(axis=0).sum())
@@ -424,6 +444,9 @@ def test_open_batch_compacts_the_open_samples_with_the_same_result(gradient):
     assert ((n_open >= 1) & (n_open <= 2)).any() and (n_open > 2).any()      # both branches were taken
     small = [n for n in counter if n == 2]                                     # G_dup's pass on 2 samples
     assert len(small) >= int(((n_open >= 1) & (n_open <= 2)).sum())
+    # The same elementwise eps and linear detector on a gathered sub-batch of 2: bit-identical here;
+    # rtol 1e-5 (|x0| <= 46, grad_norm <= 4.3) allows another vectorization of the small batch. Every
+    # sigma is >= 0.07 from its threshold, so the gates cannot flip; a wrong scatter is off by O(1).
     chex.assert_trees_all_close(comp.x0, plain.x0, rtol=1e-5, atol=1e-5)
     for k in ("gate", "grad_norm", "s2", "sigma"):
         np.testing.assert_allclose(np.asarray(comp.trace[k]), np.asarray(plain.trace[k]), rtol=1e-5, atol=1e-6)

@@ -50,7 +50,9 @@ def test_metadata(setup):
     assert isinstance(den, Denoiser)
     assert den.sample_shape == SHAPE and den.num_conditions == 3 and den.name == "emp"
     assert int(den.null_cond) == -1 and den.null_cond.dtype == jnp.int32
-    np.testing.assert_array_equal(np.asarray(training_images(den)), images)
+    np.testing.assert_array_equal(np.asarray(training_images(den)), images)     # stored float32: exact
+    # the schedule's betas are torch.linspace's float32 values, NumPy's linspace differs by an ulp in
+    # places: 3.6e-7 after the cumulative product (deterministic); a wrong schedule is off by >1e-3.
     np.testing.assert_allclose(alphas_cumprod(den.schedule), _ab64(), rtol=1e-5)
 
 
@@ -62,12 +64,16 @@ def test_small_t_recovers_the_training_image(setup):
     x_t, noise = _noisy(images, idx, t, rng)
     cond = jnp.asarray(np.where(np.arange(6) < 3, -1, LABELS[idx]), jnp.int32)
     x0 = x0_estimate(den.params, x_t, jnp.asarray(t, jnp.int32), cond)
+    # at t <= 2 the posterior is one-hot (exp(0) / 1): x0 and the weights are exact (margins 0)
     np.testing.assert_allclose(np.asarray(x0), images[idx], atol=1e-4)
     w = posterior_weights(den.params, x_t, jnp.asarray(t, jnp.int32), cond)
     np.testing.assert_array_equal(np.asarray(w).argmax(axis=1), idx)
     np.testing.assert_allclose(np.asarray(w).max(axis=1), 1.0, atol=1e-6)
     eps = den(x_t, jnp.asarray(t, jnp.int32), cond)
-    np.testing.assert_allclose(np.asarray(eps), noise, atol=2e-3)  # the true noise, up to float32
+    # the true noise, up to float32: the model keeps diffusers' float32 alpha-bars, and float32(0.9999)
+    # at t = 0 is 1.7e-8 off, i.e. 1.7e-4 of 1 - ab: eps is off by ~1e-4 |noise| (measured 2.4e-4,
+    # the same IEEE rounding on every CPU; <= ~6e-4 for any noise). A wrong image is off by O(1).
+    np.testing.assert_allclose(np.asarray(eps), noise, atol=2e-3)
 
 
 def test_matches_float64_posterior_and_eps(setup):
@@ -79,6 +85,8 @@ def test_matches_float64_posterior_and_eps(setup):
     for cond in (np.array([-1, -1, -1, -1]), np.array([0, 1, 2, -1])):
         w = posterior_weights(den.params, x_t, jnp.asarray(t, jnp.int32), jnp.asarray(cond, jnp.int32))
         w64 = _weights64(images, LABELS, x_t, t, cond)
+        # float32 softmax / posterior mean vs float64 (the same float32 x_t): margins <= 2.4%; a wrong
+        # temperature, condition mask or timestep is off by >1e-2.
         np.testing.assert_allclose(np.asarray(w), w64, atol=2e-5)
         x0_64 = w64 @ images.reshape(N, -1).astype(np.float64)
         ab = _ab64()[t][:, None]
@@ -100,8 +108,8 @@ def test_conditional_restriction(setup):
     x_t, _ = _noisy(images, idx, t, rng)
     for c in (0, 1, 2):
         w = np.asarray(posterior_weights(den.params, x_t, jnp.asarray(t, jnp.int32), jnp.full((4,), c, jnp.int32)))
-        np.testing.assert_array_equal(w[:, LABELS != c], 0.0)
-        np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=1e-5)
+        np.testing.assert_array_equal(w[:, LABELS != c], 0.0)            # exp(-inf): exactly 0
+        np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=1e-5)       # float32 sum of 3: ~1e-7
     x0 = np.asarray(x0_estimate(den.params, x_t[:1], jnp.zeros(1, jnp.int32), jnp.ones(1, jnp.int32)))
     d = np.linalg.norm((x0 - images).reshape(N, -1), axis=1)
     assert LABELS[d.argmin()] == 1 and d.min() < 1e-4
@@ -116,6 +124,7 @@ def test_unconditional_is_all_images(setup):
     assert uncond.num_conditions == 0
     a = den(x_t, t, den.null_batch(3))
     b = uncond(x_t, t, uncond.null_batch(3))
+    # the same ops (the null condition masks nothing): bit-identical, 1e-6 is loose
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
     w = np.asarray(posterior_weights(den.params, x_t, t, -jnp.ones(3, jnp.int32)))
     assert np.all(w[2] > 0.01)  # every image contributes at high noise (t = 900)
@@ -136,6 +145,7 @@ class JitTest(chex.TestCase):
         w64 = _weights64(images, LABELS, x_t, np.asarray(t), np.asarray(cond))
         x0_64 = (w64 @ images.reshape(N, -1).astype(np.float64)).reshape((3,) + SHAPE)
         x0 = self.variant(x0_estimate)(den.params, x_t, t, cond)
+        # float32 (jitted or eager) vs float64: margin 0.1%
         np.testing.assert_allclose(np.asarray(x0), x0_64, atol=1e-4)
 
 

@@ -98,6 +98,7 @@ def test_features_chunking_and_shape_errors(evaluator):
     f = evaluator.features(x)
     chex.assert_shape(f, (37, NET.feature_dim))
     assert f.dtype == np.float32
+    # chunks of 8 vs one batch of 37: other matmul / conv blocking, ~1e-7 (exact here); rows mixed up are O(1) off
     np.testing.assert_allclose(evaluator.features(x, chunk=8), f, rtol=1e-5, atol=1e-5)
     assert evaluator.features(x[:0]).shape == (0, NET.feature_dim)
     for bad in (np.zeros((2, 32, 32, 3)), np.zeros((16, 16, 3)), np.zeros((2, 16, 16, 1))):
@@ -127,7 +128,7 @@ def test_save_load_round_trip(evaluator, saved):
     assert ev.accuracy == evaluator.accuracy and ev.training["steps"] == 700
     chex.assert_trees_all_equal(ev.params, jax.device_get(evaluator.params))
     x, _ = renders(20, 6)
-    np.testing.assert_array_equal(ev.features(x), evaluator.features(x))
+    np.testing.assert_array_equal(ev.features(x), evaluator.features(x))   # equal params, the same program: exact
     assert evaluator_for(CFG, saved).net == NET
 
 

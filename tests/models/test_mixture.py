@@ -83,6 +83,10 @@ def test_matches_dense_float64_reference(tiny, tt):
     resp = mx.responsibilities(den.params, jnp.asarray(x), t, cond)
     ll = np.asarray(mx.log_likelihood(den.params, jnp.asarray(x), t, cond))
     full = np.concatenate([np.asarray(resp.gaussians), np.asarray(resp.atoms)], axis=1)
+    # float32 (Woodbury solves, log-sum-exp over K + N logits) vs dense float64: measured <= 8e-7 in
+    # the sums of responsibilities, <= 1.5e-6 in eps / responsibilities (the same with AVX and another
+    # BLAS kernel): >= 12x under each tolerance; a wrong covariance or weight is off by >1e-2.
+    # atom_total is the same float32 sum here (exact); 1e-6 (8 ulps of 1) allows another order.
     np.testing.assert_allclose(full.sum(1), 1.0, atol=1e-5)
     np.testing.assert_allclose(np.asarray(resp.atom_total), full[:, K:].sum(1), atol=1e-6)
     for b in range(6):
@@ -98,6 +102,8 @@ def test_mixed_timesteps_equal_one_at_a_time(tiny):
     t = jnp.asarray([3, 200, 700, 999], jnp.int32)
     cond = jnp.asarray([0, -1, 2, 1], jnp.int32)
     batch = den(x, t, cond)
+    # batch of 4 vs 1: bit-identical here; XLA may block the D=12 matmuls differently (~1e-7
+    # relative of |eps| <= 2.5), atol 1e-5 leaves >30x. A mixed-up t or condition is off by O(0.1).
     for b in range(4):
         np.testing.assert_allclose(batch[b], den(x[b:b + 1], t[b:b + 1], cond[b:b + 1])[0], atol=1e-5)
 
@@ -109,6 +115,8 @@ def test_jit_matches_eager(tiny):
     with jax.disable_jit():
         eager = den.eps_fn(den.params, x, t, cond)
     jitted = jax.jit(den.eps_fn)(den.params, x, t, cond)
+    # eager (op by op) vs fused jit: ~3 ulps of |eps| <= 2.5, measured 8.3e-7 (7e-7 with AVX):
+    # atol 1e-5 leaves 12x. The Denoiser pytree is the same jitted function: exact here (1e-6 loose).
     np.testing.assert_allclose(eager, jitted, atol=1e-5)
     # and the whole Denoiser pytree goes through jit
     np.testing.assert_allclose(jax.jit(lambda d, x: d(x, t, cond))(den, x), jitted, atol=1e-6)
@@ -127,6 +135,7 @@ def test_near_an_atom_at_small_t_the_atom_wins(tiny):
             r = mx.responsibilities(den.params, jnp.asarray(xt), jnp.asarray([t]), jnp.asarray([cond]))
             assert float(r.atoms[0, i]) > 0.999
             x0_hat = np.asarray(mx.x0_estimate(den.params, jnp.asarray(xt), jnp.asarray([t]), jnp.asarray([cond])))
+            # the atom up to the others' responsibility (< 1e-3) and float32 (measured 2e-7); a wrong atom is O(1)
             np.testing.assert_allclose(x0_hat[0], x0, atol=2e-3)
     # far from every atom at small t, the Gaussians take it
     far = (np.sqrt(ab[0]) * arrays["means"][0].reshape(SHAPE))[None].astype(np.float32)
@@ -145,7 +154,8 @@ def test_unconditional_is_the_frequency_weighted_mixture(tiny):
         ll_c = np.stack([np.asarray(mx.log_likelihood(den.params, x, tt, jnp.full((3,), c, jnp.int32)))
                          for c in range(C)])                           # [C, B]
         ll_u = np.asarray(mx.log_likelihood(den.params, x, tt, jnp.full((3,), -1, jnp.int32)))
-        # p(x) = sum_c f_c p(x | c), and eps_u = sum_c p(c | x) eps_c
+        # p(x) = sum_c f_c p(x | c), and eps_u = sum_c p(c | x) eps_c. float32 log-likelihoods and
+        # eps vs their float64 combination: margins <= 1.4% (with AVX too); a wrong f_c is off by >1e-2.
         np.testing.assert_allclose(ll_u, np.logaddexp.reduce(np.log(f)[:, None] + ll_c, axis=0), rtol=1e-5, atol=1e-3)
         post = np.exp(np.log(f)[:, None] + ll_c - ll_u[None])              # [C, B]
         np.testing.assert_allclose(post.sum(0), 1.0, atol=1e-4)
@@ -178,6 +188,9 @@ def test_fit_gaussians_recovers_a_low_rank_covariance():
                         for m in (np.zeros(dim), np.ones(dim))])
     for per_component in (False, True):
         fit = mx.fit_gaussians(samples, rank=2, per_component=per_component, min_variance=1e-4)
+        # means: float32 of a mean of 400 samples (margin 4e-4). The variances are statistical: 400
+        # fixed (seeded) samples give ~7% (sqrt(2/400)) per variance (measured 6.5% and 11% off);
+        # round-off (~1e-6) is no factor. A missing or swapped basis direction is off by >= 4x.
         np.testing.assert_allclose(fit.means, samples.mean(1), atol=1e-5)
         bv = np.sort(fit.basis_var, axis=1)[:, ::-1]
         np.testing.assert_allclose(bv, [[4.0, 1.0]] * 2, rtol=0.25)
@@ -196,6 +209,8 @@ def test_fit_mixture_structure(fitted):
     assert den.num_conditions == bed.num_captions and den.condition_names == bed.captions
     assert den.sample_shape == (16, 16, 3) and int(den.null_cond) == -1
     p = den.params
+    # float32 parameters vs the float64 / exact testbed quantities: ~1e-7 (margins <= 0.7%); a
+    # missing atom, a wrong mass or weight is off by >1e-2.
     np.testing.assert_allclose(np.asarray(p["atoms"] + p["center"]),
                                bed.unique_images.reshape(len(bed.unique_index), -1), atol=1e-5)
     np.testing.assert_array_equal(np.asarray(p["atom_labels"]), bed.unique_labels)
@@ -270,5 +285,7 @@ def test_score_identity_and_gradients(tiny):
         t, cond = jnp.asarray(tt, jnp.int32), jnp.asarray([1, -1], jnp.int32)
         score = jax.grad(lambda x: jnp.sum(mx.log_likelihood(den.params, x, t, cond)))(x)
         eps = den(x, t, cond)
+        # autodiff of float32 log p vs the closed-form eps: margins <= 4e-4 (~1e-6); a wrong sign or
+        # a missing 1 / sqrt(1 - ab) is off by O(1).
         np.testing.assert_allclose(np.asarray(score), -np.asarray(eps) / np.sqrt(1 - ab[tt])[:, None, None, None],
                                    rtol=2e-3, atol=2e-3)

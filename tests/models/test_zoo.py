@@ -41,6 +41,7 @@ def test_export_then_load_gives_the_same_model(shipped):
     x = jnp.ones((2, 16, 16, 3))
     t = jnp.array([10, 500])
     c = jnp.array([0, -1])
+    # exported and loaded params are exact copies, the same eps_fn: exact here (1e-5 is loose)
     np.testing.assert_allclose(np.asarray(lm.denoiser(x, t, c)), np.asarray(model.eps_fn(res.ema_params, x, t, c)),
                                rtol=1e-5, atol=1e-6)
     r = sample(lm.denoiser, CFG(3.0), SamplerConfig("ddim", num_steps=2), keys_from_seeds([0]), jnp.array([1]))

@@ -58,6 +58,8 @@ class EmbeddingDetectorTest(chex.TestCase):
         assert isinstance(out, Detection)
         chex.assert_shape(list(out), (len(x),))
         c = _cos64(params, x, ref)
+        # float32 8-d cosines vs float64: ~1e-7 (margin 0.6%); the best and second-best cosines are
+        # >= 0.047 apart, so the argmax is exact. A wrong row is off by >1e-2.
         np.testing.assert_allclose(np.asarray(out.sigma), c.max(axis=1), rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(np.asarray(out.index), c.argmax(axis=1))
         np.testing.assert_array_equal(np.asarray(out.label), labels[c.argmax(axis=1)])
@@ -67,6 +69,7 @@ class EmbeddingDetectorTest(chex.TestCase):
 def test_contract_attributes_and_pytree(det):
     assert det.sigma_range == (-1.0, 1.0) and det.scale == 1.0 and det.default_thresholds == (None, None)
     assert det.bank.kind == "embedding" and det.bank.normalized and det.size == 30
+    # float32 normalised rows, float32 norms: 1 ulp here (6e-8), a few at most
     np.testing.assert_allclose(np.linalg.norm(np.asarray(det.bank.rows), axis=1), 1.0, rtol=1e-6)
     leaves = jax.tree.leaves(det)
     assert any(leaf is det.embed_params["w"] for leaf in leaves)          # params are traced leaves
@@ -89,6 +92,8 @@ def test_gradient_through_the_embedder(det):
     def direct(z):
         e = linear_embed(det.embed_params, z)
         return jnp.sum(jnp.sum(e * rows, -1) / jnp.linalg.norm(e, axis=-1))
+    # float32 gradients of two programs (the jitted detector vs the direct eager formula), |g| <= 0.2:
+    # ~1e-7 relative (margin 1.8%); a gradient through the wrong row or without the norm is off by O(1).
     np.testing.assert_allclose(np.asarray(g), np.asarray(jax.grad(direct)(x)), rtol=1e-4, atol=1e-6)
     assert np.all(np.linalg.norm(np.asarray(g).reshape(len(x), -1), axis=1) > 0)
 
@@ -103,7 +108,7 @@ def test_bank_input_dedup_and_sharding(det):
     call = jax.jit(lambda d, z: d(z))
     want = call(embedding_detector(linear_embed, det.embed_params, bank), jnp.asarray(x))
     got = call(embedding_detector(linear_embed, det.embed_params, index.shard_bank(bank)), jnp.asarray(x))
-    for a, b in zip(want, got):
+    for a, b in zip(want, got):         # exact by design (index.py): the same dot products on the same rows
         np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
     d3 = embedding_detector(linear_embed, det.embed_params, bank, thresholds=(0.4, 0.5))
     assert d3.default_thresholds == (0.4, 0.5)
@@ -141,6 +146,8 @@ def test_through_decoder_is_stable_and_differentiable():
     z = jnp.asarray(np.random.default_rng(1).normal(size=(3, 2, 2, 3)).astype(np.float32))
     d = embedding_detector(f, p, np.asarray(_embed64(params, ref), np.float32), labels)
     direct = linear_embed(p[1], _upsample_decode(p[0], z))
+    # the same ops inside and outside through_decoder's jit, and remat recomputing the same forward:
+    # bit-identical here; 1e-5 allows another fusion. A missing decoder or embedder is off by O(1).
     np.testing.assert_allclose(np.asarray(d.embed(z)), np.asarray(direct), rtol=1e-5, atol=1e-6)
     g = jax.grad(lambda zz: d(zz).sigma.sum())(z)
     plain = embedding.through_decoder(_upsample_decode, linear_embed, remat=False)

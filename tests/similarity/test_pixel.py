@@ -14,6 +14,10 @@ from amg_jax.similarity.base import Detection
 
 SHAPE = (4, 4, 3)
 D = int(np.prod(SHAPE))
+# Tolerances: float32 JAX (direct distances / cosines over 48 pixels) vs the float64 brute force:
+# ~1e-7 relative (margins <= 6% across ISAs and BLAS kernels), so rtol 1e-5 / atol 1e-6 leave >15x;
+# a wrong neighbour, k or dedup is off by >1e-3. Index and order checks are exact: the candidate
+# distances here are >= 1.3e-4 relative apart (cosines >= 1e-2), 1000x the float32 round-off.
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,7 +64,7 @@ def test_nl2_matches_bruteforce(k):
     np.testing.assert_array_equal(np.asarray(r.index), idx)
     np.testing.assert_allclose(np.asarray(r.nn_dist), nn, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(r.knn_mean), m, rtol=1e-5)
-    assert float(r.nl2[1]) == 0.0  # the exact copy
+    assert float(r.nl2[1]) == 0.0  # the exact copy: a direct distance of identical float32 rows is exactly 0
 
 
 def test_knn_sorted_and_direct():
@@ -106,7 +110,8 @@ def test_dedup_on_vs_off():
     # Duplicates put near-zero distances into the k-NN mean: the near copy of the duplicated
     # image gets a much larger nL2 without dedup (here 4 of 5 neighbours are copies) ...
     assert float(off.nl2[1]) > 3.0 * float(on.nl2[1])
-    # ... while the near copy of an image that is not duplicated is unaffected.
+    # ... while the near copy of an image that is not duplicated is unaffected (the same 5 distances:
+    # exact here, 1e-5 allows another summation order).
     np.testing.assert_allclose(float(off.nl2[2]), float(on.nl2[2]), rtol=1e-5)
 
 
@@ -115,7 +120,7 @@ def test_degenerate_single_reference():
     r = pixel.nl2(jnp.asarray(ref), jnp.asarray(ref), k=50)
     assert np.isfinite(float(r.nl2[0])) and float(r.nl2[0]) == 0.0
     r = pixel.nl2(jnp.zeros((1,) + SHAPE), jnp.asarray(ref), k=50)
-    np.testing.assert_allclose(float(r.nl2[0]), 2.0, rtol=1e-6)  # k = M = 1: d0 / (alpha * d0)
+    np.testing.assert_allclose(float(r.nl2[0]), 2.0, rtol=1e-6)  # k = M = 1: d0 / (alpha * d0), exact in float32
 
 
 def test_gradient_at_near_copy_points_away():
@@ -132,7 +137,8 @@ def test_gradient_at_near_copy_points_away():
         assert np.all(np.isfinite(g)) and np.linalg.norm(g) > 0
         cos = g @ delta.reshape(-1) / (np.linalg.norm(g) * np.linalg.norm(delta))
         assert cos > 0.99, cos  # increasing distance / nL2 = moving away from n0
-    # d||x - n0|| / dx is the unit vector (x - n0) / ||x - n0||.
+    # d||x - n0|| / dx is the unit vector (x - n0) / ||x - n0||: float32 n0 + delta rounds delta by
+    # ulp(1) / 1e-3 ~ 1e-4 relative (margin 0.2%); a wrong direction is off by O(1).
     np.testing.assert_allclose(np.asarray(g_dist).reshape(-1), delta.reshape(-1) / np.linalg.norm(delta),
                                rtol=2e-3, atol=2e-3)
     # sigma = -nL2 (the detector) decreases in the same direction.
@@ -156,7 +162,7 @@ def test_pixel_cosine_matches_bruteforce(by):
     want_idx = c.argmax(axis=1) if by == "cosine" else _dist64(x, ref).argmin(axis=1)
     np.testing.assert_array_equal(np.asarray(idx), want_idx)
     np.testing.assert_allclose(np.asarray(cos), c[np.arange(len(x)), want_idx], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(float(cos[1]), 1.0, rtol=1e-6)  # exact copy
+    np.testing.assert_allclose(float(cos[1]), 1.0, rtol=1e-6)  # exact copy: float32 x.x / |x|^2, 1 ulp here (<= ~5)
     np.testing.assert_allclose(np.asarray(pixel.cosine_similarity(jnp.asarray(x), jnp.asarray(ref[:6]))),
                                np.diag(_cos64(x, ref[:6])), rtol=1e-5, atol=1e-6)
 
@@ -200,7 +206,9 @@ def test_detector_nl2_and_cosine():
 
     # The detector is a pytree: it goes through jit as an argument.
     s_jit, i_jit, _ = jax.jit(lambda d, z: d(z))(det, jnp.asarray(q))
-    np.testing.assert_allclose(np.asarray(s_jit), np.asarray(out.sigma), rtol=1e-6)
+    # jit vs eager: the same ops, bit-identical here; another fusion may reorder the float32 sums
+    # (a few ulps), so rtol 1e-5 rather than 1e-6 (~8 ulps); a detector lost in jit is off by O(1).
+    np.testing.assert_allclose(np.asarray(s_jit), np.asarray(out.sigma), rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(i_jit), np.asarray(out.index))
 
 
@@ -217,12 +225,15 @@ def test_detector_gradient_at_exact_and_near_copy():
         g = np.asarray(grad(det, x)).reshape(2, -1)
         assert np.all(np.isfinite(g))
         m = np.asarray(det.details(x)["knn_mean"])
+        # a model tolerance: next to the copy grad nL2 also has the k-NN mean's term (~d0 / m of the
+        # first); measured 2e-4 relative, round-off ~1e-6. A missing 1 / (alpha m) is off by 2x.
         np.testing.assert_allclose(np.linalg.norm(g, axis=1), 1.0 / (0.5 * m), rtol=2e-2)
         unit = (g / np.linalg.norm(g, axis=1, keepdims=True)).reshape(x.shape)
         step = x - 0.1 * m[:, None, None, None] * unit
         assert np.all(np.asarray(det(step).sigma) < np.asarray(det(x).sigma) - 0.05)
     # the raw nl2 function keeps the plain kink (gradient 0 there), the detector does not
     g_raw = jax.grad(lambda z: pixel.nl2(z, jnp.asarray(ref)).nl2.sum())(jnp.asarray(n0))
+    # exactly 0 by definition at the kink (a where, not round-off)
     assert np.all(np.asarray(g_raw) == 0.0)
 
 
@@ -264,6 +275,9 @@ def test_detector_labels_on_testbed(small_bed):
         np.testing.assert_array_equal(np.asarray(out.index), near)
         np.testing.assert_array_equal(np.asarray(out.label), bed.labels)
         sdet = pixel.pixel_detector(sharded, kind=kind)
+        # Exact by design (index.py): the sharded search gathers the chosen rows exactly (one owner
+        # per row in the psum) and computes the same dot products on them as the unsharded one, in
+        # the same process; a sharded bank that differs at all is a bug, not round-off.
         for a, b in zip(out, call(sdet, x)):
             np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
         if kind == "nl2":
@@ -272,7 +286,7 @@ def test_detector_labels_on_testbed(small_bed):
     lo, hi = pixel.pixel_detector(bank).default_thresholds
     c = bank.copy_threshold / (0.5 * bank.knn_scale)
     assert 0.05 < c < 2 / 1.5 - 0.05                      # inside the clamp, so the formula is what is tested
-    assert hi == pytest.approx(-c) and lo == pytest.approx(-1.5 * c)
+    assert hi == pytest.approx(-c) and lo == pytest.approx(-1.5 * c)   # float64, the same formula
     assert -2.0 < lo < hi < 0
 
 
@@ -343,9 +357,10 @@ def test_bank_normalized_detector_gates_exactly_at_the_copy_distance():
     sigma = np.asarray(det(jnp.asarray(q)).sigma)
     m = float(bank.knn_scale)
     np.testing.assert_allclose(sigma, -np.minimum(d_true / (0.5 * m), 2.0), rtol=1e-5, atol=1e-6)
-    assert sigma[3] == -2.0                                  # far away: clipped to the range
+    assert sigma[3] == -2.0                                  # far away: clipped to the range (exact)
     lam_min, lam_max = det.default_thresholds
     # the late gate threshold is the copy criterion itself: sigma > lambda_max <=> distance < thr
+    # (thr is the geometric mean of two query distances, far from both: the comparison is robust)
     np.testing.assert_array_equal(sigma > lam_max, d_true < thr)
     assert lam_min == pytest.approx(1.5 * lam_max)
     g = jax.grad(lambda z: det(z).sigma.sum())(jnp.asarray(q[:3]))
