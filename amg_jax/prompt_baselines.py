@@ -1,7 +1,7 @@
 """The inference-time mitigations AMG compares against (Somepalli et al. 2023, "Understanding and
 mitigating copying in diffusion models"): perturb the condition, not the sampler.
 
-- ``gni``  ``gaussian_noise_embedding(key, emb [B, L, D], std=0.1)``: Gaussian noise on the text
+- ``gni``  ``gni_rows(seed, emb [B, L, D], std=0.1, branches="both", null=None)``: Gaussian noise on the text
   encoder's output, ``emb + std * N(0, 1)``.
 - ``rt``   ``random_token_replacement(rng, prompt, n=4, vocab=None)``: ``n`` random words of the
   caption replaced by random vocabulary words (``mode="add"``: ``n`` random words inserted).
@@ -174,15 +174,12 @@ def _insert(rng: np.random.Generator, words: list[str], word: str) -> None:
 
 # ----------------------------------------------------------------------------- the baselines
 
-def gaussian_noise_embedding(key, emb, std: float = DEFAULT_STD, branches: str = "both", null=None) -> Array:
+def gaussian_noise_embedding(key, emb, std: float = DEFAULT_STD) -> Array:
     """GNI: ``emb + std * N(0, 1)`` for text embeddings ``emb [B, L, D]`` (any shape), in
     ``emb``'s dtype. ``key``: a JAX PRNG key or an int seed. Pure and jit-able (``std`` may be
-    traced). Reference strength 0.1 (on SD v1.4's CLIP-L token embeddings). ``branches`` and
-    ``null`` are ``apply_baseline``'s (which CFG branches get noise; the null embedding); this
-    function noises the one array it is given."""
+    traced). Reference strength 0.1 (on SD v1.4's CLIP-L token embeddings). It noises the one
+    array it is given; ``gni_rows`` is the baseline over a batch, both CFG branches."""
     where = "gaussian_noise_embedding"
-    if branches not in GNI_BRANCHES:
-        _fail(where, f"branches must be one of {list(GNI_BRANCHES)}, got {branches!r}")
     _check_std(std, where)
     if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
         key = jax.random.key(int(key))
@@ -261,38 +258,13 @@ def random_number_addition(rng, prompt: str, n=DEFAULT_N, high: int = DEFAULT_NU
     return " ".join(words)
 
 
-# ----------------------------------------------------------------------------- registry
-
-PROMPT_BASELINES: dict[str, Callable] = {
-    "gni": gaussian_noise_embedding,
-    "rt": random_token_replacement,
-    "cwr": caption_word_repetition,
-    "rna": random_number_addition,
-}
-EMBEDDING_BASELINES = ("gni",)        # act on text embeddings [B, L, D]; the others on prompt strings
-BASELINE_DEFAULTS = {"gni": {"std": DEFAULT_STD, "branches": "both"}, "rt": {"n": DEFAULT_N, "mode": "replace"},
-                     "cwr": {"n": DEFAULT_N}, "rna": {"n": DEFAULT_N, "high": DEFAULT_NUMBER_HIGH}}
-
-
-def baseline_params(name: str) -> tuple[str, ...]:
-    """The keyword parameters baseline ``name`` accepts (its strength and options)."""
-    fn = _lookup(name)
-    return tuple(list(inspect.signature(fn).parameters)[2:])
-
-
-def _lookup(name: str) -> Callable:
-    if name not in PROMPT_BASELINES:
-        raise ValueError(f"unknown prompt baseline {name!r}; known: {', '.join(PROMPT_BASELINES)}")
-    return PROMPT_BASELINES[name]
-
-
 @jax.jit
 def _gni_rows(key: Array, index: Array, emb: Array, std: Array) -> Array:
     """GNI over a batch, row ``i`` with key ``fold_in(key, index[i])`` (one compilation per shape)."""
     return jax.vmap(lambda i, e: _add_noise(jax.random.fold_in(key, i), e, std))(index, emb)
 
 
-def gni_rows(seed, emb, std=DEFAULT_STD, branches: str = "both", null=None, index=None):
+def gni_rows(seed, emb, std=DEFAULT_STD, branches: str = "both", null=None, *, index=None):
     """GNI over a batch of embeddings ``emb [B, L, D]``; row ``i`` (global sample number
     ``index[i]``, default ``i``) draws its conditional noise from ``fold_in(key(seed), index[i])``.
     ``branches="cond"``: the noisy embeddings [B, L, D]. ``"both"`` (the reference): also the
@@ -316,6 +288,32 @@ def gni_rows(seed, emb, std=DEFAULT_STD, branches: str = "both", null=None, inde
             _fail(where, f"null must be [L, D] = {tuple(emb.shape[1:])} or [B, L, D], got {tuple(null.shape)}")
         null = jnp.broadcast_to(null, emb.shape)
     return WithNull(cond=cond, null=_gni_rows(jax.random.fold_in(key, NULL_STREAM), index, null, jnp.float32(std)))
+
+
+# ----------------------------------------------------------------------------- registry
+
+PROMPT_BASELINES: dict[str, Callable] = {
+    "gni": gni_rows,
+    "rt": random_token_replacement,
+    "cwr": caption_word_repetition,
+    "rna": random_number_addition,
+}
+EMBEDDING_BASELINES = ("gni",)        # act on text embeddings [B, L, D]; the others on prompt strings
+BASELINE_DEFAULTS = {"gni": {"std": DEFAULT_STD, "branches": "both"}, "rt": {"n": DEFAULT_N, "mode": "replace"},
+                     "cwr": {"n": DEFAULT_N}, "rna": {"n": DEFAULT_N, "high": DEFAULT_NUMBER_HIGH}}
+
+
+def baseline_params(name: str) -> tuple[str, ...]:
+    """The keyword parameters baseline ``name`` accepts (its strength and options)."""
+    fn = _lookup(name)
+    params = list(inspect.signature(fn).parameters.values())[2:]
+    return tuple(p.name for p in params if p.kind != p.KEYWORD_ONLY)     # keyword-only: the callers' plumbing
+
+
+def _lookup(name: str) -> Callable:
+    if name not in PROMPT_BASELINES:
+        raise ValueError(f"unknown prompt baseline {name!r}; known: {', '.join(PROMPT_BASELINES)}")
+    return PROMPT_BASELINES[name]
 
 
 def apply_baseline(name: str, prompts, seed: int, **params) -> Any:

@@ -158,14 +158,6 @@ def _validate(denoiser, guidance, sampler_cfg, keys, cond, x_T, where: str):
     return samplers.validate_inputs(denoiser, guidance, sampler_cfg, keys, cond, x_T, where)
 
 
-def _warn_trace(guidance, res: SampleResult) -> None:
-    """Queue the guidance's ``check_trace`` message (AMG: NaN/inf terms) and the NaN/inf-samples
-    message as ``samplers.sample`` does (``samplers.report_divergence``: checked on the devices,
-    warned when computed, nothing read back here); skipped for outputs this process cannot read
-    whole (several hosts)."""
-    samplers.report_divergence(guidance, res)
-
-
 def _as_traced_guidance(guidance):
     """The guidance as ``samplers._sample_entry`` takes it (a pytree, or wrapped as static)."""
     return guidance if samplers._is_pytree(guidance) else samplers._StaticGuidance(guidance)
@@ -253,7 +245,7 @@ def sample_sharded(denoiser, guidance, sampler_cfg: SamplerConfig, keys, cond, *
     den = jax.device_put(denoiser, NamedSharding(mesh, P()))
     traced = place_guidance(_as_traced_guidance(guidance), mesh)
     res = _cut(sharded_sample_fn(mesh)(den, traced, sampler_cfg, keys, cond, x_T), batch)
-    _warn_trace(guidance, res)
+    samplers.report_divergence(guidance, res)   # on the devices; warned when computed
     return res
 
 
@@ -357,7 +349,7 @@ def sample_pmap(denoiser, guidance, sampler_cfg: SamplerConfig, keys, cond, *, x
     traced = _unshard_banks(_as_traced_guidance(guidance))
     out = _pmap_sample(params, denoiser.replace(params=None), traced, sampler_cfg, keys, cond, x_T)
     res = _cut(jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), out), batch)
-    _warn_trace(guidance, res)
+    samplers.report_divergence(guidance, res)   # on the devices; warned when computed
     return res
 
 

@@ -1127,7 +1127,8 @@ class StableDiffusionBackend:
 
     def _conditions(self, cell: Cell):
         """``cond_of(index [b]) -> [b, L, D]``: the text embeddings of samples ``index``, with the
-        cell's prompt baseline (GNI: a ``WithNull`` of both noisy CFG branches, unless branches="cond") (per-sample streams seeded by the sweep's seed, as ``apply_baseline``)."""
+        cell's prompt baseline, per-sample streams seeded by the sweep's seed as ``apply_baseline``
+        (GNI: a ``WithNull`` of both noisy CFG branches, unless branches="cond")."""
         params = dict(cell.baseline_params)
         if cell.baseline is None:
             return lambda idx: self.embeddings[self.caption_ids[idx]]

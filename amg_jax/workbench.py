@@ -219,11 +219,6 @@ def baseline_conditions(name: str, bed: tb.Testbed, bench, baseline: str, params
         tokens = np.asarray(lm.model.tokens)[np.asarray(bench.caption_ids)]
         zeros = jnp.zeros((len(captions), c.max_tokens, c.text_dim), jnp.float32)
         noise = apply_baseline(baseline, zeros, seed, null=zeros[0], **params)
-        if isinstance(noise, WithNull):           # both CFG branches (the reference): the null caption gets its own
-            null_tokens = np.broadcast_to(np.asarray(lm.model.null_tokens, np.int32), tokens.shape)
-            den = token_denoiser(lm.model, lm.denoiser.params)
-            return den, WithNull(cond={"tokens": jnp.asarray(tokens, jnp.int32), "noise": noise.cond},
-                                 null={"tokens": jnp.asarray(null_tokens), "noise": noise.null})
     else:
         if baseline in ("rt", "cwr"):
             params.setdefault("vocab", list(tok.vocab))
@@ -233,7 +228,12 @@ def baseline_conditions(name: str, bed: tb.Testbed, bench, baseline: str, params
             tokens = tok.encode(edited)
         noise = jnp.zeros((len(captions), c.max_tokens, c.text_dim), jnp.float32)
     den = token_denoiser(lm.model, lm.denoiser.params)
-    return den, {"tokens": jnp.asarray(tokens, jnp.int32), "noise": jnp.asarray(noise, jnp.float32)}
+    cond = {"tokens": jnp.asarray(tokens, jnp.int32)}
+    if isinstance(noise, WithNull):           # GNI on both CFG branches (the reference): the null caption gets its own
+        null_tokens = np.broadcast_to(np.asarray(lm.model.null_tokens, np.int32), tokens.shape)
+        return den, WithNull(cond=dict(cond, noise=noise.cond), null={"tokens": jnp.asarray(null_tokens),
+                                                                      "noise": noise.null})
+    return den, dict(cond, noise=jnp.asarray(noise, jnp.float32))
 
 
 def caption_conditions(name: str, bed: tb.Testbed) -> dict:
