@@ -1,6 +1,6 @@
 """amg_jax: make diffusion models stop copying their training images.
 
-The core contract (DESIGN.md): a ``Denoiser`` (eps-prediction, conditions, schedule), a
+The core contract (README, "Architecture"): a ``Denoiser`` (eps-prediction, conditions, schedule), a
 guidance (``init(x_T) -> state``, ``apply(state, ctx) -> (eps_hat, state, trace)``), and one
 pure ``sample`` loop (``lax.scan`` over a sampler's steps, jitted once, batched over seeds).
 
@@ -16,7 +16,7 @@ pure ``sample`` loop (``lax.scan`` over a sampler's steps, jitted once, batched 
     res = amg.sample(den, amg.make_amg(amg.make_guidance("cfg"), det, gradient="cheap", c3=1e4), ...)
     res.trace["sigma"], res.trace["gate"]                      # [8, 50] each
 """
-from amg_jax import metrics, prompt_baselines, sweep
+from amg_jax import metrics, prompt_baselines
 from amg_jax.data.testbed import Testbed, TestbedConfig, make_testbed
 from amg_jax.guidance import (
     AMG,
@@ -32,7 +32,8 @@ from amg_jax.guidance import (
     make_amg,
     make_guidance,
 )
-from amg_jax.index import ReferenceBank, bank_from_testbed, build_bank, load_bank, save_bank, shard_bank
+from amg_jax.data.bank import bank_from_testbed
+from amg_jax.index import ReferenceBank, build_bank, load_bank, save_bank, shard_bank
 from amg_jax.models import Denoiser, empirical_denoiser, fit_mixture, mixture_denoiser
 from amg_jax.samplers import SAMPLERS, SampleResult, SamplerConfig, keys_from_seeds, sample, sample_loop
 from amg_jax.schedules import Schedule
@@ -52,5 +53,5 @@ __all__ = [
     "keys_from_seeds", "make_guidance", "make_testbed", "metrics", "mixture_denoiser", "nl2",
     "pixel_detector", "sample", "sample_loop",
     "PROMPT_BASELINES", "SSCDConfig", "apply_baseline", "prompt_baselines", "sscd_detector", "through_decoder",
-    "make_mesh", "maybe_initialize_distributed", "sample_pmap", "sample_sharded", "sweep",
+    "make_mesh", "maybe_initialize_distributed", "sample_pmap", "sample_sharded",
 ]

@@ -190,7 +190,7 @@ def _add_sweep(sub) -> None:
 
 
 def _run_sweep(args, parser) -> int:
-    from amg_jax import sweep
+    from amg_jax.apps import sweep
 
     try:
         config = sweep.load_config(args.config)

@@ -14,16 +14,16 @@ into ``jit`` as an argument), its metadata is static::
 
 ``knn_scale`` (``m``) is the median over bank rows of the mean direct L2 distance to their
 ``k`` (default 50) nearest OTHER rows: the typical k-NN mean distance, the distance scale a
-data-scaled ``c3`` needs (METHODS.md pitfall 4). ``copy_threshold`` is the calibrated copy
-distance (DESIGN.md, "Copy criterion"), stored with the bank.
+data-scaled ``c3`` needs (README pitfall 4). ``copy_threshold`` is the calibrated copy
+distance (README, "Design notes"), stored with the bank.
 
-**Deduplication is on by default** (METHODS.md pitfall 2): exact duplicates put zero
+**Deduplication is on by default** (README pitfall 2): exact duplicates put zero
 distances into nL2's k-NN mean. Duplicates keep the first occurrence (and its label).
 
 **Search** (``search``): candidates are chosen with one matmul + ``lax.top_k`` (or
 ``lax.approx_max_k``), a few more than ``k``; their values are then recomputed directly from
 the chosen rows (``||q - z||`` or ``q.z / (|q| |z|)``) and re-ranked, so values and gradients
-w.r.t. the query are exact (METHODS.md pitfall 1: never differentiate ``|a|^2 - 2ab + |b|^2``).
+w.r.t. the query are exact (README pitfall 1: never differentiate ``|a|^2 - 2ab + |b|^2``).
 On a sharded bank (``shard_bank``) each device computes its local top candidates in a
 ``jax.shard_map``, the candidates are all-gathered and merged, and each device contributes the
 chosen rows it holds (a masked ``psum``): the result equals the unsharded search exactly.
@@ -219,7 +219,7 @@ def build_bank(rows, labels=None, *, kind: str = "pixel", dedup: bool = True, k:
                scale_rows: int | None = 4096) -> ReferenceBank:
     """A bank over ``rows [M, ...]`` (images, or embeddings [M, E]) with ``labels [M]`` (or None).
 
-    dedup:          drop exact duplicate rows (default; nL2 needs it, METHODS.md pitfall 2).
+    dedup:          drop exact duplicate rows (default; nL2 needs it, README pitfall 2).
     k:              neighbourhood size of ``knn_scale`` (clamped to M - 1).
     copy_threshold: the calibrated copy distance to store with the bank (or None).
     normalize:      L2-normalise the rows (embedding banks; cosine = dot product).
@@ -253,19 +253,6 @@ def build_bank(rows, labels=None, *, kind: str = "pixel", dedup: bool = True, k:
         labels=jnp.asarray(lab), source_index=jnp.asarray(kept), sample_shape=sample_shape, kind=kind,
         knn_scale=scale, copy_threshold=None if copy_threshold is None else float(copy_threshold),
         dedup=bool(dedup), normalized=bool(normalize), num_rows=int(flat.shape[0]))
-
-
-def bank_from_testbed(testbed, *, labels="captions", calibrate: bool = True, rng=0) -> ReferenceBank:
-    """Pixel bank of ``testbed``'s training images (deduplicated) with their ``labels`` ([N] ints,
-    e.g. class ids; ``"captions"``: the caption ids; None: no labels) and, when ``calibrate``, the
-    calibrated copy threshold (``calibrate_copy_threshold(testbed, rng)``)."""
-    thr = None
-    if calibrate:
-        from amg_jax.data.testbed import calibrate_copy_threshold
-
-        thr = calibrate_copy_threshold(testbed, rng=rng)
-    labels = testbed.labels if isinstance(labels, str) and labels == "captions" else labels
-    return build_bank(testbed.images, labels, kind="pixel", dedup=True, copy_threshold=thr)
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -510,6 +497,6 @@ def load_bank(path: str) -> ReferenceBank:
 
 
 __all__ = [
-    "KINDS", "METRICS", "ReferenceBank", "bank_from_testbed", "build_bank", "check_queries", "dense_search",
+    "KINDS", "METRICS", "ReferenceBank", "build_bank", "check_queries", "dense_search",
     "knn_mean_distances", "load_bank", "save_bank", "search", "search_rows", "shard_bank", "unshard_bank",
 ]

@@ -33,7 +33,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from amg_jax.index import ReferenceBank, build_bank, save_bank
-from amg_jax.jsonio import write_json
+from amg_jax.jsonio import read_json, write_json
+from amg_jax.similarity import clip, sscd
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 PARTIAL_FORMAT = "amg_jax.index_build.partial/1"
@@ -230,7 +231,7 @@ def build_index(folder: str, embedder: Callable[[np.ndarray], np.ndarray], out: 
     bank = build_bank(rows, labels, kind=kind, dedup=True, normalize=kind == "embedding",
                       copy_threshold=copy_threshold)
     save_bank(out, bank)
-    write_json(out + ".captions.json", {"captions": vocab, "files": kept, "labels": labels.tolist(),
+    write_json(captions_path(out), {"captions": vocab, "files": kept, "labels": labels.tolist(),
                                         "skipped": skipped, "embedder": embedder_name, "size": list(size)})
     shutil.rmtree(part, ignore_errors=True)
     return bank
@@ -276,15 +277,11 @@ def image_embedder(spec: str, *, size=None, dtype: str = "float32") -> tuple[Cal
             raise ValueError("index build: a pixel bank needs --size H W (the model's image size)")
         return (lambda x: np.asarray(x, np.float32)), "pixel", tuple(size), "pixel"
     if kind == "sscd":
-        from amg_jax.similarity import sscd
-
         params, config = sscd.load_params(arg)
         if size is None:
             s = config.image_size
             size = (s, s) if isinstance(s, int) else (tuple(s) if s is not None else (288, 288))
         return sharded_embedder(sscd.make_embed_fn(config), params), f"sscd:{os.path.abspath(arg)}", tuple(size), "embedding"
-    from amg_jax.similarity import clip
-
     bundle = clip.load_clip(arg, dtype=dtype)
     if size is None:
         size = (bundle.resize_size, bundle.resize_size)
@@ -292,11 +289,22 @@ def image_embedder(spec: str, *, size=None, dtype: str = "float32") -> tuple[Cal
             "embedding")
 
 
+CAPTIONS_SUFFIX = ".captions.json"
+
+
+def captions_path(bank_path: str) -> str:
+    """Where ``build_index`` writes a bank's captions: beside it, ``<bank>.captions.json``."""
+    return os.fspath(bank_path) + CAPTIONS_SUFFIX
+
+
+def has_captions(bank_path: str) -> bool:
+    """Whether the bank at ``bank_path`` has a captions file beside it."""
+    return os.path.isfile(captions_path(bank_path))
+
+
 def load_captions(bank_path: str) -> list[str]:
     """The captions of a bank written by ``build_index`` (label id -> caption)."""
-    from amg_jax.jsonio import read_json
-
-    path = bank_path + ".captions.json"
+    path = captions_path(bank_path)
     if not os.path.isfile(path):
         raise ValueError(f"no captions beside the bank: {path!r} does not exist")
     data = read_json(path, "captions file")                     # ValueError naming it when damaged
@@ -306,4 +314,4 @@ def load_captions(bank_path: str) -> list[str]:
     return caps
 
 
-__all__ = ["EMBEDDERS", "IMAGE_EXTENSIONS", "build_index", "image_embedder", "sharded_embedder", "list_images", "load_captions", "load_image", "read_captions"]
+__all__ = ["CAPTIONS_SUFFIX", "EMBEDDERS", "captions_path", "has_captions", "IMAGE_EXTENSIONS", "build_index", "image_embedder", "sharded_embedder", "list_images", "load_captions", "load_image", "read_captions"]

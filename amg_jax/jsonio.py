@@ -10,10 +10,14 @@ file and ``ValueError`` naming the file for one that is not valid JSON.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import tempfile
+from collections.abc import Mapping
+
+from amg_jax.checks import unknown_fields
 
 
 def write_atomic(path: str, write, *, binary: bool = False) -> str:
@@ -74,25 +78,12 @@ __all__ = ["json_safe", "read_json", "write_atomic", "write_json"]
 
 def dataclass_to_json(obj) -> dict:
     """A (frozen) config dataclass as a JSON-able dict: tuples become lists."""
-    import dataclasses
-
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(obj).items()}
-
-
-def unknown_fields(cls, names) -> tuple[list, list]:
-    """(the sorted ``names`` that are not fields of dataclass ``cls``, its sorted field names): the
-    one check behind every "unknown setting" error of a config built from keywords or a dict."""
-    import dataclasses
-
-    known = sorted(f.name for f in dataclasses.fields(cls))
-    return sorted(set(names) - set(known)), known
 
 
 def dataclass_from_json(cls, d):
     """``cls(**d)`` for a dict written by ``dataclass_to_json``: lists become tuples; a non-mapping
     or unknown fields raise ValueError naming them (the config's own checks run in ``cls``)."""
-    from collections.abc import Mapping
-
     if not isinstance(d, Mapping):
         raise ValueError(f"{cls.__name__}.from_dict: expected a mapping, got {type(d).__name__}")
     unknown, known = unknown_fields(cls, d)

@@ -25,7 +25,7 @@ Conventions (read before comparing with the papers' tables):
   ``frac_sim_above_0.5`` / ``frac_sim_above_0.4``  share of samples strictly above.
   ``sim_median``, ``sim_mean``.
 
-- **Calibrated copy criterion** (DESIGN.md, "Copy criterion on a small data set"): nL2 < 1.4
+- **Calibrated copy criterion** (README, "Design notes": the copy criterion): nL2 < 1.4
   cannot tell a copy from a correct render on a few hundred images. A sample is a *copy*
   when its L2 distance to the nearest training image is STRICTLY below a threshold, the 1st
   percentile (configurable) of distances between two independent true renders of the same

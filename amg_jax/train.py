@@ -71,6 +71,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from amg_jax.checks import is_int
 from amg_jax.jsonio import json_safe, read_json, write_json
 from amg_jax.schedules import Schedule
 
@@ -95,10 +96,6 @@ RESUMABLE_FIELDS = ("steps", "checkpoint_every", "keep", "log_every")
 
 
 # ----------------------------------------------------------------------------- config and types
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
 def _is_real(v) -> bool:
@@ -139,11 +136,11 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("steps", "batch_size", "checkpoint_every", "keep", "log_every"):
             v = getattr(self, name)
-            if not _is_int(v) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ValueError(f"TrainConfig.{name} must be an integer >= 1, got {v!r}")
-        if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
+        if not is_int(self.warmup_steps) or self.warmup_steps < 0:
             raise ValueError(f"TrainConfig.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise ValueError(f"TrainConfig.seed must be an integer, got {self.seed!r}")
         if not _is_real(self.learning_rate) or not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"TrainConfig.learning_rate must be a finite number > 0, got {self.learning_rate!r}")
@@ -655,7 +652,7 @@ def train(model, images, cond, config: TrainConfig, workdir: str, *, schedule: S
     if getattr(model, "schedule", schedule) != schedule:
         raise ValueError(f"{where}: schedule {schedule} differs from the model's own {model.schedule} "
                          "(its eps_fn converts with that one)")
-    if stop_after is not None and (not _is_int(stop_after) or stop_after < 1):
+    if stop_after is not None and (not is_int(stop_after) or stop_after < 1):
         raise ValueError(f"{where}: stop_after must be an integer >= 1 or None, got {stop_after!r}")
     model_cfg = _check_model(model, where)
     x, conds, conditional = _check_data(images, cond, where)
@@ -848,7 +845,7 @@ def load_params(workdir: str, model, *, ema: bool = True, step: int | None = Non
                          f"(checkpoint -> this model): " + "; ".join(d))
     if step is None:
         step = steps[-1]
-    elif not _is_int(step) or step not in steps:
+    elif not is_int(step) or step not in steps:
         raise ValueError(f"{where}: no checkpoint at step {step!r}; the directory has steps {steps}")
     step = int(step)
     name = "ema_params" if ema else "params"

@@ -21,7 +21,8 @@ from amg_jax import metrics
 from amg_jax.data import testbed as tb
 from amg_jax.guidance import make_guidance
 from amg_jax.guidance.amg import make_amg
-from amg_jax.index import bank_from_testbed, build_bank
+from amg_jax.data.bank import bank_from_testbed
+from amg_jax.index import build_bank
 from amg_jax.models.empirical import empirical_denoiser
 from amg_jax.samplers import SamplerConfig, keys_from_seeds, sample
 from amg_jax.similarity.pixel import pixel_detector

@@ -29,7 +29,17 @@ def fast_compiles():
 def small_mixture():
     """(testbed, partial-memorizer Denoiser) on the demo's small testbed (16x16, 12 captions),
     shared by every module that needs a model which partly generalizes (a few seconds to fit)."""
-    from amg_jax import workbench
+    from amg_jax.apps.models import build_testbed, get_model
 
-    bed = workbench.build_testbed("small")
-    return bed, workbench.build_model("mixture", bed)
+    bed = build_testbed("small")
+    return bed, get_model("mixture").denoiser(bed)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_env(tmp_path_factory):
+    """The tiny Stable Diffusion set-up of ``tiny_sd.build_env`` (a random-weight SD, SSCD and a
+    bank written by the tests themselves), shared by tests/models/test_sd_amg.py and
+    tests/apps/test_sample.py."""
+    from tiny_sd import build_env
+
+    return build_env(tmp_path_factory.mktemp("sdg"))

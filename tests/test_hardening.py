@@ -6,8 +6,8 @@ the same files; 1 vs 4 devices the same samples).
 
 `amg sample` runs here on a stand-in for Stable Diffusion (the perfect memorizer of a tiny testbed
 behind the same loader functions): its batching, writing and resume logic is the same, at a
-fraction of the cost (the real model: tests/test_sd_guidance.py). Interrupted sweeps and training:
-tests/test_sweep.py, tests/test_train.py."""
+fraction of the cost (the real model: tests/apps/test_sample.py). Interrupted sweeps and training:
+tests/apps/test_sweep.py, tests/test_train.py."""
 import json
 import os
 import textwrap
@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from amg_jax import cli, index, index_build, sharding, sweep
+from amg_jax import cli, index, index_build, sharding
+from amg_jax.apps import runs, sweep
+from amg_jax.apps.sweep import backends as sweep_backends
 from amg_jax.data import testbed as tb
 from amg_jax.guidance import CFG
 from amg_jax.guidance.amg import make_amg
@@ -153,7 +155,8 @@ def sample_cmd(out, batch) -> list:
 
 
 class Calls:
-    """Wraps sharding.sample_sharded: counts calls, raises KeyboardInterrupt on call ``kill_at``."""
+    """Wraps sharding.sample_sharded (as ``runs.run_method`` calls it): counts calls, raises
+    KeyboardInterrupt on call ``kill_at``."""
 
     def __init__(self, kill_at=None):
         self.n, self.kill_at, self.real = 0, kill_at, sharding.sample_sharded
@@ -195,7 +198,7 @@ def test_interrupted_sample_keeps_finished_batches_and_resumes(full, fake_sd, tm
     batch, the first batch's images, trace and report are on disk; the re-run samples only the
     second batch and ends with the one-batch run's images; a third run has nothing to do."""
     out = tmp_path / "b4"
-    monkeypatch.setattr(sharding, "sample_sharded", Calls(kill_at=2))
+    monkeypatch.setattr(runs, "sample_sharded", Calls(kill_at=2))
     with pytest.raises(KeyboardInterrupt):
         cli.main(sample_cmd(out, 4))
     rep = json.loads((out / "samples.json").read_text())
@@ -205,7 +208,7 @@ def test_interrupted_sample_keeps_finished_batches_and_resumes(full, fake_sd, tm
     first = (out / "images" / "0000.png").stat().st_mtime_ns
     for expected_calls in (1, 0):
         calls = Calls()
-        monkeypatch.setattr(sharding, "sample_sharded", calls)
+        monkeypatch.setattr(runs, "sample_sharded", calls)
         assert cli.main(sample_cmd(out, 4)) == 0
         assert calls.n == expected_calls
         rep = json.loads((out / "samples.json").read_text())
@@ -215,7 +218,7 @@ def test_interrupted_sample_keeps_finished_batches_and_resumes(full, fake_sd, tm
         np.testing.assert_allclose(np.load(out / "trace.npz")["scale"], np.load(full / "trace.npz")["scale"])
     # other settings in the same folder start over
     calls = Calls()
-    monkeypatch.setattr(sharding, "sample_sharded", calls)
+    monkeypatch.setattr(runs, "sample_sharded", calls)
     assert cli.main(sample_cmd(out, 4)[:-4] + ["--batch", "3", "--out", str(out)]) == 0
     assert calls.n == 2 and np.abs(pngs(out) - pngs(full)).max() <= 1
 
@@ -299,8 +302,8 @@ def test_sweep_padded_chunks_on_4_devices_equal_1_device_and_repeat_exactly(tmp_
     x4b, m4b, csv4b = run("again")
     np.testing.assert_array_equal(x4b, x4)
     assert m4b == m4
-    real = sweep.sample_in_chunks
-    monkeypatch.setattr(sweep, "sample_in_chunks", lambda *a, **k: real(*a, **dict(k, sharded=False)))
+    real = sweep_backends.sample_in_chunks
+    monkeypatch.setattr(sweep_backends, "sample_in_chunks", lambda *a, **k: real(*a, **dict(k, sharded=False)))
     x1, m1, _ = run("one")
     chex.assert_shape(x1, (6, 16, 16, 3))
     np.testing.assert_allclose(x1, x4, atol=2e-3)             # float16 storage

@@ -5,8 +5,8 @@ and the commands work from any working directory (relative outputs land in the c
 checkpoints are found wherever the command runs).
 
 Argument errors already covered elsewhere are not repeated here (tests/test_cli.py: demo / eval,
-tests/test_index_build.py: index / convert, tests/test_sd_guidance.py: sample,
-tests/models/test_zoo.py: train, tests/test_sweep*.py: sweep configs)."""
+tests/test_index_build.py: index / convert, tests/apps/test_sample.py: sample,
+tests/models/test_zoo.py: train, tests/apps/test_sweep*.py: sweep configs)."""
 import os
 import subprocess
 import sys
@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from amg_jax import cli, workbench
+from amg_jax import cli
+from amg_jax.apps.models import checkpoints_dir
 from cli_checks import assert_clean_error, run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,7 +98,7 @@ BAD_ARGS = [
     (["convert", "onnx", "a", "b"], "argument WHAT: invalid choice: 'onnx'"),
     (["convert", "inception", "/no/such.pth", "o.npz"], "convert inception: '/no/such.pth' does not exist"),
     (["convert", "sscd", "garbage.bin", "afile/o.npz"], "dst 'afile/o.npz' cannot be created"),
-    # sweep (config contents: tests/test_sweep.py, tests/test_hardening_files.py)
+    # sweep (config contents: tests/apps/test_sweep.py, tests/test_hardening_files.py)
     (["sweep"], "the following arguments are required: config"),
     (["sweep", "imgs"], "sweep config imgs is a directory"),
     (["sweep", "nonutf.toml"], "sweep config nonutf.toml is not valid TOML"),
@@ -155,9 +156,9 @@ def test_relative_paths_land_in_the_cwd_and_checkpoints_resolve_anywhere(tmp_pat
     capsys.readouterr()
     code, err = run_cli(["eval", "--model", "unet-text", "--testbed", "small", "--out", "x"], capsys)
     assert_clean_error(code, err, "model 'unet-text' was trained on another testbed")   # found and loaded
-    assert workbench.checkpoints_dir() == os.path.join(ROOT, "checkpoints")
+    assert checkpoints_dir() == os.path.join(ROOT, "checkpoints")
     monkeypatch.setenv("AMG_CHECKPOINTS", "mine")
-    assert workbench.checkpoints_dir() == str(tmp_path / "mine")
+    assert checkpoints_dir() == str(tmp_path / "mine")
     assert not (tmp_path / "x").exists()
 
 

@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
-from amg_jax import workbench
+from amg_jax.apps.models import checkpoints_dir
 from amg_jax.index import build_bank, save_bank
 from amg_jax.similarity import sscd
 
@@ -87,7 +87,7 @@ def damaged_checkpoints(tmp_path_factory):
     out = {}
     for name, (damage, _) in DAMAGES.items():
         root = tmp_path_factory.mktemp("ckpt")
-        shutil.copytree(os.path.join(workbench.checkpoints_dir(), "text"), root / "text")
+        shutil.copytree(os.path.join(checkpoints_dir(), "text"), root / "text")
         damage(str(root / "text"))
         out[name] = str(root)
     return out

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from amg_jax import index
-from amg_jax.data import testbed as tb
 
 SHAPE = (4, 4, 3)
 M = 37                      # not a multiple of the 4 test devices: the sharded bank is padded
@@ -82,7 +81,7 @@ def test_k_is_clamped_and_lookup_maps_rows(banks):
 
 
 def test_gradient_is_direct_at_a_copy(banks):
-    """METHODS.md pitfall 1: the value is ||q - z|| computed directly, so d/dq at a near copy is
+    """README pitfall 1: the value is ||q - z|| computed directly, so d/dq at a near copy is
     the unit vector (q - z) / ||q - z||, and at an exact copy it is finite."""
     bank, _ = banks
     rows, _, q = _data()
@@ -169,7 +168,7 @@ def test_knn_scale_matches_bruteforce():
 
 
 def test_dedup_is_default_and_duplicates_shrink_knn_means():
-    """METHODS.md pitfall 2: exact duplicates put zero distances into the k-NN mean."""
+    """README pitfall 2: exact duplicates put zero distances into the k-NN mean."""
     rows, labels, _ = _data()
     uniq = rows[:12]
     dup = np.concatenate([uniq, uniq[[0, 0, 0, 0, 5]]])
@@ -196,21 +195,6 @@ def test_normalize_and_embedding_kind():
     assert bank.kind == "embedding" and bank.normalized and bank.sample_shape == (8,)
     with pytest.raises(ValueError, match="cannot normalise zero rows"):
         index.build_bank(np.zeros((2, 3)), normalize=True)
-
-
-def test_bank_from_testbed():
-    bed = tb.make_testbed(tb.TestbedConfig(
-        seed=1, image_size=16, shapes=("circle", "cross"), colours=("red", "blue"), backgrounds=("black", "gray"),
-        textures=("plain", "striped"), n_specific=6, n_duplicated=2, duplicate_count=6, n_generic=2,
-        generic_images=8))
-    bank = index.bank_from_testbed(bed)
-    src = np.asarray(bank.source_index)
-    np.testing.assert_array_equal(src, np.sort(bed.unique_index))          # first occurrences, in order
-    np.testing.assert_array_equal(np.asarray(bank.labels), bed.labels[src])
-    np.testing.assert_array_equal(np.asarray(bank.rows), bed.images[src].reshape(len(src), -1))
-    assert bank.sample_shape == bed.image_shape and bank.kind == "pixel"
-    assert bank.copy_threshold == pytest.approx(tb.calibrate_copy_threshold(bed, rng=0))   # the same call
-    assert index.bank_from_testbed(bed, calibrate=False).copy_threshold is None
 
 
 # ----------------------------------------------------------------------------- save / load

@@ -1,7 +1,7 @@
 """End-to-end mechanics on the testbed's perfect memorizer (the empirical denoiser).
 
 The empirical denoiser is the optimal denoiser of the training set, so every method ends
-on a training image (METHODS.md pitfall 8): these tests check that as a *property of the
+on a training image (README pitfall 8): these tests check that as a *property of the
 model*, plus the traced transitions of DTP and OG+DTP. Method differences are measured
 on the partial memorizer (tests/models/test_mixture.py, ``amg demo``).
 """

@@ -216,7 +216,7 @@ def test_tpu_notebook_writes_a_valid_sweep_config(params, tmp_path):
 def test_tpu_notebook_runs_shipped_configs_with_results_in_its_work_dir(tmp_path):
     """A shipped testbed config is copied with `out` pointing into WORK_DIR (same cells); an SD
     config (file paths relative to its folder) is used where it is."""
-    from amg_jax import sweep
+    from amg_jax.apps import sweep
 
     shipped = "experiments/configs/basin_text.toml"
     ns = _run_tpu_cells(WRITE_CELLS, WORK_DIR=str(tmp_path), REPO_ROOT=str(ROOT), CONFIG=shipped)

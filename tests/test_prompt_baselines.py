@@ -202,7 +202,7 @@ def test_errors():
 def test_amg_sample_gni_noise_is_per_row(monkeypatch):
     """`amg sample --baseline gni`: each (prompt, seed) row gets its own stream (fold_in(key(seed), i),
     as apply_baseline and the sweeps), so a row's noise does not depend on how many prompts there are."""
-    from amg_jax import sd_guidance as sg
+    from amg_jax.apps import sample as sg
 
     def fake_encode(sd, prompts, batch=64):
         return jnp.stack([jnp.full((3, 4), float(len(p))) for p in prompts])

@@ -387,8 +387,8 @@ def github_anchor(heading: str) -> str:
 
 MODULES = ("amg_jax", "amg_jax.samplers", "amg_jax.guidance", "amg_jax.guidance.base", "amg_jax.guidance.cfg",
            "amg_jax.guidance.amg", "amg_jax.index", "amg_jax.similarity", "amg_jax.similarity.pixel",
-           "amg_jax.metrics", "amg_jax.sharding", "amg_jax.sd_guidance", "amg_jax.models.stable_diffusion",
-           "amg_jax.models.zoo")
+           "amg_jax.metrics", "amg_jax.sharding", "amg_jax.models.sd_amg", "amg_jax.apps.sample",
+           "amg_jax.models.stable_diffusion", "amg_jax.models.zoo")
 ARRAY_TYPES = ("Array", "ndarray", "ArrayLike")
 # parameters that hold arrays (or pytrees of them) whatever their annotation says
 ARRAY_PARAMS = {"x", "y", "x_t", "x0", "x0_hat", "x_T", "eps", "eps_u", "eps_c", "images", "train", "ref",

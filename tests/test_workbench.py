@@ -224,7 +224,8 @@ def test_one_set_of_amg_defaults_per_model(monkeypatch, tmp_path):
     copying (it copied 100%: only `amg demo` set the perfect memorizer's cheap gradient, c3 1e4)."""
     import dataclasses
 
-    from amg_jax import evaluate, sweep
+    from amg_jax import evaluate
+    from amg_jax.apps import sweep
     from amg_jax.guidance.amg import AMGConfig
 
     assert workbench.model_amg("empirical") == {"gradient": "cheap", "c3": 10000.0}

@@ -37,7 +37,7 @@ The attribute prior is uniform and independent over each attribute's vocabulary,
 true distribution of a caption is uniform over the full combinations consistent with it
 (``full_captions``), times the nuisance distribution. ``fresh_renders`` samples it.
 
-**Copy criterion** (DESIGN.md, "Copy criterion on a small data set"). Carlini's nL2 < 1.4
+**Copy criterion** (README, "Design notes": the copy criterion). Carlini's nL2 < 1.4
 fires on most *correct* fresh renders of a training caption here, because a few hundred
 images are far apart in pixel space (the k-NN mean is large) while the render of a
 specific caption is close to that caption's training image. ``calibrate_copy_threshold``

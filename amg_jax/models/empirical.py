@@ -10,7 +10,7 @@ with ``x0`` drawn uniformly from the set, the MMSE estimate of ``x0`` is::
 (``temperature = 1`` is the exact posterior; larger values flatten it.) Conditioned on a
 label ``c``, the softmax runs only over images with ``label == c``; ``c = -1`` is the
 unconditional model (all images). Sampling with it ends on a training image, so it tests
-mechanics only (METHODS.md pitfall 8).
+mechanics only (README pitfall 8).
 
 Numerics: the logits use the expanded form with ``|x_t|^2`` dropped (constant per row) and
 the images centred on their mean (smaller magnitudes, less float32 cancellation); the

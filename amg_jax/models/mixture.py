@@ -18,7 +18,7 @@ For a condition (caption id) ``c`` the model density of a clean sample is::
   stripes in the background and per-pixel speckle at shape edges (the variance it cannot
   explain lands in ``d_k``, which samples as independent pixel noise), while a per-component
   basis of rank 12 gives clean, render-like samples. (One pooled covariance for everything is
-  worse still: ghost shapes in every quadrant, DESIGN.md.)
+  worse still: ghost shapes in every quadrant, measured when the testbed was designed.)
 - ``X_i`` are the (deduplicated) training images, point masses with weights ``w_{c,i}``.
 
 The unconditional model (``cond = -1``) is the mixture of all conditions weighted by their
@@ -81,6 +81,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from amg_jax.data import testbed as tb
 from amg_jax.models.base import Denoiser
 from amg_jax.schedules import Schedule
 
@@ -520,13 +521,11 @@ def memorization_mass(testbed, *, memorize_logit: float = -3.5, duplication_gain
                       specificity_gain: float = 2.3) -> np.ndarray:
     """[C] m_c = sigmoid(memorize_logit + duplication_gain * log(n_c) + specificity_gain * spec_c),
     n_c = mean number of training copies of caption c's images, spec_c = ``specificity``."""
-    from amg_jax.data.testbed import specificity
-
     counts = testbed.duplicate_counts.astype(np.float64)                     # [U]
     ulab = testbed.unique_labels
     c = testbed.num_captions
     n_c = np.bincount(ulab, weights=counts, minlength=c) / np.maximum(np.bincount(ulab, minlength=c), 1)
-    z = memorize_logit + duplication_gain * np.log(np.maximum(n_c, 1.0)) + specificity_gain * specificity(testbed)
+    z = memorize_logit + duplication_gain * np.log(np.maximum(n_c, 1.0)) + specificity_gain * tb.specificity(testbed)
     return 1.0 / (1.0 + np.exp(-z))
 
 
@@ -549,8 +548,6 @@ def fit_mixture(testbed, *, rank: int = 12, per_component: bool = True, renders_
     ``num_conditions`` = number of captions, ``condition_names`` = captions, ``null_cond`` = -1.
     Takes ~15 s on 2 CPU cores at the default testbed (477 components, 23k renders).
     """
-    from amg_jax.data import testbed as tb
-
     if not isinstance(testbed, tb.Testbed):
         raise ValueError(f"fit_mixture: expected a Testbed, got {type(testbed).__name__}")
     if not isinstance(renders_per_component, (int, np.integer)) or renders_per_component < 2:

@@ -27,12 +27,16 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from amg_jax.data import testbed as tb
+from amg_jax.data.bank import bank_from_testbed
+from amg_jax.index import load_bank, save_bank
 from amg_jax.jsonio import read_json, write_json
 from amg_jax.models.base import Denoiser
 from amg_jax.models.text import CaptionTokenizer
 from amg_jax.models.unet import UNetConfig, UNetModel, unet_denoiser
+from amg_jax.train import train
 
 KINDS = ("text", "class", "uncond")
 CARD = "card.json"
@@ -78,8 +82,6 @@ def build_model(bed: tb.Testbed, kind: str, *, name: str | None = None, **unet) 
 
 def reference_bank(bed: tb.Testbed, kind: str, *, rng=0):
     """The pixel bank of the training images with this kind's labels and the calibrated copy distance."""
-    from amg_jax.index import bank_from_testbed
-
     return bank_from_testbed(bed, labels=training_data(bed, kind)[1], rng=rng)
 
 
@@ -87,8 +89,6 @@ def train_model(kind: str, workdir: str, config, *, testbed: tb.TestbedConfig | 
                 echo=print, stop_after: int | None = None, **unet):
     """Train ``kind`` on the testbed (``testbed`` config, default ``TestbedConfig()``) in ``workdir``
     (resumes there). Returns (model, ``TrainResult``, bed)."""
-    from amg_jax.train import train
-
     bed = tb.make_testbed(testbed or tb.TestbedConfig())
     model = build_model(bed, kind, **unet)
     images, cond, _ = training_data(bed, kind)
@@ -99,10 +99,6 @@ def train_model(kind: str, workdir: str, config, *, testbed: tb.TestbedConfig | 
 def export_model(out: str, kind: str, model: UNetModel, params, bed: tb.Testbed, *, train_config=None,
                  train_seconds: float | None = None, extra: dict | None = None) -> str:
     """Write the shipped directory ``out`` (card, EMA params, bank); replaces an existing one."""
-    import orbax.checkpoint as ocp
-
-    from amg_jax.index import save_bank
-
     out = os.path.abspath(out)
     tmp = out + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -168,10 +164,6 @@ def load_model(path: str) -> LoadedModel:
     card, params that do not match the card's UNet config (another model's params), or a
     truncated / unreadable params checkpoint, naming the file.
     """
-    import orbax.checkpoint as ocp
-
-    from amg_jax.index import load_bank
-
     path = os.path.abspath(path)
     card = read_card(path)
     try:

@@ -92,7 +92,7 @@ def through_decoder(decode_fn: Callable, embed_fn: Callable, remat: bool = True)
 
     ``remat`` wraps the decoder + embedder in ``jax.checkpoint``: ``G_sim`` differentiates
     through both, and without it the backward pass keeps every activation of the VAE decoder at
-    full image resolution alive (DESIGN.md, performance rules). Cached: the same
+    full image resolution alive (README, "Design notes": performance rules). Cached: the same
     ``(decode_fn, embed_fn, remat)`` gives the same function object, so jit caches hit."""
     def decoded(params, z):
         dec_params, emb_params = params

@@ -3,7 +3,7 @@
 Everything here is pure JAX, batched over the leading axis, jit-able, and differentiable in
 the query ``x`` (the reference set is a constant).
 
-Two rules from METHODS.md ("Pitfalls measured on a closed-form memorizer"):
+Two rules from the README ("The methods", "Pitfalls"):
 
 1. Neighbours are *chosen* with the expanded form ``|x|^2 - 2 x.z + |z|^2`` (one matmul +
    ``lax.top_k``), but every distance that is *returned* (and differentiated) is computed
@@ -32,7 +32,7 @@ Gradients: ``||x - z||`` has a kink at ``x == z``; in ``knn`` / ``nl2`` the grad
 defined as 0 (finite, never NaN). Next to a copy the gradient of nL2 is nonzero and points
 away from ``n0``. The detector (``PixelDetector``, kind "nl2") gives an *exact* copy a nonzero
 gradient as well: at ``x0_hat == n0`` the numerator's derivative is the unit vector from the
-mean of n0's other k-NN rows to n0 (one of the equally steep ways out of the kink; METHODS.md
+mean of n0's other k-NN rows to n0 (one of the equally steep ways out of the kink; README
 pitfalls 1 and 6), so ``|grad sigma| = 1 / (alpha * kNN mean)`` there too.
 
 The detector works over an ``amg_jax.index.ReferenceBank`` (possibly sharded over devices);
@@ -49,7 +49,7 @@ import numpy as np
 from flax import struct
 
 from amg_jax import index as _index
-from amg_jax.jsonio import unknown_fields
+from amg_jax.checks import unknown_fields
 from amg_jax.index import ReferenceBank, build_bank, flatten, safe_norm, squared_norms  # noqa: F401  (re-exported)
 from amg_jax.similarity.base import Detection
 
@@ -235,7 +235,7 @@ class PixelDetectorConfig:
             object.__setattr__(self, "thresholds", (float(t[0]), float(t[1])))
 
     def sigma_range(self) -> tuple[float, float]:
-        """The interval sigma lies in (for validating gate thresholds, METHODS.md pitfall 3)."""
+        """The interval sigma lies in (for validating gate thresholds, README pitfall 3)."""
         return (-1.0 / float(self.alpha), 0.0) if self.kind == "nl2" else (-1.0, 1.0)
 
 
@@ -277,7 +277,7 @@ class PixelDetector:
         steps of samples that were never going to copy (their nL2 stays near 1.0-1.3 on this
         small set), which costs quality; -0.8 to -1.0 (here c = 0.61) copies as little at
         2-3% gate-open. nl2 without calibration: (-1.6, -1.4) (a blurry early x0_hat, nL2 ~
-        1.7-1.9, keeps the gate shut; Carlini's nL2 < 1.4 at the end; METHODS.md pitfall 3).
+        1.7-1.9, keeps the gate shut; Carlini's nL2 < 1.4 at the end; README pitfall 3).
         cosine: none (set them in the AMG config).
         """
         if self.config.thresholds is not None:
@@ -334,7 +334,7 @@ def pixel_detector(reference, labels=None, *, config: PixelDetectorConfig | None
                    dedup: bool | None = None, copy_threshold: float | None = None, **overrides) -> PixelDetector:
     """A pixel detector over ``reference``: a pixel ``ReferenceBank`` (possibly sharded), or an
     image array ``[M, ...]`` from which one is built (``build_bank(reference, labels, dedup=dedup,
-    copy_threshold=copy_threshold)``; dedup on unless ``dedup=False``, METHODS.md pitfall 2).
+    copy_threshold=copy_threshold)``; dedup on unless ``dedup=False``, README pitfall 2).
 
     ``pixel_detector(train_images, labels)`` is the nL2 detector (k=50, alpha=0.5);
     ``pixel_detector(train_images, kind="cosine")`` the pixel-cosine one; ``overrides`` are

@@ -364,7 +364,7 @@ def test_unconditional_model_with_dissimilarity_alone(memorizer):
 # ----------------------------------------------------------------------------- partial memorizer
 
 def test_default_full_gradient_frees_duplicated_prompts_where_the_cheap_one_does_not():
-    """METHODS.md pitfall 5 on the small testbed's partial memorizer (the default gradient is
+    """README pitfall 5 on the small testbed's partial memorizer (the default gradient is
     chosen from this measurement): CFG copies every duplicated-prompt sample; AMG's default
     (full gradient) frees almost all; the cheap gradient at the same c3 frees none."""
     from amg_jax.workbench import build_model, build_testbed, method_guidance

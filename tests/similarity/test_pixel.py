@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from amg_jax import index
+from amg_jax.data.bank import bank_from_testbed
 from amg_jax.data import testbed as tb
 from amg_jax.similarity import pixel
 from amg_jax.similarity.base import Detection
@@ -213,7 +214,7 @@ def test_detector_nl2_and_cosine():
 
 
 def test_detector_gradient_at_exact_and_near_copy():
-    """METHODS.md pitfalls 1 and 6: grad sigma is finite and nonzero at x0_hat == n0 exactly and
+    """README pitfalls 1 and 6: grad sigma is finite and nonzero at x0_hat == n0 exactly and
     next to it, with |grad sigma| = 1 / (alpha * kNN mean), and a step down it lowers sigma."""
     ref, _, _, _ = _data()
     det = pixel.pixel_detector(ref)
@@ -238,7 +239,7 @@ def test_detector_gradient_at_exact_and_near_copy():
 
 
 def test_detector_dedup_keeps_knn_mean_of_duplicated_image():
-    """METHODS.md pitfall 2 through the detector: with the default dedup the k-NN mean of a
+    """README pitfall 2 through the detector: with the default dedup the k-NN mean of a
     duplicated training image stays positive; without it, its copies zero most of it."""
     _, _, uniq, dup = _data()
     q = jnp.asarray(uniq[[0, 5]])                     # image 0 has 4 copies in `dup`, image 5 one
@@ -262,7 +263,7 @@ def test_detector_labels_on_testbed(small_bed):
     """The neighbour's caption comes back as ``label`` (caption deduplication's y_N), for the
     nl2 and cosine detectors, unsharded and sharded (equal results, gradients included)."""
     bed = small_bed
-    bank = index.bank_from_testbed(bed)
+    bank = bank_from_testbed(bed)
     rng = np.random.default_rng(5)
     x = jnp.asarray(bed.images + 1e-3 * rng.normal(size=bed.images.shape).astype(np.float32))
     near = bed.unique_index[bed.source]                           # first occurrence of each image

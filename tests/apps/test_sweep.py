@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from amg_jax import sweep, workbench
+from amg_jax import workbench
+from amg_jax.apps import sweep
+from amg_jax.apps.sweep import backends as sweep_backends, config as sweep_config
 
 # Tiny and fast: the empirical model on the small testbed, 1 prompt of 2 kinds x 2 seeds, 3 steps.
 SWEEP = """\
@@ -57,11 +59,11 @@ def read_rows(out, drop=("seconds",)) -> list:
 
 
 class Counter:
-    """Wraps sweep.sample_in_chunks: counts calls, optionally raises on call number ``fail_at``."""
+    """Wraps sweep_backends.sample_in_chunks: counts calls, optionally raises on call number ``fail_at``."""
 
     def __init__(self, fail_at=None, exc=KeyboardInterrupt):
         self.calls, self.fail_at, self.exc = 0, fail_at, exc
-        self.real = sweep.sample_in_chunks
+        self.real = sweep_backends.sample_in_chunks
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
@@ -83,7 +85,7 @@ def done(tmp_path_factory):
 # ----------------------------------------------------------------------------- config
 
 def test_config_grid_cells_ids_and_defaults(tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep, "BASELINE_MODELS", ("empirical",))
+    monkeypatch.setattr(sweep_config, "BASELINE_MODELS", ("empirical",))
     path = write_config(tmp_path / "cfg", SWEEP.format(out="../res") + """
         [[method]]
         name = "AMG main"
@@ -226,7 +228,7 @@ def test_resume_after_a_kill_recomputes_only_unfinished_cells(done, tmp_path, mo
     path = write_config(tmp_path, SWEEP.format(out="out") + METHODS)
     out = str(tmp_path / "out")
     killer = Counter(fail_at=2)                           # "killed" while sampling the second cell
-    monkeypatch.setattr(sweep, "sample_in_chunks", killer)
+    monkeypatch.setattr(sweep_backends, "sample_in_chunks", killer)
     with pytest.raises(KeyboardInterrupt):
         sweep.main(path, progress=False, echo=lambda *a: None)
     assert sorted(os.listdir(os.path.join(out, "cells"))) == ["CFG__scale=1.5.json", "CFG__scale=1.5.npz"]
@@ -234,7 +236,7 @@ def test_resume_after_a_kill_recomputes_only_unfinished_cells(done, tmp_path, mo
     first = os.path.join(out, "cells", "CFG__scale=1.5.json")
     stamp = os.stat(first).st_mtime_ns
     counter = Counter()
-    monkeypatch.setattr(sweep, "sample_in_chunks", counter)
+    monkeypatch.setattr(sweep_backends, "sample_in_chunks", counter)
     lines = []
     sweep.main(path, progress=False, echo=lines.append)
     assert counter.calls == 2                             # the finished cell was not sampled again
@@ -256,7 +258,7 @@ def test_changed_config_reruns_changed_and_stale_cells_only(done, tmp_path, monk
     stamp = os.stat(kept).st_mtime_ns
     path = write_config(tmp_path, SWEEP.format(out="out") + METHODS.replace("[1.5, 3.0]", "[1.5, 2.0]"))
     counter = Counter()
-    monkeypatch.setattr(sweep, "sample_in_chunks", counter)
+    monkeypatch.setattr(sweep_backends, "sample_in_chunks", counter)
     lines = []
     table = sweep.main(path, progress=False, echo=lines.append)
     assert counter.calls == 2                             # CFG 2.0 (new) and AMG (stale)
@@ -285,7 +287,7 @@ def test_a_finished_sweep_rebuilds_its_results_from_the_cell_files(done, tmp_pat
 
     for name in ("build_model", "prepare_bench", "build_testbed"):
         monkeypatch.setattr(workbench, name, nothing)
-    monkeypatch.setattr(sweep, "sample_in_chunks", nothing)
+    monkeypatch.setattr(sweep_backends, "sample_in_chunks", nothing)
     table = sweep.main(path, progress=False, echo=lambda *a: None)
     assert read_rows(out, drop=()) == read_rows(full_out, drop=())
     assert len(table["rows"]) == 9
@@ -296,7 +298,7 @@ def test_a_finished_sweep_rebuilds_its_results_from_the_cell_files(done, tmp_pat
 
 def test_a_failing_cell_does_not_stop_the_others(tmp_path, monkeypatch):
     path = write_config(tmp_path, SWEEP.format(out="out") + METHODS.split("[[method]]\nname = \"AMG\"")[0])
-    monkeypatch.setattr(sweep, "sample_in_chunks", Counter(fail_at=1, exc=RuntimeError))
+    monkeypatch.setattr(sweep_backends, "sample_in_chunks", Counter(fail_at=1, exc=RuntimeError))
     with pytest.raises(sweep.SweepError, match="1 of 2 cells failed.*CFG__scale=1.5: RuntimeError") as e:
         sweep.main(path, progress=False, echo=lambda *a: None)
     assert list(e.value.failures) == ["CFG__scale=1.5"]
@@ -324,7 +326,7 @@ def test_only_process_zero_writes(tmp_path, monkeypatch):
 
 
 def test_baseline_cells_use_workbench_baseline_conditions(tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep, "BASELINE_MODELS", ("unet-text", "empirical"))   # the fake below serves it
+    monkeypatch.setattr(sweep_config, "BASELINE_MODELS", ("unet-text", "empirical"))   # the fake below serves it
     path = write_config(tmp_path, SWEEP.format(out="out") + """
         [[method]]
         name = "RNA"
@@ -392,14 +394,15 @@ def test_cli_sweep_rejects_a_bad_config_before_any_work(tmp_path, capsys):
                                   "basin_text", "basin_class", "combo"])
 def test_shipped_testbed_configs_are_valid(name):
     """The committed experiment configs load (every key, grid and method checked)."""
-    root = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs")
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "experiments", "configs")
     cfg = sweep.load_config(os.path.join(root, name + ".toml"))
     assert cfg.cells and cfg.out.endswith(os.path.join("results", "sweeps", name))
 
 
 # ----------------------------------------------------------------------------- JSON files and fingerprints
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "configs")
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "experiments",
+                       "configs")
 
 
 def strict_json(path):
@@ -426,7 +429,7 @@ def test_undefined_metrics_are_null_in_every_file_and_a_resume_reads_them(tmp_pa
     md, rows = (out / "results.md").read_text(), read_rows(out)
     assert "| - / - |" in md and rows[0]["fd"] == ""
     counter = Counter()
-    monkeypatch.setattr(sweep, "sample_in_chunks", counter)
+    monkeypatch.setattr(sweep_backends, "sample_in_chunks", counter)
     lines = []
     sweep.main(path, progress=False, echo=lines.append)
     assert counter.calls == 0 and any("CFG: done before, skipped" in line for line in lines)

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from amg_jax import sharding, sweep
+from amg_jax import sharding
+from amg_jax.apps import sweep
+from amg_jax.apps.sweep import runner as sweep_runner
 from amg_jax.index import build_bank, save_bank
 from amg_jax.models import stable_diffusion as sdm
 from amg_jax.similarity import clip, inception, sscd
@@ -21,7 +23,8 @@ from amg_jax.similarity import clip, inception, sscd
 STEPS = 3
 PROMPTS = [{"prompt": "a red cube", "kind": "memorized"}, {"prompt": "a blue sphere", "kind": "generic"}]
 SSCD_CFG = sscd.SSCDConfig(stage_sizes=(1, 1), width=4, embed_dim=8, image_size=32)
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "configs")
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "experiments",
+                       "configs")
 # AMG with its gate always open (SSCD cosines of a random tiny SSCD are all near 1), the cheap gradient
 AMG = 'amg = { c3 = 5000.0, lambda_min = -0.5, lambda_max = -0.5, gradient = "cheap" }'
 METHODS = f"""
@@ -254,7 +257,7 @@ def test_malformed_sd_configs_name_the_key_and_write_nothing(env, tmp_path, monk
     keys = {k: (q(files[v[1:-1]]) if isinstance(v, str) and v.startswith("{") and not v.startswith("{ ") else v)
             for k, v in keys.items()}
     path = write(tmp_path / "sweep.toml", sweep_text(env, "out", extra=extra, **keys))
-    monkeypatch.setattr(sweep, "make_backend", lambda *a, **k: pytest.fail("no backend for a bad config"))
+    monkeypatch.setattr(sweep_runner, "make_backend", lambda *a, **k: pytest.fail("no backend for a bad config"))
     with pytest.raises(ValueError) as e:
         sweep.main(path, progress=False, echo=lambda *a: None)
     assert message in str(e.value), str(e.value)
