@@ -138,15 +138,11 @@ class ModelSpec:
     make_bank: Callable[[Any, tb.Testbed], Any] = dataclasses.field(repr=False)
     checkpoint: str | None = None     # the trained model's folder under ``checkpoints_dir()``
     testbed: str = "default"          # the testbed ``--testbed auto`` picks for it
+    has_text_encoder: bool = False    # a prompt baseline (``prompt_baselines``) needs one to mitigate
 
     @property
     def trained(self) -> bool:
         return self.checkpoint is not None
-
-    @property
-    def has_text_encoder(self) -> bool:
-        """A prompt baseline (``prompt_baselines``) needs a text encoder to mitigate."""
-        return self.trained and self.conditioning == "text"
 
     @property
     def path(self) -> str:
@@ -260,7 +256,7 @@ for _name, _cond, _amg in (("unet-text", "text", (("c3", 1.0),)), ("unet-class",
                            ("unet-uncond", "uncond", (("c3", 1.0),) + _G_SIM_ONLY)):
     register_model(ModelSpec(name=_name, conditioning=_cond, base="none" if _cond == "uncond" else "cfg",
                              detector="nl2-bank", amg=_amg, build=_trained_denoiser, make_bank=_trained_bank,
-                             checkpoint=_cond, testbed="unet"))
+                             checkpoint=_cond, testbed="unet", has_text_encoder=_cond == "text"))
 register_model(ModelSpec(name="empirical", conditioning="text", base="cfg", detector="nl2",
                          amg=(("gradient", "cheap"), ("c3", 10000.0)), build=_empirical, make_bank=_testbed_bank))
 register_model(ModelSpec(name="mixture", conditioning="text", base="cfg", detector="nl2", amg=(),

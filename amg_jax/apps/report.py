@@ -5,6 +5,8 @@ import os
 
 import numpy as np
 
+from amg_jax.jsonio import write_atomic
+
 METHOD_LABELS = {"none": "unguided", "cfg": "CFG", "stp": "STP", "dtp": "DTP", "og": "OG", "og_dtp": "OG+DTP",
                  "amg": "AMG"}
 
@@ -25,12 +27,10 @@ def pyplot():
 
 
 def savefig(fig, path: str) -> str:
-    """Write ``fig`` to ``path`` atomically (a temporary file renamed), close it; returns ``path``."""
+    """Write ``fig`` to ``path`` as a PNG atomically (``jsonio.write_atomic``), close it; returns ``path``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
+    write_atomic(path, lambda f: fig.savefig(f, format="png"), binary=True)
     pyplot().close(fig)
-    os.replace(tmp, path)
     return path
 
 

@@ -84,7 +84,8 @@ def _rows(cond, idx: np.ndarray):
 
 
 def run_method(denoiser, guidance, sampler, keys, cond, *, batch: int | None = None, sharded: bool = False,
-               decode: Callable | None = None, per_batch: Callable | None = None, on_batch: Callable | None = None,
+               decode: Callable | None = None, store: Callable | None = None, per_batch: Callable | None = None,
+               on_batch: Callable | None = None,
                start: int = 0, kinds: np.ndarray | None = None, measure: Callable | None = None,
                label: str = "", nonfinite: str = "clipped to [-1e3, 1e3] for the metrics", echo=print) -> Run:
     """Sample ``guidance`` on ``denoiser`` for ``keys`` [B] and measure the result.
@@ -95,7 +96,10 @@ def run_method(denoiser, guidance, sampler, keys, cond, *, batch: int | None = N
                batch-level gate skips its gradient for a chunk whose samples are all far from the
                training set. ``sharded``: each call's seeds are split over all devices.
     decode:    ``x0 -> x`` per chunk (e.g. the VAE: latents -> pixels), on the devices.
-    per_batch: ``(x [b, ...], index [b]) -> {name: [b, ...]}`` per chunk (measured as it comes).
+    store:     ``x -> what is kept`` per chunk, after the finiteness check (e.g. uint8 images:
+               full-resolution float pixels of thousands of samples do not fit in memory).
+    per_batch: ``(x [chunk, ...], index [chunk]) -> {name: [chunk, ...]}`` per chunk (measured as it
+               comes; the last chunk padded with its last sample, the padding cut from the result).
     on_batch:  ``(lo, x [b, ...], trace {name: [b, N]}, extra) -> None`` after each chunk (files).
     start:     the first sample to draw (a resumed run: samples before it were done before).
     kinds:     [B] the prompt kind of each sample, for the summaries; ``measure(run) -> {kind:
@@ -116,20 +120,25 @@ def run_method(denoiser, guidance, sampler, keys, cond, *, batch: int | None = N
             ks, cs = keys[idx], _rows(cond, idx)
         t0 = time.time()
         res = draw(denoiser, guidance, sampler, ks, cs)
-        x = np.asarray(res.x0 if decode is None else decode(res.x0))[:n]
+        x = np.asarray(res.x0 if decode is None else decode(res.x0))   # [chunk, ...] with the padding
         seconds += time.time() - t0
+        fin = (np.isfinite(x[:n].reshape(n, -1)).all(axis=1) if np.issubdtype(x.dtype, np.floating)
+               else np.ones(n, bool))
+        x = x if store is None else np.asarray(store(x))
+        # per_batch sees the padded chunk (one shape for every chunk: one compilation of what it runs)
+        extra = {k: np.asarray(v)[:n] for k, v in (per_batch(x, idx) if per_batch else {}).items()}
+        x = x[:n]
         trace = {k: np.asarray(v)[:n] for k, v in res.trace.items()}
-        extra = {k: np.asarray(v)[:n] for k, v in (per_batch(x, idx[:n]) if per_batch else {}).items()}
         if on_batch is not None:
             on_batch(lo, x, trace, extra)
-        parts.append((x, trace, extra))
+        parts.append((x, trace, extra, fin))
     if not parts:                                                   # every sample was done before
         return Run(np.zeros((0,)), {}, np.zeros(0, bool), 0.0, {}, None)
     cat = lambda *xs: np.concatenate(xs, axis=0)  # noqa: E731
     x = cat(*[p[0] for p in parts])
     trace = {k: cat(*[p[1][k] for p in parts]) for k in parts[0][1]}
     extra = {k: cat(*[p[2][k] for p in parts]) for k in parts[0][2]}
-    finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    finite = cat(*[p[3] for p in parts])
     if not finite.all():
         echo(f"warning: {label}: {int((~finite).sum())} samples are not finite; {nonfinite}")
     run = Run(x, trace, finite, seconds, extra, None)

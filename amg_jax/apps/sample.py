@@ -159,7 +159,7 @@ def run_sample(run: SampleRun, *, progress: bool = True, echo=print) -> dict:
 
     # decode gathers the sharded latents itself; the stored uint8 image is what is kept
     run_method(den, guidance, sampler, keys_from_seeds(seeds), cond, batch=run.batch, sharded=True,
-               decode=lambda z: to_uint8(np.asarray(den.decode(z))), on_batch=write, start=len(records),
+               decode=lambda z: np.asarray(den.decode(z)), store=to_uint8, on_batch=write, start=len(records),
                label=f"sample {run.method}", nonfinite="stored as they decode", echo=echo)
     if state["report"] is None:          # every batch was done before
         state["report"] = _write_outputs(run, traces, records, seconds, done=True)

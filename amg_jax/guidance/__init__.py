@@ -18,16 +18,9 @@ from amg_jax.guidance.cfg import (
     first_strict_local_min,
     guided,
 )
-from amg_jax.jsonio import unknown_fields
+from amg_jax.checks import unknown_fields
+from amg_jax.guidance.registry import GUIDANCES, METHODS, build_method, get_method, register_method
 
-GUIDANCES = {
-    "none": Unguided,
-    "cfg": CFG,
-    "stp": StaticTransition,
-    "dtp": DynamicTransition,
-    "og": OppositeGuidance,
-    "og_dtp": OppositeDynamic,
-}
 ALIASES = {"unguided": "none", "delayed_cfg": "stp", "static": "stp", "dynamic": "dtp",
            "opposite": "og", "og+dtp": "og_dtp"}
 
@@ -53,5 +46,5 @@ def make_guidance(name: str, **fields):
 __all__ = [
     "AMG", "AMGConfig", "make_amg", "CFG", "DynamicTransition", "GUIDANCES", "Guidance", "OppositeDynamic", "OppositeGuidance",
     "StaticTransition", "StepContext", "Unguided", "eps_uncond_cond", "first_strict_local_min",
-    "guided", "make_guidance", "x0_from_eps",
+    "guided", "make_guidance", "x0_from_eps", "METHODS", "build_method", "get_method", "register_method",
 ]

@@ -8,7 +8,7 @@ import pytest
 
 from amg_jax.apps import models
 from amg_jax.apps.models import (baseline_conditions, build_testbed, caption_conditions, get_model, make_detector,
-                                 resolve_testbed, testbed_config)
+                                 resolve_testbed)
 from amg_jax.data import testbed as tb
 from amg_jax.evaluation.protocol import prepare_bench
 from amg_jax.guidance import build_method
@@ -19,10 +19,10 @@ def test_testbed_names_and_auto():
     assert resolve_testbed("auto", ["unet-text"]) == "unet"
     assert resolve_testbed("auto", ["mixture"]) == "default"
     assert resolve_testbed("small", ["unet-text"]) == "small"
-    assert testbed_config("unet").image_size == 16
-    assert testbed_config("unet").n_specific == tb.TestbedConfig().n_specific
+    assert models.testbed_config("unet").image_size == 16
+    assert models.testbed_config("unet").n_specific == tb.TestbedConfig().n_specific
     with pytest.raises(ValueError, match="unknown testbed 'huge'"):
-        testbed_config("huge")
+        models.testbed_config("huge")
 
 
 def test_model_base_and_detector_defaults():

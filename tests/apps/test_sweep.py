@@ -2,6 +2,7 @@
 sweep on the perfect memorizer writing every output, resume after a kill, changed / stale cells,
 rebuilding the results from the cell files alone, baselines, and process-0-only writing."""
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -13,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from amg_jax import workbench
+from amg_jax.apps import models
 from amg_jax.apps import sweep
-from amg_jax.apps.sweep import backends as sweep_backends, config as sweep_config
+from amg_jax.apps.sweep import backends as sweep_backends
 
 # Tiny and fast: the empirical model on the small testbed, 1 prompt of 2 kinds x 2 seeds, 3 steps.
 SWEEP = """\
@@ -59,11 +60,11 @@ def read_rows(out, drop=("seconds",)) -> list:
 
 
 class Counter:
-    """Wraps sweep_backends.sample_in_chunks: counts calls, optionally raises on call number ``fail_at``."""
+    """Wraps sweep_backends.run_method: counts calls, optionally raises on call number ``fail_at``."""
 
     def __init__(self, fail_at=None, exc=KeyboardInterrupt):
         self.calls, self.fail_at, self.exc = 0, fail_at, exc
-        self.real = sweep_backends.sample_in_chunks
+        self.real = sweep_backends.run_method
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
@@ -85,7 +86,8 @@ def done(tmp_path_factory):
 # ----------------------------------------------------------------------------- config
 
 def test_config_grid_cells_ids_and_defaults(tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep_config, "BASELINE_MODELS", ("empirical",))
+    monkeypatch.setitem(models._MODELS, "empirical", dataclasses.replace(models.get_model("empirical"),
+                                                                         has_text_encoder=True))
     path = write_config(tmp_path / "cfg", SWEEP.format(out="../res") + """
         [[method]]
         name = "AMG main"
@@ -228,7 +230,7 @@ def test_resume_after_a_kill_recomputes_only_unfinished_cells(done, tmp_path, mo
     path = write_config(tmp_path, SWEEP.format(out="out") + METHODS)
     out = str(tmp_path / "out")
     killer = Counter(fail_at=2)                           # "killed" while sampling the second cell
-    monkeypatch.setattr(sweep_backends, "sample_in_chunks", killer)
+    monkeypatch.setattr(sweep_backends, "run_method", killer)
     with pytest.raises(KeyboardInterrupt):
         sweep.main(path, progress=False, echo=lambda *a: None)
     assert sorted(os.listdir(os.path.join(out, "cells"))) == ["CFG__scale=1.5.json", "CFG__scale=1.5.npz"]
@@ -236,7 +238,7 @@ def test_resume_after_a_kill_recomputes_only_unfinished_cells(done, tmp_path, mo
     first = os.path.join(out, "cells", "CFG__scale=1.5.json")
     stamp = os.stat(first).st_mtime_ns
     counter = Counter()
-    monkeypatch.setattr(sweep_backends, "sample_in_chunks", counter)
+    monkeypatch.setattr(sweep_backends, "run_method", counter)
     lines = []
     sweep.main(path, progress=False, echo=lines.append)
     assert counter.calls == 2                             # the finished cell was not sampled again
@@ -258,7 +260,7 @@ def test_changed_config_reruns_changed_and_stale_cells_only(done, tmp_path, monk
     stamp = os.stat(kept).st_mtime_ns
     path = write_config(tmp_path, SWEEP.format(out="out") + METHODS.replace("[1.5, 3.0]", "[1.5, 2.0]"))
     counter = Counter()
-    monkeypatch.setattr(sweep_backends, "sample_in_chunks", counter)
+    monkeypatch.setattr(sweep_backends, "run_method", counter)
     lines = []
     table = sweep.main(path, progress=False, echo=lines.append)
     assert counter.calls == 2                             # CFG 2.0 (new) and AMG (stale)
@@ -285,9 +287,10 @@ def test_a_finished_sweep_rebuilds_its_results_from_the_cell_files(done, tmp_pat
     def nothing(*a, **k):
         raise AssertionError("a finished sweep must not build the model, bench or samples")
 
-    for name in ("build_model", "prepare_bench", "build_testbed"):
-        monkeypatch.setattr(workbench, name, nothing)
-    monkeypatch.setattr(sweep_backends, "sample_in_chunks", nothing)
+    for name in ("prepare_bench", "build_testbed"):
+        monkeypatch.setattr(sweep_backends, name, nothing)
+    monkeypatch.setattr(models.ModelSpec, "denoiser", nothing)
+    monkeypatch.setattr(sweep_backends, "run_method", nothing)
     table = sweep.main(path, progress=False, echo=lambda *a: None)
     assert read_rows(out, drop=()) == read_rows(full_out, drop=())
     assert len(table["rows"]) == 9
@@ -298,7 +301,7 @@ def test_a_finished_sweep_rebuilds_its_results_from_the_cell_files(done, tmp_pat
 
 def test_a_failing_cell_does_not_stop_the_others(tmp_path, monkeypatch):
     path = write_config(tmp_path, SWEEP.format(out="out") + METHODS.split("[[method]]\nname = \"AMG\"")[0])
-    monkeypatch.setattr(sweep_backends, "sample_in_chunks", Counter(fail_at=1, exc=RuntimeError))
+    monkeypatch.setattr(sweep_backends, "run_method", Counter(fail_at=1, exc=RuntimeError))
     with pytest.raises(sweep.SweepError, match="1 of 2 cells failed.*CFG__scale=1.5: RuntimeError") as e:
         sweep.main(path, progress=False, echo=lambda *a: None)
     assert list(e.value.failures) == ["CFG__scale=1.5"]
@@ -325,8 +328,7 @@ def test_only_process_zero_writes(tmp_path, monkeypatch):
     assert table["cells"]["CFG"]["settings"]["scale"] == 1.5
 
 
-def test_baseline_cells_use_workbench_baseline_conditions(tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep_config, "BASELINE_MODELS", ("unet-text", "empirical"))   # the fake below serves it
+def test_baseline_cells_use_the_models_baseline_conditions(tmp_path, monkeypatch):
     path = write_config(tmp_path, SWEEP.format(out="out") + """
         [[method]]
         name = "RNA"
@@ -335,18 +337,19 @@ def test_baseline_cells_use_workbench_baseline_conditions(tmp_path, monkeypatch)
         baseline = "rna"
         baseline_params = { n = 2 }
     """)
-    monkeypatch.delattr(workbench, "baseline_conditions", raising=False)
-    with pytest.raises(ValueError, match="baselines need workbench.baseline_conditions"):
+    with pytest.raises(ValueError, match="needs a model with a text encoder"):      # empirical has none
         sweep.main(path, progress=False, echo=lambda *a: None)
     assert sorted(os.listdir(tmp_path)) == ["sweep.toml"]
 
     seen = []
 
-    def fake(model, bed, bench, baseline, params, seed):
-        seen.append((model, baseline, params, seed, len(bench.cond)))
-        return workbench.build_model(model, bed), bench.cond
+    def fake(spec, bed, bench, baseline, params, seed):
+        seen.append((spec.name, baseline, params, seed, len(bench.cond)))
+        return spec.denoiser(bed), bench.cond
 
-    monkeypatch.setattr(workbench, "baseline_conditions", fake, raising=False)
+    monkeypatch.setitem(models._MODELS, "empirical", dataclasses.replace(models.get_model("empirical"),
+                                                                         has_text_encoder=True))  # the fake serves it
+    monkeypatch.setattr(sweep_backends, "baseline_conditions", fake)
     table = sweep.main(path, progress=False, echo=lambda *a: None)
     assert seen == [("empirical", "rna", {"n": 2}, 0, 4)]
     s = table["cells"]["RNA"]["settings"]
@@ -429,7 +432,7 @@ def test_undefined_metrics_are_null_in_every_file_and_a_resume_reads_them(tmp_pa
     md, rows = (out / "results.md").read_text(), read_rows(out)
     assert "| - / - |" in md and rows[0]["fd"] == ""
     counter = Counter()
-    monkeypatch.setattr(sweep_backends, "sample_in_chunks", counter)
+    monkeypatch.setattr(sweep_backends, "run_method", counter)
     lines = []
     sweep.main(path, progress=False, echo=lines.append)
     assert counter.calls == 0 and any("CFG: done before, skipped" in line for line in lines)
@@ -469,7 +472,7 @@ def test_changed_checkpoint_bytes_make_its_cells_stale(tmp_path, monkeypatch):
     """The fingerprint hashes the checkpoint's bytes: a copy of it elsewhere keeps the cells done;
     one changed byte (same name and size, a new mtime as any rewrite gives it) makes them stale."""
     ckpt = tmp_path / "checkpoints"
-    shutil.copytree(os.path.join(workbench.checkpoints_dir(), "text"), ckpt / "text")
+    shutil.copytree(os.path.join(models.checkpoints_dir(), "text"), ckpt / "text")
     monkeypatch.setenv("AMG_CHECKPOINTS", str(ckpt))
     cfg = committed_sweep(tmp_path, "basin_text")
     assert {s for s, _ in cell_states(cfg).values()} == {"done"}

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from amg_jax import sharding
+from amg_jax.apps import runs
 from amg_jax.apps import sweep
 from amg_jax.apps.sweep import runner as sweep_runner
 from amg_jax.index import build_bank, save_bank
@@ -199,7 +199,7 @@ def test_resume_skips_finished_cells(env, tmp_path, monkeypatch):
         raise AssertionError("a finished sweep must not load the model or sample")
 
     monkeypatch.setattr(sweep.StableDiffusionBackend, "_setup", nothing)
-    monkeypatch.setattr(sharding, "sample_sharded", nothing)
+    monkeypatch.setattr(runs, "sample_sharded", nothing)
     lines = []
     sweep.main(path, progress=False, echo=lines.append)
     assert sum("done before, skipped" in line for line in lines) == 3
@@ -210,8 +210,8 @@ def test_resume_skips_finished_cells(env, tmp_path, monkeypatch):
     # a lost cell is the only one sampled again (one batch of 4 seeds), with the same images
     monkeypatch.undo()
     calls = []
-    real = sharding.sample_sharded
-    monkeypatch.setattr(sharding, "sample_sharded", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = runs.sample_sharded
+    monkeypatch.setattr(runs, "sample_sharded", lambda *a, **k: calls.append(1) or real(*a, **k))
     kept = os.stat(out / "cells" / "AMG.json").st_mtime_ns
     os.remove(out / "cells" / "CFG.json")
     sweep.main(path, progress=False, echo=lambda *a: None)

@@ -4,7 +4,7 @@ A sweep is a TOML file (``load_config`` validates all of it before any work)::
 
     [sweep]
     name = "text_table"
-    model = "unet-text"          # a workbench model (workbench.MODELS) or "sd:PATH_OR_HUB_ID" (below)
+    model = "unet-text"          # a testbed model (apps.models.MODELS) or "sd:PATH_OR_HUB_ID" (below)
     testbed = "auto"             # auto | default | small | unet
     prompts_per_kind = 8         # text: prompts of each kind; class: ignored (one prompt per shape);
                                  # uncond: prompts_per_kind * len(kinds) pseudo-prompts
@@ -25,7 +25,7 @@ A sweep is a TOML file (``load_config`` validates all of it before any work)::
     amg = { c3 = [1.0, 3.0], threshold = "parabolic" }   # AMG only: AMGConfig fields
     scale = [1.5, 3.0]           # method-level scale / steps / sampler override the [sweep] ones
     baseline = "rna"             # a Somepalli et al. prompt baseline: gni | rt | cwr | rna (or none), for
-                                 # models with a text encoder (unet-text, sd:PATH): workbench.baseline_conditions
+                                 # models with a text encoder (unet-text, sd:PATH): models.baseline_conditions
     baseline_params = { n = 4 }  # its parameters (prompt_baselines.baseline_params, vocab excepted)
 
 A list anywhere in a method (a scalar field, an ``amg`` or ``baseline_params`` entry) is a grid
@@ -49,7 +49,7 @@ threshold per step) and ``plots/tradeoff.png`` (memorized fraction vs FD, a poin
 With several hosts only ``jax.process_index() == 0`` writes (and echoes).
 
 A model backend is a small object with ``bench_record() -> dict`` and ``run_cell(cell,
-settings) -> CellRun``: ``TestbedBackend`` for the workbench models, ``StableDiffusionBackend``
+settings) -> CellRun``: ``TestbedBackend`` for the testbed's models, ``StableDiffusionBackend``
 for Stable Diffusion.
 
 **Stable Diffusion** (``model = "sd:PATH_OR_HUB_ID"``, a diffusers directory or a hub id) has its
@@ -72,8 +72,8 @@ The memorization metric is the SSCD cosine of each final (uint8) image to its ne
 ``metrics.similarity_report(sims, 0.5, 0.4, name="sscd")`` per kind and "all"; ``frac_copied``
 (the memorized column of the tables and plots) is ``frac_sscd_above_0.5`` and ``fd`` (the quality
 column) is the FID against ``reference_images`` (NaN without ``inception``). AMG's detector is
-SSCD over ``bank`` through the VAE decoder (``sd_guidance.latent_detector``) at
-``sd_guidance.SD_AMG`` (c1=4, c2=3, c3=100 raw) updated by the method's ``amg`` table. Cell
+SSCD over ``bank`` through the VAE decoder (``sd_amg.latent_detector``) at
+``sd_amg.SD_AMG`` (c1=4, c2=3, c3=100 raw) updated by the method's ``amg`` table. Cell
 samples are stored as uint8 images ``x [B, H, W, 3]`` with the per-sample ``sscd_similarity`` /
 ``sscd_nearest``.
 

@@ -6,17 +6,18 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import math
 import os
 import re
 import tomllib
 
 import numpy as np
 
-from amg_jax import workbench
+from amg_jax.apps.evaluate import DETECTORS
+from amg_jax.apps.models import DEFAULT_SCALE, MODELS, SD_PREFIX, TESTBEDS, get_model, is_sd, model_spec
+from amg_jax.checks import is_int as _is_int
+from amg_jax.checks import is_number as _is_number
 from amg_jax.data import testbed as tb
-from amg_jax.evaluate import DETECTORS
-from amg_jax.guidance import GUIDANCES
+from amg_jax.guidance import GUIDANCES, METHODS
 from amg_jax.guidance.amg import AMGConfig
 from amg_jax.index import FORMAT as BANK_FORMAT
 from amg_jax.index_build import list_images
@@ -24,14 +25,12 @@ from amg_jax.models import stable_diffusion as sdm
 from amg_jax.prompt_baselines import (EMBEDDING_BASELINES, GNI_BRANCHES, PROMPT_BASELINES, apply_baseline,
                                       baseline_params)
 from amg_jax.samplers import SAMPLERS
-from amg_jax.sd_guidance import SD_AMG
+from amg_jax.models.sd_amg import SD_AMG
 from amg_jax.similarity import inception as _inception, sscd as _sscd
-from amg_jax.workbench import DEFAULT_SCALE, MODELS, model_kind
 
-GUIDANCE_NAMES = tuple(GUIDANCES) + ("amg",)
+GUIDANCE_NAMES = METHODS
 BASELINES = tuple(PROMPT_BASELINES)
 AMG_FIELDS = tuple(f.name for f in dataclasses.fields(AMGConfig))
-SD_PREFIX = "sd:"
 CELL_FORMAT = "amg_jax.sweep_cell/1"
 BENCH_FORMAT = "amg_jax.sweep_bench/1"
 
@@ -44,8 +43,6 @@ SWEEP_KEYS = {"name": None, "model": REQUIRED, "testbed": "auto", "prompts_per_k
 METHOD_SCALARS = ("guidance", "base", "detector", "baseline", "scale", "steps", "sampler")
 METHOD_KEYS = ("name",) + METHOD_SCALARS + ("amg", "baseline_params")
 AMG_ONLY = ("base", "detector")          # (and every amg.* axis)
-# Models whose captions a prompt baseline can perturb (workbench.baseline_conditions: a text encoder).
-BASELINE_MODELS = ("unet-text",)
 # [sweep] keys of a Stable Diffusion model ("sd:PATH_OR_HUB_ID") and their defaults (the package docstring).
 SD_SWEEP_KEYS = {"name": None, "model": REQUIRED, "prompts_file": REQUIRED, "prompts_per_kind": None,
                  "samples_per_prompt": REQUIRED, "kinds": None, "seed": 0, "sampler": "ddim", "steps": 50,
@@ -129,14 +126,6 @@ def _safe(text: str) -> str:
 def cell_id(method: str, grid) -> str:
     """``<method>__<axis>=<value>...`` (filesystem-safe), the name of a cell's files."""
     return "__".join([_safe(method)] + [_safe(f"{_short(a)}={_fmt(v)}") for a, v in grid])
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _check_value(key: str, v, fail) -> None:
@@ -223,7 +212,8 @@ def _method_cells(m: dict, sweep: dict, where: str, model: str) -> list:
                 fail(key, "only applies to guidance 'amg'")
     if "baseline_params" in m and "baseline" not in m:
         fail("baseline_params", "needs a baseline")
-    conditioning = "text" if model.startswith(SD_PREFIX) else model_kind(model)
+    spec = model_spec(model)
+    conditioning = spec.conditioning
     cells, seen = [], set()
     names = [k for k, _ in axes]
     for combo in itertools.product(*[v for _, v in axes]):
@@ -243,9 +233,10 @@ def _method_cells(m: dict, sweep: dict, where: str, model: str) -> list:
                 fail("guidance", f"{guidance!r} needs a condition; model {model!r} is unconditional (use none or amg)")
             if guidance == "amg" and base not in ("auto", "none"):
                 fail("base", f"{base!r} needs a condition; model {model!r} is unconditional (use none or auto)")
-        if baseline is not None and not (model in BASELINE_MODELS or model.startswith(SD_PREFIX)):
+        if baseline is not None and not spec.has_text_encoder:
+            text_models = [n for n in MODELS if get_model(n).has_text_encoder]
             fail("baseline", f"{baseline!r} perturbs captions; it needs a model with a text encoder "
-                             f"({', '.join(BASELINE_MODELS)} or 'sd:PATH'), not {model!r}")
+                             f"({', '.join(text_models)} or 'sd:PATH'), not {model!r}")
         amg = tuple((k[4:], v) for k, v in d.items() if k.startswith("amg."))
         if guidance == "amg":
             try:
@@ -294,14 +285,14 @@ def _check_baseline(name: str, params: dict, fail) -> None:
 def _check_sweep(s: dict, fail) -> None:
     """The [sweep] table's values (``fail(key, message)`` raises)."""
     model = s["model"]
-    if not isinstance(model, str) or not (model in MODELS or (model.startswith(SD_PREFIX) and len(model) > 3)):
+    if not isinstance(model, str) or not (model in MODELS or is_sd(model)):
         fail("model", f"must be one of {list(MODELS)} or 'sd:PATH', got {model!r}")
     if not isinstance(s["name"], str) or not s["name"].strip():
         fail("name", f"must be a non-empty string, got {s['name']!r}")
     if not isinstance(s["out"], str) or not s["out"].strip():
         fail("out", f"must be a non-empty path string, got {s['out']!r}")
     for key in ("testbed", "sampler"):
-        allowed = workbench.TESTBEDS + ("auto",) if key == "testbed" else SAMPLERS
+        allowed = TESTBEDS + ("auto",) if key == "testbed" else SAMPLERS
         if s[key] not in allowed:
             fail(key, f"must be one of {list(allowed)}, got {s[key]!r}")
     for key in ("prompts_per_kind", "samples_per_prompt", "steps", "chunk"):
@@ -548,7 +539,7 @@ def _check_sd_sweep(s: dict, fail, base_dir: str) -> SDSettings:
 
 
 def _check_sd_cells(cells: list, where: str) -> None:
-    """AMG settings Stable Diffusion cannot take: invalid over ``sd_guidance.SD_AMG``, or gate
+    """AMG settings Stable Diffusion cannot take: invalid over ``sd_amg.SD_AMG``, or gate
     thresholds outside the SSCD cosine's range."""
     for c in cells:
         if c.guidance != "amg":
@@ -579,7 +570,7 @@ def parse_config(data: dict, path: str = "<config>") -> SweepConfig:
     def fail(key, msg):
         raise ValueError(f"{where}: sweep.{key} {msg}")
 
-    sd = isinstance(s.get("model"), str) and s["model"].startswith(SD_PREFIX)
+    sd = is_sd(s.get("model"))
     keys = SD_SWEEP_KEYS if sd else SWEEP_KEYS
     bad = [k for k in s if k not in keys]
     if bad:

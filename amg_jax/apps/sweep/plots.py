@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from amg_jax import images as img
-from amg_jax.apps.sweep.config import SD_PREFIX
-from amg_jax.evaluate import draw_similarity
-from amg_jax.jsonio import write_atomic
+from amg_jax.apps.models import is_sd
+from amg_jax.apps.report import draw_similarity, pyplot, savefig
 
 
 def cell_grid(z: dict, *, per_kind: int = 8, label: str = "") -> np.ndarray:
@@ -31,28 +30,11 @@ def cell_grid(z: dict, *, per_kind: int = 8, label: str = "") -> np.ndarray:
     return img.label_rows(grid, kinds, cell=size * up, header=label or None)
 
 
-def _savefig(fig, path: str) -> str:
-    import matplotlib.pyplot as plt    # reason: matplotlib is loaded only when a sweep draws its plots
-
-    write_atomic(path, lambda f: fig.savefig(f, format="png"), binary=True)
-    plt.close(fig)
-    return path
-
-
-def _pyplot():
-    import matplotlib                  # reason: loaded only to draw; the Agg backend set before pyplot loads
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt    # reason: after matplotlib.use("Agg") (no display needed)
-
-    return plt
-
-
 def plot_similarity_cells(traces: dict, path: str, *, max_samples: int = 8) -> str:
     """AMG's similarity sigma_t of a few samples vs the gate threshold lambda_t over the steps,
     a panel per cell (``traces`` {label: {"sigma", "lambda", "gate"} [B, N]}): evaluate.plot_similarity
     side by side."""
-    plt = _pyplot()
+    plt = pyplot()
     n = len(traces)
     ncol = min(3, n)
     nrow = -(-n // ncol)
@@ -63,17 +45,17 @@ def plot_similarity_cells(traces: dict, path: str, *, max_samples: int = 8) -> s
     for ax in axes.ravel()[n:]:
         ax.axis("off")
     fig.tight_layout()
-    return _savefig(fig, path)
+    return savefig(fig, path)
 
 
 def plot_tradeoff(table: dict, path: str) -> str:
     """Memorized fraction vs FD over all prompts, a labelled point per cell (and the true renders)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=100)
     pts = [(rec["label"], rec["metrics"]["all"]) for rec in table["cells"].values()]
     truth = (table["truth"] or {}).get("all")
     xkey, xlabel = "fd", f"FD (all prompts, {table['fd_features']}; lower is better)"
-    if table["model"].startswith(SD_PREFIX):
+    if is_sd(table["model"]):
         xlabel = "FID (all prompts, Inception; lower is better)"
         if (not any(r.get("fd") is not None and np.isfinite(r["fd"]) for _, r in pts)
                 and any("clip_score" in r for _, r in pts)):
@@ -92,9 +74,9 @@ def plot_tradeoff(table: dict, path: str) -> str:
     if xs and min(xs) > 0 and max(xs) / min(xs) > 50:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("memorized (% copied; lower is better)" if xkey == "fd" and not table["model"].startswith(SD_PREFIX)
+    ax.set_ylabel("memorized (% copied; lower is better)" if xkey == "fd" and not is_sd(table["model"])
                   else f"memorized (% SSCD > {table['threshold']:g}; lower is better)")
     ax.set_title(f"{table['name']}: {table['model']}", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _savefig(fig, path)
+    return savefig(fig, path)

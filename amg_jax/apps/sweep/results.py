@@ -9,7 +9,8 @@ import os
 
 from amg_jax import images as img
 from amg_jax.apps.sweep.cells import _load_samples
-from amg_jax.apps.sweep.config import SD_PREFIX, SweepConfig
+from amg_jax.apps.models import is_sd
+from amg_jax.apps.sweep.config import SweepConfig
 from amg_jax.apps.sweep.plots import cell_grid, plot_similarity_cells, plot_tradeoff
 from amg_jax.jsonio import write_atomic, write_json
 
@@ -26,7 +27,7 @@ def build_results(config: SweepConfig, bench: dict, records: dict) -> dict:
     """The results table from the bench and cell records: ``rows`` (one per cell and kind, the
     CSV's), ``cells`` {id: record}, ``truth`` (the true renders' metrics) and the bench facts."""
     cells = [c for c in config.cells if c.id in records]
-    columns = SD_METRIC_COLUMNS if config.model.startswith(SD_PREFIX) else METRIC_COLUMNS
+    columns = SD_METRIC_COLUMNS if is_sd(config.model) else METRIC_COLUMNS
     axes = list(dict.fromkeys(a for c in cells for a, _ in c.grid if a not in SETTING_COLUMNS))
     extra = sorted({k for c in cells for r in records[c.id]["metrics"].values() for k in r} - set(columns))
     rows = []
@@ -75,7 +76,7 @@ def results_markdown(table: dict) -> str:
     """A markdown table per kind group (each kind side by side, then all prompts), one row per
     cell after the true renders, the columns of experiments/table_md.py (Stable Diffusion:
     ``sd_results_markdown``)."""
-    if table["model"].startswith(SD_PREFIX):
+    if is_sd(table["model"]):
         return sd_results_markdown(table)
     truth = table["truth"] or {}
     kinds = [k for k in truth if k != "all"]

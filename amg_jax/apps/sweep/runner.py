@@ -7,7 +7,6 @@ import os
 import jax
 from tqdm.auto import tqdm
 
-from amg_jax import workbench
 from amg_jax.apps.sweep.backends import make_backend
 from amg_jax.apps.sweep.cells import _read, _write_cell, cell_status
 from amg_jax.apps.sweep.config import CELL_FORMAT, SSCD_THRESHOLD, Cell, SweepConfig, load_config
@@ -53,10 +52,6 @@ def run_sweep(config: SweepConfig, *, progress: bool = True, echo=print) -> dict
     settings = {c.id: cell_settings(config, c) for c in config.cells}
     status = {c.id: cell_status(config.out, c.id, settings[c.id]) for c in config.cells}
     todo = [c for c in config.cells if status[c.id][0] != "done"]
-    if (config.sd is None and any(c.baseline for c in todo)
-            and getattr(workbench, "baseline_conditions", None) is None):
-        raise ValueError("baselines need workbench.baseline_conditions (cells "
-                         f"{[c.id for c in todo if c.baseline]})")
     bench_path = os.path.join(config.out, "bench.json")
     bench = _read(bench_path) if os.path.exists(bench_path) else None
     if not (isinstance(bench, dict) and bench.get("settings") == _jsonable(bench_settings(config))):

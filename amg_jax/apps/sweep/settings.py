@@ -8,31 +8,21 @@ import hashlib
 import json
 import os
 
-from amg_jax import workbench
-from amg_jax.apps.sweep.config import SD_PREFIX, Cell, SweepConfig
+from amg_jax.apps.models import get_model, is_sd, model_spec, resolve_testbed
+from amg_jax.apps.sweep.config import Cell, SweepConfig
 from amg_jax.guidance.amg import AMGConfig
+from amg_jax.index_build import captions_path, has_captions
 from amg_jax.jsonio import json_safe
-from amg_jax.models.zoo import read_card
 from amg_jax.prompt_baselines import BASELINE_DEFAULTS
-from amg_jax.sd_guidance import SD_AMG
-from amg_jax.workbench import DEFAULT_SCALE, TRAINED, model_base, model_detector, resolve_testbed
 
 
 def bench_settings(config: SweepConfig) -> dict:
     """What fixes the bench (prompts, seeds, references): part of every cell's settings."""
     if config.sd is not None:
         return sd_bench_settings(config)
-    testbed = None if config.model.startswith(SD_PREFIX) else resolve_testbed(config.testbed, [config.model])
+    testbed = None if is_sd(config.model) else resolve_testbed(config.testbed, [config.model])
     return {"model": config.model, "testbed": testbed, "prompts_per_kind": config.prompts_per_kind,
             "samples_per_prompt": config.samples_per_prompt, "kinds": list(config.kinds), "seed": config.seed}
-
-
-def _default_scale(model: str) -> float:
-    """``workbench.model_scale(model)`` from the card alone (no parameters loaded)."""
-    if model in TRAINED:
-        return float(read_card(os.path.join(workbench.checkpoints_dir(), TRAINED[model])).get(
-            "guidance_scale", DEFAULT_SCALE))
-    return DEFAULT_SCALE
 
 
 def cell_settings(config: SweepConfig, cell: Cell) -> dict:
@@ -43,15 +33,16 @@ def cell_settings(config: SweepConfig, cell: Cell) -> dict:
     the samples.)"""
     if config.sd is not None:
         return sd_cell_settings(config, cell)
+    spec = get_model(config.model)
     amg = cell.guidance == "amg"
-    base = (model_base(config.model) if cell.base == "auto" else cell.base) if amg else None
+    base = (spec.base if cell.base == "auto" else cell.base) if amg else None
     scale_used = cell.guidance not in ("none",) and not (amg and base == "none")
-    scale = (cell.scale if cell.scale is not None else _default_scale(config.model)) if scale_used else None
+    scale = spec.scale(cell.scale) if scale_used else None     # a trained model's card scale: no weights loaded
     return _jsonable(dict(
         bench_settings(config), weights=weights_digest(config), method=cell.method, guidance=cell.guidance, base=base,
-        detector=(model_detector(config.model) if cell.detector == "auto" else cell.detector) if amg else None,
+        detector=(spec.detector if cell.detector == "auto" else cell.detector) if amg else None,
         scale=scale, sampler=cell.sampler, steps=cell.steps,
-        amg=dataclasses.asdict(AMGConfig(**workbench.model_amg(config.model, dict(cell.amg)))) if amg else None,
+        amg=dataclasses.asdict(AMGConfig(**spec.amg_settings(dict(cell.amg)))) if amg else None,
         baseline=cell.baseline, baseline_params=_baseline_settings(cell)))
 
 
@@ -121,7 +112,7 @@ def _sd_weight_files(path: str) -> list:
 
 def weights_digest(config: SweepConfig) -> str | None:
     """A short sha256 of the model's weights, by content: a trained testbed model's checkpoint
-    folder (``workbench.checkpoints_dir()/<kind>``: params, bank, card), every file; a local
+    folder (``ModelSpec.path``: params, bank, card), every file; a local
     Stable Diffusion folder's weights and configs (``SD_WEIGHT_FOLDERS``); None for the
     closed-form models (no weights: the testbed fixes them) and a hub id that is not a local folder.
     Every byte is hashed, GBs for SD too: a fine-tune keeps the file sizes and safetensors headers,
@@ -130,9 +121,9 @@ def weights_digest(config: SweepConfig) -> str | None:
     if config.sd is not None:
         src = config.sd.source
         return _files_digest(src, _sd_weight_files(src)) if os.path.isdir(src) else None
-    if config.model in TRAINED:
-        path = os.path.join(workbench.checkpoints_dir(), TRAINED[config.model])
-        return _files_digest(path, _walk_files(path)) if os.path.isdir(path) else None
+    spec = get_model(config.model)
+    if spec.trained:
+        return _files_digest(spec.path, _walk_files(spec.path)) if os.path.isdir(spec.path) else None
     return None
 
 
@@ -154,7 +145,7 @@ def sd_bench_settings(config: SweepConfig) -> dict:
     images — everything the samples and metrics depend on besides the method."""
     sd = config.sd
     prompts = json.dumps([list(sd.prompts), list(sd.prompt_kinds)], ensure_ascii=False).encode()
-    captions = sd.bank + ".captions.json"
+    captions = captions_path(sd.bank)
     clip = None if sd.clip is None else (_folder_digest(sd.clip) if os.path.isdir(sd.clip) else sd.clip)
     return {"model": config.model, "testbed": None, "prompts_per_kind": config.prompts_per_kind,
             "samples_per_prompt": config.samples_per_prompt, "kinds": list(config.kinds), "seed": config.seed,
@@ -165,19 +156,20 @@ def sd_bench_settings(config: SweepConfig) -> dict:
 
 
 def sd_cell_settings(config: SweepConfig, cell: Cell) -> dict:
-    """``cell_settings`` of a Stable Diffusion cell: AMG's settings are ``sd_guidance.SD_AMG``
+    """``cell_settings`` of a Stable Diffusion cell: AMG's settings are ``sd_amg.SD_AMG``
     updated by the cell's (the full AMGConfig; ``dedup`` off without captions beside the bank),
     its detector "sscd"; ``weights`` the digest of a local model folder (``weights_digest``)."""
+    spec = model_spec(config.model)
     amg = cell.guidance == "amg"
-    base = ("cfg" if cell.base == "auto" else cell.base) if amg else None
+    base = (spec.base if cell.base == "auto" else cell.base) if amg else None
     scale_used = cell.guidance != "none" and not (amg and base == "none")
     scale = (cell.scale if cell.scale is not None else config.scale) if scale_used else None
-    settings = dataclasses.asdict(AMGConfig(**dict(SD_AMG, **dict(cell.amg)))) if amg else None
-    if amg and not os.path.isfile(config.sd.bank + ".captions.json"):
-        settings["dedup"] = False                   # no captions: no y_N, G_dup is off (sd_guidance.method_guidance)
+    # no captions beside the bank: no y_N, G_dup is off (StableDiffusionSpec.amg_settings)
+    settings = (dataclasses.asdict(AMGConfig(**spec.amg_settings(dict(cell.amg), dedup=has_captions(config.sd.bank))))
+                if amg else None)
     return _jsonable(dict(
         bench_settings(config), weights=weights_digest(config), method=cell.method, guidance=cell.guidance, base=base,
-        detector="sscd" if amg else None, scale=scale, sampler=cell.sampler, steps=cell.steps, amg=settings,
+        detector=spec.detector if amg else None, scale=scale, sampler=cell.sampler, steps=cell.steps, amg=settings,
         baseline=cell.baseline, baseline_params=_baseline_settings(cell)))
 
 
