@@ -16,7 +16,8 @@ pure ``sample`` loop (``lax.scan`` over a sampler's steps, jitted once, batched 
     res = amg.sample(den, amg.make_amg(amg.make_guidance("cfg"), det, gradient="cheap", c3=1e4), ...)
     res.trace["sigma"], res.trace["gate"]                      # [8, 50] each
 """
-from amg_jax import metrics, prompt_baselines
+from amg_jax import prompt_baselines
+from amg_jax.evaluation import metrics
 from amg_jax.data.testbed import Testbed, TestbedConfig, make_testbed
 from amg_jax.guidance import (
     AMG,

@@ -17,7 +17,7 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-from amg_jax import metrics
+from amg_jax.evaluation import metrics
 from amg_jax.data import testbed as tb
 from amg_jax.guidance import make_guidance
 from amg_jax.guidance.amg import make_amg

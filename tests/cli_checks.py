@@ -2,7 +2,7 @@
 ``pythonpath``)."""
 import os
 
-from amg_jax import cli
+from amg_jax.apps import cli
 
 
 def listing(path) -> list:

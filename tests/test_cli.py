@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from amg_jax import cli, demo
+from amg_jax.apps import cli, demo
 
 
 def test_help_lists_every_command():
-    out = subprocess.run([sys.executable, "-m", "amg_jax.cli", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "amg_jax.apps.cli", "--help"], capture_output=True, text=True,
                          check=True).stdout
     assert "usage: amg" in out and "demo" in out and "COMMAND --help" in out
 
@@ -178,7 +178,7 @@ def test_tiny_eval_writes_the_agreed_keys(tmp_path):
 
 
 def test_evalnet_command_trains_and_saves_a_loadable_evaluator(tmp_path, capsys):
-    from amg_jax.models.evalnet import load_evaluator
+    from amg_jax.evaluation.evalnet import load_evaluator
 
     out = tmp_path / "evalnet"
     assert cli.main(["evalnet", "--testbed", "small", "--steps", "3", "--batch", "8", "--out", str(out)]) == 0

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from amg_jax import cli, index, index_build, sharding
+from amg_jax import index, index_build, sharding
+from amg_jax.apps import cli
 from amg_jax.apps import runs, sweep
 from amg_jax.apps.sweep import backends as sweep_backends
 from amg_jax.data import testbed as tb

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from amg_jax import cli
+from amg_jax.apps import cli
 from amg_jax.apps.models import checkpoints_dir
 from cli_checks import assert_clean_error, run_cli
 
@@ -169,7 +169,7 @@ def test_console_script_from_another_cwd(tmp_path):
     amg = os.path.join(os.path.dirname(sys.executable), "amg")
     if not os.path.isfile(amg):         # not installed as a script: the module entry point
         amg = None
-    cmd = [amg] if amg else [sys.executable, "-m", "amg_jax.cli"]
+    cmd = [amg] if amg else [sys.executable, "-m", "amg_jax.apps.cli"]
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
                PYTHONPATH=ROOT)
     script = (" ".join(cmd) + " index build imgs --out rel/px.npz --size 8 8 --no-progress && "

@@ -129,7 +129,7 @@ def test_load_image_crops_to_size(tmp_path):
 
 def test_cli_index_build_with_sscd_and_pixel(tmp_path, capsys):
     """`amg index build` end to end with a tiny SSCD (batches sharded over the 4 test devices)."""
-    from amg_jax import cli
+    from amg_jax.apps import cli
     from amg_jax.similarity import sscd
 
     folder = str(tmp_path / "imgs")
@@ -159,7 +159,7 @@ def test_cli_index_build_with_sscd_and_pixel(tmp_path, capsys):
     (["convert", "sscd", "/no/such.pt", "out.npz"], "does not exist"),
 ])
 def test_cli_bad_index_and_convert_arguments(tmp_path, capsys, args, message):
-    from amg_jax import cli
+    from amg_jax.apps import cli
 
     folder = str(tmp_path / "imgs")
     _write_images(folder, 1)
@@ -174,8 +174,8 @@ def test_cli_convert_inception_round_trip(tmp_path, capsys):
     """`amg convert inception` on a torch state dict (random weights in torchvision's key names)."""
     import torch
 
-    from amg_jax import cli
-    from amg_jax.similarity import inception
+    from amg_jax.apps import cli
+    from amg_jax.evaluation import inception
 
     params = inception.init_params(seed=0)
     sd = {}

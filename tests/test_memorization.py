@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amg_jax import metrics
+from amg_jax.evaluation import metrics
 from amg_jax.data import testbed as tb
 from amg_jax.guidance import OppositeDynamic, make_guidance
 from amg_jax.guidance.cfg import OppositeProbe

@@ -5,7 +5,7 @@ README conventions (its "Tests" section says the same for readers):
 - ```python blocks run in document order in ONE shared namespace (like notebook cells), with
   ``num_steps=50`` replaced by ``num_steps=2`` (``PY_SUBSTITUTIONS``).
 - ```console blocks: each ``$ amg ...`` line (``\\`` continues it) runs in-process through
-  ``amg_jax.cli.main`` and must return 0, with the options of ``REDUCE`` appended (argparse keeps
+  ``amg_jax.apps.cli.main`` and must return 0, with the options of ``REDUCE`` appended (argparse keeps
   the last occurrence); after ``$ ls DIR`` every name shown must exist in DIR. No other command
   may appear in a console block.
 - a ```toml block whose first line is ``# NAME.toml`` is written to NAME.toml with the keys of
@@ -42,7 +42,7 @@ import jax
 import numpy as np
 import pytest
 
-from amg_jax import cli
+from amg_jax.apps import cli
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
@@ -154,7 +154,7 @@ def tiny_sscd_state_dict(config) -> dict:
 def random_inception_state_dict() -> dict:
     """pytorch-fid's Inception key names and shapes with random convolutions and unit BN."""
     import torch
-    from amg_jax.similarity import inception as inc
+    from amg_jax.evaluation import inception as inc
 
     shapes, g, out = inc.expected_shapes(), torch.Generator().manual_seed(0), {}
     for key, path in inc.torch_key_map().items():
@@ -387,7 +387,7 @@ def github_anchor(heading: str) -> str:
 
 MODULES = ("amg_jax", "amg_jax.samplers", "amg_jax.guidance", "amg_jax.guidance.base", "amg_jax.guidance.cfg",
            "amg_jax.guidance.amg", "amg_jax.index", "amg_jax.similarity", "amg_jax.similarity.pixel",
-           "amg_jax.metrics", "amg_jax.sharding", "amg_jax.models.sd_amg", "amg_jax.apps.sample",
+           "amg_jax.evaluation.metrics", "amg_jax.sharding", "amg_jax.models.sd_amg", "amg_jax.apps.sample",
            "amg_jax.models.stable_diffusion", "amg_jax.models.zoo")
 ARRAY_TYPES = ("Array", "ndarray", "ArrayLike")
 # parameters that hold arrays (or pytrees of them) whatever their annotation says

@@ -294,7 +294,7 @@ def _add_convert(sub) -> None:
     f = csub.add_parser("inception", help="the standard FID Inception weights -> a .npz of Flax params",
                         description="Convert pytorch-fid's FID Inception-v3 weights (pt_inception-2015-12-05-"
                                     "6726825d.pth, a torch state dict) into Flax params (.npz) for the FID "
-                                    "metric (amg_jax.similarity.inception). Needs PyTorch.",
+                                    "metric (amg_jax.evaluation.inception). Needs PyTorch.",
                         formatter_class=_Help)
     f.set_defaults(func=_run_convert)
     f.add_argument("src", help="state-dict file (.pth)")

@@ -23,7 +23,7 @@ import numpy as np
 
 from amg_jax.data import testbed as tb
 from amg_jax.data.bank import bank_from_testbed
-from amg_jax.models.evalnet import load_evaluator
+from amg_jax.evaluation.evalnet import load_evaluator
 from amg_jax.guidance import build_method
 from amg_jax.models import stable_diffusion as sdm
 from amg_jax.models.base import WithNull

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amg_jax import metrics
+from amg_jax.evaluation import metrics
 from amg_jax.data import testbed as tb
 from amg_jax.samplers import keys_from_seeds
 

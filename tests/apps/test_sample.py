@@ -10,7 +10,7 @@ import chex
 import numpy as np
 import pytest
 
-from amg_jax import cli
+from amg_jax.apps import cli
 from amg_jax.images import to_uint8
 from amg_jax.similarity import sscd
 from tiny_sd import PROMPTS, SSCD_CFG, STEPS

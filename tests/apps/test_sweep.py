@@ -379,7 +379,7 @@ def test_amg_under_gni_on_the_text_unet(tmp_path):
 
 
 def test_cli_sweep_rejects_a_bad_config_before_any_work(tmp_path, capsys):
-    from amg_jax import cli
+    from amg_jax.apps import cli
 
     bad = tmp_path / "bad.toml"
     bad.write_text('[sweep]\nmodel = "unet-text"\nprompts_per_kind = 1\nsamples_per_prompt = 1\n'

@@ -18,7 +18,8 @@ from amg_jax.apps import sweep
 from amg_jax.apps.sweep import runner as sweep_runner
 from amg_jax.index import build_bank, save_bank
 from amg_jax.models import stable_diffusion as sdm
-from amg_jax.similarity import clip, inception, sscd
+from amg_jax.evaluation import inception
+from amg_jax.similarity import clip, sscd
 
 STEPS = 3
 PROMPTS = [{"prompt": "a red cube", "kind": "memorized"}, {"prompt": "a blue sphere", "kind": "generic"}]
@@ -204,7 +205,7 @@ def test_resume_skips_finished_cells(env, tmp_path, monkeypatch):
     sweep.main(path, progress=False, echo=lines.append)
     assert sum("done before, skipped" in line for line in lines) == 3
     assert read_rows(out) == read_rows(env["out"])
-    from amg_jax import cli
+    from amg_jax.apps import cli
 
     assert cli.main(["sweep", path, "--no-progress"]) == 0                 # `amg sweep` on it: nothing to do
     # a lost cell is the only one sampled again (one batch of 4 seeds), with the same images

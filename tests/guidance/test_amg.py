@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import struct
 
-from amg_jax import metrics
+from amg_jax.evaluation import metrics
 from amg_jax.data import testbed as tb
 from amg_jax.guidance import CFG, StaticTransition, Unguided, make_guidance
 from amg_jax.guidance.amg import AMG, AMGConfig, make_amg
@@ -367,10 +367,11 @@ def test_default_full_gradient_frees_duplicated_prompts_where_the_cheap_one_does
     """README pitfall 5 on the small testbed's partial memorizer (the default gradient is
     chosen from this measurement): CFG copies every duplicated-prompt sample; AMG's default
     (full gradient) frees almost all; the cheap gradient at the same c3 frees none."""
-    from amg_jax.workbench import build_model, build_testbed, method_guidance
+    from amg_jax.apps.models import build_testbed, calibrated_bank, get_model, make_detector
+    from amg_jax.guidance import build_method
 
     bed = build_testbed("small")
-    den = build_model("mixture", bed)
+    den = get_model("mixture").denoiser(bed)
     thr = tb.calibrate_copy_threshold(bed, rng=0)
     ids = tb.prompts_by_kind(bed)["duplicated"]
     n = 24
@@ -379,7 +380,8 @@ def test_default_full_gradient_frees_duplicated_prompts_where_the_cheap_one_does
     ddim = SamplerConfig("ddim", num_steps=25)
 
     def copied(method, amg=None):
-        x = np.asarray(sample(den, method_guidance(method, 7.5, bed=bed, amg=amg), ddim, keys, cond).x0)
+        det = make_detector("nl2", calibrated_bank(bed)) if method == "amg" else None
+        x = np.asarray(sample(den, build_method(method, 7.5, detector=det, amg=amg), ddim, keys, cond).x0)
         return float(np.mean(tb.nearest_training(x, bed)[0] < thr))
 
     assert AMGConfig().gradient == "full"

@@ -5,18 +5,19 @@ import os
 import numpy as np
 import pytest
 
-from amg_jax import cli, workbench
+from amg_jax.apps import cli
+from amg_jax.apps import models as registry
 from amg_jax.models import zoo
-from amg_jax.models.evalnet import load_evaluator
+from amg_jax.evaluation.evalnet import load_evaluator
 
-ROOT = workbench.checkpoints_dir()
+ROOT = registry.checkpoints_dir()
 
 
 @pytest.mark.parametrize("kind", zoo.KINDS)
 def test_shipped_model_loads_with_its_card(kind):
     lm = zoo.load_model(os.path.join(ROOT, kind))
     card = lm.card
-    assert card["kind"] == kind and lm.bed.config == workbench.testbed_config("unet")
+    assert card["kind"] == kind and lm.bed.config == registry.testbed_config("unet")
     assert card["unet"]["prediction"] == "v"
     assert card["training"]["steps"] >= 1000 and card["training"]["seconds"] > 0
     assert card["training_command"].startswith("amg train --kind " + kind)
@@ -28,11 +29,11 @@ def test_shipped_model_loads_with_its_card(kind):
 
 
 def test_shipped_evaluator_judges_the_unet_testbed():
-    ev = load_evaluator(os.path.join(ROOT, workbench.EVALNET))
-    assert ev.config == workbench.testbed_config("unet")
+    ev = load_evaluator(os.path.join(ROOT, registry.EVALNET))
+    assert ev.config == registry.testbed_config("unet")
     assert min(ev.accuracy[a] for a in ("shape", "colour", "size", "position", "background", "texture")) > 0.95
-    assert workbench.bench_evaluator(workbench.build_testbed("unet")) is not None
-    assert workbench.bench_evaluator(workbench.build_testbed("small")) is None
+    assert registry.bench_evaluator(registry.build_testbed("unet")) is not None
+    assert registry.bench_evaluator(registry.build_testbed("small")) is None
 
 
 def test_default_demo_runs_on_the_shipped_text_model(tmp_path):

@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amg_jax import cli
+from amg_jax.apps import cli
 from amg_jax.data import testbed as tb
 from amg_jax.guidance import CFG
 from amg_jax.models import zoo
 from amg_jax.samplers import SamplerConfig, keys_from_seeds, sample
 from amg_jax.train import TrainConfig
-from amg_jax.workbench import SMALL_TESTBED
+from amg_jax.apps.models import SMALL_TESTBED, build_testbed, get_model
 
 TINY = dict(channels=8, channel_mult=(1, 2), attention_resolutions=(8,), num_heads=2, num_groups=4, text_dim=8,
             text_layers=1)
@@ -98,18 +98,16 @@ def test_train_cli_validates_before_work(capsys):
 
 
 def test_bench_loads_a_shipped_model_by_name_and_checks_its_testbed(shipped, monkeypatch, tmp_path):
-    from amg_jax import workbench
-
     root, out, model, res = shipped
     monkeypatch.setenv("AMG_CHECKPOINTS", str(root))
-    small = workbench.build_testbed("small")
-    den = workbench.build_model("unet-text", small)
+    small = build_testbed("small")
+    den = get_model("unet-text").denoiser(small)
     assert den.num_conditions == small.num_captions
-    assert workbench.model_bank("unet-text", small).copy_threshold is not None
+    assert get_model("unet-text").bank(small).copy_threshold is not None
     with pytest.raises(ValueError, match=r"trained on another testbed .*image_size"):
-        workbench.build_model("unet-text", workbench.build_testbed("default"))
+        get_model("unet-text").denoiser(build_testbed("default"))
     with pytest.raises(FileNotFoundError, match="amg train --kind class"):
-        workbench.build_model("unet-class", small)
+        get_model("unet-class").denoiser(small)
     # `amg eval` and `amg demo` run it by name
     assert cli.main(["eval", "--model", "unet-text", "--testbed", "small", "--prompts", "1", "--samples", "2",
                      "--steps", "3", "--out", str(tmp_path / "ev")]) == 0

@@ -20,15 +20,16 @@ from amg_jax.apps.sweep.settings import _jsonable, bench_settings
 from amg_jax.evaluation.protocol import prepare_bench
 from amg_jax.index import load_bank
 from amg_jax.index_build import has_captions, list_images, load_captions, load_image, sharded_embedder
-from amg_jax.metrics import frechet_distance, similarity_report
+from amg_jax.evaluation.metrics import frechet_distance, similarity_report
 from amg_jax.models import stable_diffusion as sdm
 from amg_jax.models.sd_amg import bank_conditions, latent_decoder, latent_detector
 from amg_jax.prompt_baselines import EMBEDDING_BASELINES, apply_baseline, gni_rows
 from amg_jax.samplers import SamplerConfig, keys_from_seeds
 from amg_jax.sharding import make_mesh
-from amg_jax.similarity import clip, inception, sscd
+from amg_jax.evaluation import inception
+from amg_jax.similarity import clip, sscd
 from amg_jax.similarity.clip import clip_score
-from amg_jax.similarity.inception import compute_features, span_projection
+from amg_jax.evaluation.inception import compute_features, span_projection
 
 
 class CellRun(NamedTuple):

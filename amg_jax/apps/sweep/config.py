@@ -26,7 +26,8 @@ from amg_jax.prompt_baselines import (EMBEDDING_BASELINES, GNI_BRANCHES, PROMPT_
                                       baseline_params)
 from amg_jax.samplers import SAMPLERS
 from amg_jax.models.sd_amg import SD_AMG
-from amg_jax.similarity import inception as _inception, sscd as _sscd
+from amg_jax.evaluation import inception as _inception
+from amg_jax.similarity import sscd as _sscd
 
 GUIDANCE_NAMES = METHODS
 BASELINES = tuple(PROMPT_BASELINES)

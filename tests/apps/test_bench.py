@@ -1,4 +1,4 @@
-"""`amg bench` (amg_jax.bench): report structure, ratios, errors — never speed (speed is measured by
+"""`amg bench` (amg_jax.apps.bench): report structure, ratios, errors — never speed (speed is measured by
 the bench itself, not asserted in unit tests).
 
 Every part runs in the ``tiny`` setting on one tiny random SD written once for the module. XLA's
@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from amg_jax import bench
+from amg_jax.apps import bench
 from amg_jax.models import stable_diffusion as sdm
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")

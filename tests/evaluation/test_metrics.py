@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from amg_jax import metrics
+from amg_jax.evaluation import metrics
 
 SHAPE = (4, 4, 3)
 

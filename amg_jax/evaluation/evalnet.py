@@ -39,7 +39,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from amg_jax import metrics
+from amg_jax.evaluation import metrics
 from amg_jax.data import testbed as tb
 from amg_jax.jsonio import read_json, write_atomic, write_json
 

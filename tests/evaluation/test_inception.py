@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from amg_jax import metrics
-from amg_jax.similarity import inception as inc
+from amg_jax.evaluation import metrics
+from amg_jax.evaluation import inception as inc
 
 IN_SIZE = 48            # 2 images of 48x48, resized to 80x80 in both implementations (one compilation)
 NET_SIZE = 80

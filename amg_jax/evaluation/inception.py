@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from amg_jax.evaluation import metrics
 from amg_jax.jsonio import dataclass_from_json, dataclass_to_json
 from amg_jax.params_io import load_variables, save_variables
 
@@ -438,14 +439,12 @@ def compute_features(params, images, config: InceptionConfig = DEFAULT_CONFIG, *
 
 def fid(params, images_a, images_b, config: InceptionConfig = DEFAULT_CONFIG, *, batch_size: int = 50,
         clip: bool = True) -> float:
-    """FID: ``amg_jax.metrics.frechet_distance`` of the pool3 features of ``images_a [N, H, W, 3]``
+    """FID: ``amg_jax.evaluation.metrics.frechet_distance`` of the pool3 features of ``images_a [N, H, W, 3]``
     and ``images_b [M, H', W', 3]`` (both in [-1, 1], N, M >= 2; clipped to [-1, 1] unless
     ``clip=False``). With N + M <= 2048 it is computed exactly in the features' span
     (``span_projection``), which is much faster. Published FIDs use ``image_size=299``, the
     converted FID weights and 10k-50k images; with fewer images than 2048 the covariances are
     rank-deficient and the value is biased upwards (compare FIDs only at equal N, M)."""
-    from amg_jax import metrics        # lazy: metrics imports amg_jax.similarity
-
     a = _as_images(images_a, "inception.fid: images_a", 2)
     b = _as_images(images_b, "inception.fid: images_b", 2)
     fa = compute_features(params, a, config, batch_size=batch_size, clip=clip)

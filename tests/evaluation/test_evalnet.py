@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from amg_jax.data import testbed as tb
-from amg_jax.models.evalnet import (CARD, PARAMS, EvalNet, EvalNetConfig, Evaluator, evaluator_for, init_params,
+from amg_jax.evaluation.evalnet import (CARD, PARAMS, EvalNet, EvalNetConfig, Evaluator, evaluator_for, init_params,
                                     load_evaluator, save_evaluator, train_evalnet)
 
 CFG = tb.TestbedConfig(seed=1, image_size=16, shapes=("circle", "cross"), colours=("red", "blue"),
