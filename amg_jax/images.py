@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 
 def to_uint8(x) -> np.ndarray:
@@ -37,8 +38,6 @@ def label_rows(grid_uint8: np.ndarray, labels, *, cell: int, pad: int = 1, heade
                margin: int = 72) -> np.ndarray:
     """Add a white left margin with one text label per grid row (rows ``cell + pad`` apart, as
     ``image_grid`` lays them out) and, optionally, a top ``header`` line. uint8 [H', W', C]."""
-    from PIL import Image, ImageDraw
-
     g = np.asarray(grid_uint8, np.uint8)
     top = 14 if header else 0
     canvas = Image.new("RGB", (g.shape[1] + margin, g.shape[0] + top), (255, 255, 255))
@@ -53,8 +52,6 @@ def label_rows(grid_uint8: np.ndarray, labels, *, cell: int, pad: int = 1, heade
 
 def save_png(path: str, image_uint8: np.ndarray) -> str:
     """Write a uint8 [H, W, C] array as PNG (atomically: write then rename). Returns the path."""
-    from PIL import Image
-
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     img = image_uint8[..., 0] if image_uint8.shape[-1] == 1 else image_uint8
     tmp = path + ".tmp.png"

@@ -44,6 +44,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from amg_jax.jsonio import write_atomic
+from amg_jax.mesh import BANK_AXIS, make_mesh
 
 Array = jax.Array
 
@@ -262,7 +263,7 @@ def shard_bank(bank: ReferenceBank, mesh: Mesh | None = None) -> ReferenceBank:
     "bank"). M is padded to a multiple of the device count with rows that are never chosen
     (``sq_norms = +inf``, ``source_index = labels = -1``). ``search`` then runs per shard."""
     if mesh is None:
-        mesh = Mesh(np.asarray(jax.devices()), ("bank",))
+        mesh = make_mesh(axis=BANK_AXIS)
     if len(mesh.axis_names) != 1:
         raise ValueError(f"shard_bank: mesh must be 1-D, got axes {mesh.axis_names}")
     bank = unshard_bank(bank)

@@ -30,10 +30,16 @@ import shutil
 import warnings
 from typing import Callable, Sequence
 
+import jax
 import numpy as np
+from tqdm.auto import tqdm
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from PIL import Image
 
 from amg_jax.index import ReferenceBank, build_bank, save_bank
 from amg_jax.jsonio import read_json, write_json
+from amg_jax.mesh import make_mesh
 from amg_jax.similarity import clip, sscd
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -102,8 +108,6 @@ def read_captions(folder: str, files: Sequence[str], captions: str | None = None
 def load_image(path: str, size: tuple[int, int]) -> np.ndarray:
     """One image as float32 [H, W, 3] in [-1, 1]: RGB, short side resized to fit ``size`` (H, W)
     (bicubic), centre-cropped. Raises ValueError naming the file when it cannot be read."""
-    from PIL import Image
-
     h, w = size
     try:
         with Image.open(path) as im:
@@ -167,8 +171,6 @@ def build_index(folder: str, embedder: Callable[[np.ndarray], np.ndarray], out: 
     chunks = range(0, len(files), batch)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(files), desc=f"index build ({embedder_name})", unit="img")
     skipped = []
     try:
@@ -241,10 +243,7 @@ def sharded_embedder(embed_fn: Callable, params, *, mesh=None) -> Callable:
     """``images [b, H, W, 3] -> [b, E]`` (NumPy) running ``jit(embed_fn)(params, images)`` with the
     batch sharded over all devices of ``mesh`` (default: every device) and ``params`` replicated;
     a batch not divisible by the device count is padded (with its last image) and cut."""
-    import jax
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-    mesh = Mesh(np.asarray(jax.devices()), ("batch",)) if mesh is None else mesh
+    mesh = make_mesh() if mesh is None else mesh
     n = int(mesh.devices.size)
     rep = NamedSharding(mesh, P())
     params = jax.device_put(params, rep)

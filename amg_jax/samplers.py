@@ -39,9 +39,12 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from amg_jax import schedules
-from amg_jax.guidance.base import ProbeResult, StepContext
+from amg_jax.guidance.base import (ProbeResult, StepContext, check_trace_of, describe_strengths, first_pass_of,
+                                   has_trace_check)
+from amg_jax.mesh import make_mesh
 from amg_jax.schedules import Schedule
 
 Array = jax.Array
@@ -239,7 +242,7 @@ def ddpm_tables(cfg: SamplerConfig, schedule: Schedule, timesteps: np.ndarray) -
 
 def ddpm_step(tables: DDPMTables, x_t: Array, eps_hat: Array, i: Array, keys: Array, state: tuple,
               *, clip_range: float | None = None) -> tuple[Array, tuple]:
-    """DDPM ancestral step: x_{t'} = c0 x0_hat + c1 x_t + std z, z = normal(fold_in(keys[b], i)).
+    """DDPM ancestral step: x_{t'} = x0_coeff x0_hat + xt_coeff x_t + std z, z = normal(fold_in(keys[b], i)).
 
     x_t, eps_hat: [B, *S]; i: [] step index; keys: [B]. ``clip_range`` clips x0_hat.
     """
@@ -456,7 +459,7 @@ def sample_loop(denoiser, guidance, sampler_cfg: SamplerConfig, keys: Array, con
     if x_T is None:
         x_T = initial_noise(keys, tuple(denoiser.sample_shape))
     state = guidance.init(x_T)
-    first_pass = getattr(guidance, "first_pass", None)
+    first_pass = first_pass_of(guidance)
     first_trace = None
     if first_pass is not None:
         probe = ProbeResult(*_scan(denoiser, first_pass, sampler, keys, cond, x_T, first_pass.init(x_T)))
@@ -468,26 +471,36 @@ def sample_loop(denoiser, guidance, sampler_cfg: SamplerConfig, keys: Array, con
 
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
-class _StaticGuidance:
+class StaticGuidance:
     """Carries a hashable guidance that is not a registered pytree through ``jit`` as static."""
 
     guidance: Any
 
 
-def _sample_entry(denoiser, guidance, sampler_cfg, keys, cond, x_T):
-    if isinstance(guidance, _StaticGuidance):
+def is_pytree_guidance(guidance) -> bool:
+    """Whether ``guidance`` is a registered pytree (its arrays traced, its config static)."""
+    leaves = jax.tree.leaves(guidance)
+    return not (len(leaves) == 1 and leaves[0] is guidance)
+
+
+def jit_guidance(guidance):
+    """The guidance as ``sample_entry`` takes it through ``jit``: a pytree as it is, any other
+    hashable guidance wrapped as static (``StaticGuidance``)."""
+    return guidance if is_pytree_guidance(guidance) else StaticGuidance(guidance)
+
+
+def sample_entry(denoiser, guidance, sampler_cfg, keys, cond, x_T):
+    """``sample_loop`` with the guidance as ``jit_guidance`` passes it: the function every entry
+    point jits (``sample``; ``sharding.sample_sharded`` over a mesh, ``sample_pmap`` per device),
+    with ``sampler_cfg`` static."""
+    if isinstance(guidance, StaticGuidance):
         guidance = guidance.guidance
     return sample_loop(denoiser, guidance, sampler_cfg, keys, cond, x_T)
 
 
 # The guidance is a pytree argument: its config is static (part of the tree structure), the
 # arrays it holds (AMG's reference bank) are traced, so a large bank is never a constant.
-_sample_jit = jax.jit(_sample_entry, static_argnums=(2,))
-
-
-def _is_pytree(guidance) -> bool:
-    leaves = jax.tree.leaves(guidance)
-    return not (len(leaves) == 1 and leaves[0] is guidance)
+_sample_jit = jax.jit(sample_entry, static_argnums=(2,))
 
 
 def check_guidance(guidance) -> None:
@@ -498,7 +511,7 @@ def check_guidance(guidance) -> None:
         if not callable(getattr(guidance, name, None)):
             raise ValueError(f"guidance {guidance!r} has no {name}() method")
     name = type(guidance).__name__
-    if _is_pytree(guidance):
+    if is_pytree_guidance(guidance):
         leaves, treedef = jax.tree.flatten(guidance)
         bad = [type(v).__name__ for v in leaves if not isinstance(v, (jax.Array, np.ndarray, np.generic))]
         if bad:
@@ -513,7 +526,7 @@ def check_guidance(guidance) -> None:
             hash(guidance)
         except TypeError as e:
             raise ValueError(f"guidance {name} must be hashable (a frozen dataclass) or a pytree: {e}") from e
-    first_pass = getattr(guidance, "first_pass", None)
+    first_pass = first_pass_of(guidance)
     if first_pass is not None:
         check_guidance(first_pass)
         if not callable(getattr(guidance, "after_first_pass", None)):
@@ -569,22 +582,9 @@ def sample(denoiser, guidance, sampler_cfg: SamplerConfig, keys, cond, *, x_T: A
     if not jit:
         res = sample_loop(denoiser, guidance, sampler_cfg, keys, cond, x_T)
     else:
-        res = _sample_jit(denoiser, guidance if _is_pytree(guidance) else _StaticGuidance(guidance),
-                          sampler_cfg, keys, cond, x_T)
+        res = _sample_jit(denoiser, jit_guidance(guidance), sampler_cfg, keys, cond, x_T)
     report_divergence(guidance, res)   # report, keep the samples: nothing computed is thrown away
     return res
-
-
-def _strengths(guidance) -> str:
-    """``Name(scale=.., c3=..)``: the strength settings of a guidance (and of the one it wraps)."""
-    parts = [f"{k}={getattr(guidance, k):g}" for k in ("scale", "early_scale")
-             if isinstance(getattr(guidance, k, None), (int, float))]
-    cfg = getattr(guidance, "config", None)
-    parts += [f"{k}={getattr(cfg, k):g}" for k in ("c1", "c2", "c3") if isinstance(getattr(cfg, k, None), (int, float))]
-    base = getattr(guidance, "base", None)
-    if base is not None and base is not guidance:
-        parts.append("base " + _strengths(base))
-    return f"{type(guidance).__name__}({', '.join(parts)})"
 
 
 DIVERGED = 1e6      # |x0| beyond this is no image (samples live at the data's unit scale): the guidance diverged
@@ -603,12 +603,12 @@ def _diverged_message(bad: np.ndarray, guidance) -> str | None:
     if not bad.any():
         return None
     return (f"sample: {int(bad.sum())} of {bad.size} samples are NaN/inf or beyond +-{DIVERGED:g} (samples "
-            f"{np.flatnonzero(bad)[:8].tolist()}): the guidance diverged; lower its strength: {_strengths(guidance)}")
+            f"{np.flatnonzero(bad)[:8].tolist()}): the guidance diverged; lower its strength: {describe_strengths(guidance)}")
 
 
 def nonfinite_samples_message(x0, guidance) -> str | None:
     """A message when samples ``x0`` [B, *S] hold NaN/inf or values beyond ``DIVERGED`` (the
-    guidance diverged, e.g. a huge CFG scale or AMG c3), naming the guidance's strength settings;
+    guidance diverged, e.g. a huge guidance strength), naming the guidance's strength settings;
     None when all are fine. It reads the flags back, so it waits for ``x0``; ``sample`` issues
     the same message without waiting (``report_divergence``)."""
     return _diverged_message(np.asarray(diverged(x0)), guidance)
@@ -617,9 +617,7 @@ def nonfinite_samples_message(x0, guidance) -> str | None:
 def divergence_message(guidance, bad: np.ndarray, trace: dict) -> str | None:
     """The one divergence message of a run from host values: the guidance's ``check_trace(trace)``
     (trace {name: [B, N]}) and ``nonfinite_samples_message`` of the flags ``bad`` [B], joined by "; "."""
-    check = getattr(guidance, "check_trace", None)
-    message = "; ".join(m for m in (check(trace) if callable(check) else None,
-                                    _diverged_message(bad, guidance)) if m)
+    message = "; ".join(m for m in (check_trace_of(guidance, trace), _diverged_message(bad, guidance)) if m)
     return message or None
 
 
@@ -670,11 +668,9 @@ def _gather_sharding(x):
     sharding = getattr(x, "sharding", None) if not isinstance(x, jax.core.Tracer) else None
     if sharding is None or len(sharding.device_set) < 2:
         return None
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
     mesh = getattr(sharding, "mesh", None)
     if not isinstance(mesh, Mesh):
-        mesh = Mesh(np.asarray(sorted(sharding.device_set, key=lambda d: d.id), dtype=object), ("devices",))
+        mesh = make_mesh(sorted(sharding.device_set, key=lambda d: d.id))
     return NamedSharding(mesh, PartitionSpec())
 
 
@@ -691,13 +687,13 @@ def report_divergence(guidance, res: SampleResult) -> None:
     _REPORTS[ticket] = (guidance, isinstance(res.x0, jax.core.Tracer))
     while len(_REPORTS) > _MAX_REPORTS:
         _REPORTS.pop(next(iter(_REPORTS)), None)
-    trace = dict(res.trace) if callable(getattr(guidance, "check_trace", None)) else {}
+    trace = dict(res.trace) if has_trace_check(guidance) else {}
     _report_program(np.int32(ticket), res.x0, trace, _gather_sharding(res.x0))
 
 
 __all__ = [
     "DDIMTables", "DDPMTables", "DPMSolverTables", "ProbeResult", "SAMPLERS", "SampleResult", "Sampler", "SamplerConfig",
-    "as_keys", "check_guidance", "ddim_step", "ddim_tables", "ddpm_step", "ddpm_tables", "dpm_solver_step",
+    "StaticGuidance", "as_keys", "check_guidance", "is_pytree_guidance", "jit_guidance", "sample_entry", "ddim_step", "ddim_tables", "ddpm_step", "ddpm_tables", "dpm_solver_step",
     "dpm_solver_tables", "fold_keys", "initial_noise", "keys_from_seeds", "make_sampler", "nonfinite_samples_message",
     "diverged", "divergence_message", "report_divergence",
     "run_loop",

@@ -36,29 +36,12 @@ from jax.sharding import PartitionSpec as P
 
 from amg_jax import samplers
 from amg_jax.index import ReferenceBank, shard_bank, unshard_bank
-from amg_jax.samplers import SampleResult, SamplerConfig
+from amg_jax.mesh import BATCH_AXIS, make_mesh
+from amg_jax.samplers import SampleResult, SamplerConfig, jit_guidance, sample_entry
 
 Array = jax.Array
 
-BATCH_AXIS = "batch"
-
-
 # ----------------------------------------------------------------------------- devices
-
-
-def make_mesh(devices=None, axis: str = BATCH_AXIS) -> Mesh:
-    """One 1-D ``Mesh`` named ``axis`` over ``devices`` (default ``jax.devices()``: every device
-    of every process once ``jax.distributed`` is initialized), in ``jax.devices()`` order, the
-    order ``index.shard_bank`` uses, so a sharded bank and the batch share one device layout."""
-    if not isinstance(axis, str) or not axis:
-        raise ValueError(f"make_mesh: axis must be a non-empty string, got {axis!r}")
-    devs = np.asarray(jax.devices() if devices is None else list(devices), dtype=object).reshape(-1)
-    if devs.size == 0:
-        raise ValueError("make_mesh: no devices given")
-    if len({d.id for d in devs}) != devs.size:
-        raise ValueError(f"make_mesh: repeated devices {[d.id for d in devs]}")
-    return Mesh(devs, (axis,))
-
 
 # Multi-host launchers this module recognises, and the variables that say "several processes".
 DISTRIBUTED_ENV = {
@@ -158,11 +141,6 @@ def _validate(denoiser, guidance, sampler_cfg, keys, cond, x_T, where: str):
     return samplers.validate_inputs(denoiser, guidance, sampler_cfg, keys, cond, x_T, where)
 
 
-def _as_traced_guidance(guidance):
-    """The guidance as ``samplers._sample_entry`` takes it (a pytree, or wrapped as static)."""
-    return guidance if samplers._is_pytree(guidance) else samplers._StaticGuidance(guidance)
-
-
 def _is_bank(x) -> bool:
     return isinstance(x, ReferenceBank)
 
@@ -183,7 +161,7 @@ def sharded_sample_fn(mesh: Mesh):
     device count (``sample_sharded`` pads)."""
     axis = mesh.axis_names[0]
     rep, bat = NamedSharding(mesh, P()), NamedSharding(mesh, P(axis))
-    return jax.jit(samplers._sample_entry, static_argnums=(2,),
+    return jax.jit(sample_entry, static_argnums=(2,),
                    in_shardings=(rep, None, bat, bat, bat), out_shardings=bat)
 
 
@@ -199,7 +177,7 @@ def place_guidance(guidance, mesh: Mesh):
             if x.mesh is None:
                 return jax.device_put(x, rep)
             if _device_ids(x.mesh) != ids:
-                return shard_bank(x, Mesh(mesh.devices.reshape(-1), x.mesh.axis_names))
+                return shard_bank(x, make_mesh(mesh.devices.reshape(-1), x.mesh.axis_names[0]))
             return x
         return jax.device_put(x, rep)
 
@@ -243,7 +221,7 @@ def sample_sharded(denoiser, guidance, sampler_cfg: SamplerConfig, keys, cond, *
     bat = NamedSharding(mesh, P(mesh.axis_names[0]))
     keys, cond, x_T = jax.device_put((keys, cond, x_T), bat)
     den = jax.device_put(denoiser, NamedSharding(mesh, P()))
-    traced = place_guidance(_as_traced_guidance(guidance), mesh)
+    traced = place_guidance(jit_guidance(guidance), mesh)
     res = _cut(sharded_sample_fn(mesh)(den, traced, sampler_cfg, keys, cond, x_T), batch)
     samplers.report_divergence(guidance, res)   # on the devices; warned when computed
     return res
@@ -254,7 +232,7 @@ def sample_sharded(denoiser, guidance, sampler_cfg: SamplerConfig, keys, cond, *
 
 def _pmap_entry(params, rest, guidance, sampler_cfg, keys, cond, x_T):
     """One device's share: the denoiser re-assembled from its params and the rest."""
-    return samplers._sample_entry(rest.replace(params=params), guidance, sampler_cfg, keys, cond, x_T)
+    return sample_entry(rest.replace(params=params), guidance, sampler_cfg, keys, cond, x_T)
 
 
 # Arguments: params [n, ...] (replicated), denoiser without params, guidance, sampler_cfg (static),
@@ -346,7 +324,7 @@ def sample_pmap(denoiser, guidance, sampler_cfg: SamplerConfig, keys, cond, *, x
         (keys, cond, x_T), batch = pad_batch((keys, cond, x_T), n)
         nd, params = n, replicate(denoiser.params, jax.local_devices()[:n])
     keys, cond, x_T = jax.tree.map(lambda a: _uncommitted(a.reshape((nd, -1) + a.shape[1:])), (keys, cond, x_T))
-    traced = _unshard_banks(_as_traced_guidance(guidance))
+    traced = _unshard_banks(jit_guidance(guidance))
     out = _pmap_sample(params, denoiser.replace(params=None), traced, sampler_cfg, keys, cond, x_T)
     res = _cut(jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), out), batch)
     samplers.report_divergence(guidance, res)   # on the devices; warned when computed

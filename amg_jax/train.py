@@ -65,6 +65,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 import optax
 import orbax.checkpoint as ocp
 from flax import struct
@@ -774,8 +775,6 @@ def _check_resume(workdir: str, meta: dict, where: str) -> None:
 def _run(model, state, losses, start, target, x, conds, base_key, config, schedule, mesh, mngr, workdir,
          progress, echo):
     """The update loop from ``start`` to ``target`` (checkpoints, loss log, progress bar)."""
-    from tqdm.auto import tqdm
-
     rep = NamedSharding(mesh, P())
     step_fn = _compiled_step(model, config, schedule, mesh)
     images_dev = jax.device_put(x, rep)

@@ -17,8 +17,17 @@ import jax
 import numpy as np
 
 from amg_jax.samplers import SamplerConfig, sample
-from amg_jax.workbench import build_model, build_testbed, method_guidance, prepare_bench
+from amg_jax.apps.models import build_testbed, calibrated_bank, get_model, make_detector
+from amg_jax.evaluation.protocol import prepare_bench
+from amg_jax.guidance import build_method
 
+
+
+def method_guidance(method: str, scale: float, bed, *, base: str = "cfg", detector: str = "nl2", amg=None):
+    """The method's guidance with this experiment's own AMG settings (``amg``, not a model's
+    defaults) and a pixel ``detector`` over the testbed's calibrated bank."""
+    det = make_detector(detector, calibrated_bank(bed)) if method == "amg" else None
+    return build_method(method, scale, base=base, detector=det, amg=amg)
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,7 +39,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     bed = build_testbed("default")
     bench = prepare_bench(bed, a.batch, 1, 0, kinds=("specific",))
-    den = build_model(a.model, bed)
+    den = get_model(a.model).denoiser(bed)
     keys, cond = bench.keys[: a.batch], bench.cond[: a.batch]
     sampler = SamplerConfig("ddim", num_steps=a.steps)
     closed = dict(threshold="constant", lambda_max=-1e-12)
@@ -43,7 +52,7 @@ def main(argv=None):
     }
     rows = {}
     for name, (method, amg) in runs.items():
-        g = method_guidance(method, 7.5, bed=bed, amg=amg)
+        g = method_guidance(method, 7.5, bed, amg=amg)
         t0 = time.perf_counter()
         res = sample(den, g, sampler, keys, cond)
         jax.block_until_ready(res.x0)

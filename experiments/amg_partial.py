@@ -17,8 +17,17 @@ import numpy as np
 
 from amg_jax.data import testbed as tb
 from amg_jax.samplers import SamplerConfig, sample
-from amg_jax.workbench import build_model, build_testbed, method_guidance, prepare_bench
+from amg_jax.apps.models import build_testbed, calibrated_bank, get_model, make_detector
+from amg_jax.evaluation.protocol import prepare_bench
+from amg_jax.guidance import build_method
 
+
+
+def method_guidance(method: str, scale: float, bed, *, base: str = "cfg", detector: str = "nl2", amg=None):
+    """The method's guidance with this experiment's own AMG settings (``amg``, not a model's
+    defaults) and a pixel ``detector`` over the testbed's calibrated bank."""
+    det = make_detector(detector, calibrated_bank(bed)) if method == "amg" else None
+    return build_method(method, scale, base=base, detector=det, amg=amg)
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,11 +46,11 @@ def main(argv=None):
     runs = json.loads(a.runs)
     bed = build_testbed(a.testbed)
     bench = prepare_bench(bed, a.prompts, a.samples, a.seed, tuple(a.kinds.split(",")))
-    den = build_model(a.model, bed)
+    den = get_model(a.model).denoiser(bed)
     results = json.load(open(a.out)) if a.out and os.path.exists(a.out) else {}
     print(f"{len(bench.caption_ids)} samples/run, copy threshold {bench.threshold:.3f}", flush=True)
     for name, spec in runs.items():
-        g = method_guidance(spec.get("method", "amg"), spec.get("scale", a.scale), bed=bed,
+        g = method_guidance(spec.get("method", "amg"), spec.get("scale", a.scale), bed,
                             base=spec.get("base", "cfg"), detector=spec.get("detector", "nl2"),
                             amg=spec.get("amg"))
         cond = bench.cond if spec.get("cond", "caption") == "caption" else None

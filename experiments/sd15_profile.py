@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amg_jax import bench, sd_guidance as sg
+from amg_jax.apps import bench
+from amg_jax.models.sd_amg import latent_detector
 from amg_jax.index import build_bank
 from amg_jax.models import stable_diffusion as sdm
 from amg_jax.similarity import sscd
@@ -36,7 +37,7 @@ def main():
         cfg = sscd.SSCDConfig(image_size=288)
         emb = np.random.default_rng(0).standard_normal((1000, cfg.embed_dim)).astype(np.float32)
         bank = build_bank(emb, np.arange(1000) % 4, kind="embedding", normalize=True, scale_rows=256)
-        det = sg.latent_detector(sd, "sscd", (sscd.init_params(cfg, seed=0), cfg), bank)
+        det = latent_detector(sd, "sscd", (sscd.init_params(cfg, seed=0), cfg), bank)
         cond = sdm.encode_prompts(sd, ["a photo of a cat"] * b)
         cond2 = jnp.concatenate([jnp.broadcast_to(den.null_cond, cond.shape), cond])
         x = jax.random.normal(jax.random.key(1), (b,) + tuple(den.sample_shape))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -19,8 +20,11 @@ import numpy as np
 from amg_jax.data import testbed as tb
 from amg_jax.jsonio import write_json
 from amg_jax.samplers import SamplerConfig
-from amg_jax.workbench import (bench_evaluator, build_model, build_testbed, method_guidance, model_bank,
-                               model_base, model_kind, model_scale, prepare_bench, resolve_testbed, sample_in_chunks)
+from amg_jax.apps.models import bench_evaluator, build_testbed, get_model, make_detector, resolve_testbed
+from amg_jax.apps.runs import run_method
+from amg_jax.evaluation.protocol import prepare_bench
+from amg_jax.guidance import build_method
+from amg_jax.models.zoo import update_card
 
 def tables(c3: float, strong: float) -> tuple[dict, dict]:
     """The runs of the conditional and of the unconditional table (AMG's c3 and the strong c3)."""
@@ -66,15 +70,16 @@ def main(argv=None):
     p.add_argument("--card", action="store_true",
                    help="record the baseline row (CFG / unguided) as the model card's measured memorization")
     a = p.parse_args(argv)
-    conditioning = model_kind(a.model)
+    model = get_model(a.model)
+    conditioning = model.conditioning
     table, uncond = tables(a.c3, a.strong)
     runs = json.loads(a.runs) if a.runs else (uncond if conditioning == "uncond" else table)
     if a.only:
         runs = {k: runs[k] for k in a.only.split(",")}
-    bed = build_testbed(resolve_testbed(a.testbed, [a.model]))
-    den = build_model(a.model, bed)
-    bank = model_bank(a.model, bed)
-    a.scale = model_scale(a.model, a.scale)
+    bed = build_testbed(resolve_testbed(a.testbed, [model]))
+    den = model.denoiser(bed)
+    bank = model.bank(bed)
+    a.scale = model.scale(a.scale)
     bench = prepare_bench(bed, a.prompts, a.samples, a.seed, conditioning=conditioning,
                           evaluator=bench_evaluator(bed))
     results = json.load(open(a.out)) if a.out and os.path.exists(a.out) else {}
@@ -93,12 +98,14 @@ def main(argv=None):
         if name in results:
             print(f"{name}: done before, skipped", flush=True)
             continue
-        g = method_guidance(spec.get("method", "amg"), spec.get("scale", a.scale), bed=bed, bank=bank,
-                            base=spec.get("base", model_base(a.model)),
-                            amg=spec.get("amg"), detector=spec.get("detector", "nl2"))
+        # the table's own AMG settings (``amg``), not the model's defaults; the nL2 detector unless a run names one
+        method = spec.get("method", "amg")
+        det = make_detector(spec.get("detector", "nl2"), bank) if method == "amg" else None
+        g = build_method(method, spec.get("scale", a.scale), base=spec.get("base", model.base), detector=det,
+                         amg=spec.get("amg"))
         t0 = time.time()
-        res = sample_in_chunks(den, g, sampler, bench.keys, bench.cond, a.chunk)
-        x = np.asarray(res.x0)
+        res = run_method(den, g, sampler, bench.keys, bench.cond, batch=a.chunk)
+        x = res.x
         sec = time.time() - t0
         m = bench.measure(np.clip(np.nan_to_num(x, nan=0.0), -1e3, 1e3))
         gate = np.asarray(res.trace["gate"]) if "gate" in res.trace else None
@@ -121,15 +128,10 @@ def main(argv=None):
 
 def record_card(a, results: dict, conditioning: str) -> None:
     """Write the baseline's copy rates per prompt kind into the checkpoint's card."""
-    import sys
-
-    from amg_jax.models.zoo import update_card
-    from amg_jax.workbench import checkpoints_dir, TRAINED
-
     base = "unguided" if conditioning == "uncond" else "CFG"
     m = results[base]["metrics"]
     keep = ("frac_copied", "frac_nl2_below_1.4", "nl2_median", "fd", "alignment", "frac_out_of_range", "count")
-    update_card(os.path.join(checkpoints_dir(), TRAINED[a.model]), memorization={
+    update_card(get_model(a.model).path, memorization={
         "method": base if conditioning == "uncond" else f"CFG {a.scale}", "sampler": f"{a.sampler} {a.steps}",
         "copy_threshold": results["_meta"]["threshold"], "fd_features": results["_meta"]["fd_features"],
         "per_kind": {k: {f: v[f] for f in keep if f in v} for k, v in m.items()},

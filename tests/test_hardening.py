@@ -25,6 +25,7 @@ from amg_jax.apps import cli
 from amg_jax.apps import runs, sweep
 from amg_jax.apps.sweep import backends as sweep_backends
 from amg_jax.data import testbed as tb
+from amg_jax.data.bank import bank_from_testbed
 from amg_jax.guidance import CFG
 from amg_jax.guidance.amg import make_amg
 from amg_jax.models import stable_diffusion as sdm
@@ -42,7 +43,7 @@ DDIM = SamplerConfig("ddim", 3)
 def tiny():
     bed = tb.make_testbed(TINY)
     den = empirical_denoiser(bed.images, bed.labels, num_conditions=bed.num_captions)
-    return bed, den, index.bank_from_testbed(bed)
+    return bed, den, bank_from_testbed(bed)
 
 
 def cond(n, bed):

@@ -178,7 +178,7 @@ def test_code_cells_parse_and_name_real_amg_jax_api(name):
 
 def test_stable_diffusion_notebook_uses_the_sharded_sd_api():
     src = "\n".join(python_source(c) for c in read("stable_diffusion.ipynb").cells if c.cell_type == "code")
-    for call in ("load_stable_diffusion(", "sample_sharded(", "sg.method_guidance(", "sg.latent_detector(",
+    for call in ("load_stable_diffusion(", "sample_sharded(", "spec.guidance(", "latent_detector(",
                  "build_index(", "sscd.convert_file(", "DOWNLOAD"):
         assert call in src
     assert "sscd_disc_mixup.torchscript.pt" in src and "CompVis/stable-diffusion-v1-4" in src

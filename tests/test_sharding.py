@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from amg_jax import index, sharding
 from amg_jax.data import testbed as tb
+from amg_jax.data.bank import bank_from_testbed
 from amg_jax.guidance import CFG, make_guidance
 from amg_jax.guidance.amg import make_amg
 from amg_jax.models.empirical import empirical_denoiser
@@ -47,7 +48,7 @@ def assert_same(a, b, **tol):
 def tiny():
     bed = tb.make_testbed(TINY)
     den = empirical_denoiser(bed.images, bed.labels, num_conditions=bed.num_captions)
-    bank = index.bank_from_testbed(bed)
+    bank = bank_from_testbed(bed)
     cond = lambda b: jnp.asarray(np.arange(b) % bed.num_captions, jnp.int32)   # noqa: E731
     return den, bank, cond
 

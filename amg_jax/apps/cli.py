@@ -17,7 +17,7 @@ import jax
 from amg_jax.apps import bench, demo, evaluate, sweep
 from amg_jax.apps.models import MODELS, TESTBEDS, is_sd, testbed_config
 from amg_jax.apps.sample import SampleRun, run_sample
-from amg_jax.data.testbed import KINDS
+from amg_jax.data.testbed import KINDS as PROMPT_KINDS
 from amg_jax.evaluation import inception
 from amg_jax.evaluation.evalnet import save_evaluator, train_evalnet
 from amg_jax.guidance import GUIDANCES, METHODS
@@ -362,7 +362,7 @@ def _add_train(sub) -> None:
         formatter_class=_Help)
     t.set_defaults(func=_run_train)
     d = TrainConfig()
-    t.add_argument("--kind", choices=KINDS, required=True, help="conditioning")
+    t.add_argument("--kind", choices=zoo.KINDS, required=True, help="conditioning")
     t.add_argument("--workdir", required=True, help="training directory (checkpoints, losses, resume)")
     t.add_argument("--out", default=None, help="export the trained model here (default: do not export)")
     t.add_argument("--testbed", choices=TESTBEDS, default="unet",
@@ -457,8 +457,8 @@ def _add_eval(sub) -> None:
     e.add_argument("--method", choices=evaluate.METHODS, default="amg", help="guidance")
     e.add_argument("--base", choices=("auto",) + tuple(GUIDANCES), default="auto",
                    help="the guidance AMG wraps (auto: cfg, none for an unconditional model)")
-    e.add_argument("--kinds", type=_csv(KINDS), default=",".join(KINDS), metavar="LIST",
-                   help=f"comma-separated prompt kinds from: {', '.join(KINDS)}")
+    e.add_argument("--kinds", type=_csv(PROMPT_KINDS), default=",".join(PROMPT_KINDS), metavar="LIST",
+                   help=f"comma-separated prompt kinds from: {', '.join(PROMPT_KINDS)}")
     _add_run_args(e)
     e.add_argument("--detector", choices=evaluate.DETECTORS, default="auto",
                    help="AMG's pixel detector: auto (nl2-bank for the trained UNets, else nl2), nl2 (sigma = -nL2), nl2-bank (nL2 over the bank's typical "

@@ -518,7 +518,7 @@ def _load_state_dict(src) -> tuple[dict, str]:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"convert_state_dict: no such file: {path!r} (the FID Inception weights are "
                                     f"{FID_WEIGHTS_FILE} from mseitzer/pytorch-fid's releases)")
-        import torch
+        import torch    # optional (the torch extra): only to read PyTorch weights
 
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)

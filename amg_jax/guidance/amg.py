@@ -65,8 +65,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amg_jax.guidance.base import StepContext, eps_uncond_cond, per_sample_norm, x0_from_eps
-from amg_jax.jsonio import unknown_fields
+from amg_jax.guidance.base import GuidanceBase, StepContext, eps_uncond_cond, first_pass_of, per_sample_norm, x0_from_eps
+from amg_jax.checks import unknown_fields
 
 Array = jax.Array
 
@@ -139,7 +139,7 @@ class AMGState:
 
 
 @dataclasses.dataclass(frozen=True)
-class AMG:
+class AMG(GuidanceBase):
     """AMG around ``base`` with ``detector`` (see the module docstring). Build with ``make_amg``,
     which checks the thresholds against the detector's range.
 
@@ -159,7 +159,7 @@ class AMG:
     # ---------------------------------------------------------------- two-pass bases (OG+DTP)
     @property
     def first_pass(self):
-        return getattr(self.base, "first_pass", None)
+        return first_pass_of(self.base)
 
     def after_first_pass(self, state: AMGState, probe) -> AMGState:
         """The wrapped guidance's ``after_first_pass`` on the probe's ``ProbeResult``."""
@@ -237,56 +237,69 @@ class AMG:
         eps_fn = self._eps_hat_fn(state, ctx)
         return jax.grad(lambda x: sigma_sum(x0_from_eps(x, eps_fn(x), ab)))(ctx.x_t)
 
-    def apply(self, state: AMGState, ctx: StepContext) -> tuple[Array, AMGState, dict]:
-        c = self.config
-        b = ctx.x_t.shape[0]
-        bshape = (b,) + (1,) * (ctx.x_t.ndim - 1)
-        ab = ctx.alpha_bar
-        eps_u, eps_c = eps_uncond_cond(ctx)
-        eps_base, base_state, trace = self.base.combine(state.base, ctx, eps_u, eps_c)
-        x0_hat = x0_from_eps(ctx.x_t, eps_base, ab)
-        if c.detect_every > 1:    # detect on every k-th step, hold the detection in between
-            detected = ctx.step % c.detect_every == 0
+    # ---------------------------------------------------------------- the step, in named parts
+    def detect(self, state: AMGState, ctx: StepContext, x0_hat: Array):
+        """(Detection of ``x0_hat`` [B, *S] (sigma, index, label: [B] each), detected or None): every
+        step, or with ``detect_every = k`` on every k-th step, holding the last detection in between."""
+        if self.config.detect_every > 1:
+            detected = ctx.step % self.config.detect_every == 0
             det = jax.lax.cond(detected, lambda _: self.detector(jax.lax.stop_gradient(x0_hat)),
                                lambda _: state.held, None)
-        else:
-            det = self.detector(jax.lax.stop_gradient(x0_hat))
-        lam = self.lambda_t(ab)
-        gate = det.sigma > lam if c.threshold != "always" else jnp.ones((b,), bool)
-        w = trace.get("scale", jnp.ones((b,), jnp.float32)).astype(jnp.float32)
-        score = self.score(det.sigma).astype(jnp.float32)
+            return det, detected
+        return self.detector(jax.lax.stop_gradient(x0_hat)), None
+
+    def scales(self, sigma: Array, alpha_bar: Array, w: Array):
+        """(gate, lambda_t, s1, s2), [B] each, from the similarity ``sigma`` [B] and the wrapped
+        guidance's scale ``w`` [B]: the parabolic gate, and G_spe's / G_dup's scales capped so the
+        effective guidance scale stays >= 1 (README pitfall 7)."""
+        c = self.config
+        b = sigma.shape[0]
+        lam = self.lambda_t(alpha_bar)
+        gate = sigma > lam if c.threshold != "always" else jnp.ones((b,), bool)
+        score = self.score(sigma).astype(jnp.float32)
         zeros_b = jnp.zeros((b,), jnp.float32)
         s1 = jnp.clip(c.c1 * score, 0.0, jnp.maximum(w - 1.0, 0.0)) if c.despecify else zeros_b
         s2 = jnp.clip(c.c2 * score, 0.0, jnp.maximum(w - s1 - 1.0, 0.0)) if c.dedup else zeros_b
-        g_spe = -s1.reshape(bshape) * (eps_c - eps_u)
+        return gate, lam, s1, s2
+
+    def open_terms(self, state: AMGState, ctx: StepContext, label: Array, s2: Array, x0_hat: Array,
+                   eps_base: Array, eps_u: Array):
+        """(G_dup, G_sim [n, *S], |grad sigma| [n], fallback [n]) for the n samples of ``ctx`` (all B,
+        or a compacted few): the y_N pass and the dissimilarity gradient, the expensive part."""
+        c = self.config
+        ab = ctx.alpha_bar
+        n = ctx.x_t.shape[0]
+        shp = (n,) + (1,) * (ctx.x_t.ndim - 1)
         c3 = c.c3 * (float(self.detector.scale) ** 2 if c.c3_units == "data" else 1.0)
         ref_norm = 1.0 / (float(self.detector.scale) * jnp.sqrt(ab))   # |grad sigma| at unit scale
+        g_dup = jnp.zeros_like(eps_base)
+        if c.dedup:
+            eps_n = ctx.eps(ctx.x_t, self._neighbour_cond(label, ctx.null_cond))
+            g_dup = -s2.reshape(shp) * (eps_n - eps_u)
+        g_sim, gnorm, fb = jnp.zeros_like(eps_base), jnp.zeros((n,), jnp.float32), jnp.zeros((n,), bool)
+        if c.dissimilar:
+            g = self._grad_xt(state, ctx, x0_hat).astype(eps_base.dtype)
+            gnorm = per_sample_norm(g)
+            if c.fallback:
+                fb = jnp.isfinite(gnorm) & (gnorm <= c.fallback_tol * ref_norm)   # NaN stays NaN
+                u = eps_base / jnp.maximum(per_sample_norm(eps_base), 1e-30).reshape(shp)
+                g = jnp.where(fb.reshape(shp), -u * ref_norm, g)
+            g_sim = c3 * jnp.sqrt(1.0 - ab) * g
+            if c.max_shift is not None:    # x0_hat moves by sqrt((1 - ab) / ab) |G_sim|
+                shift = jnp.sqrt((1.0 - ab) / ab) * per_sample_norm(g_sim)
+                cap = c.max_shift * float(self.detector.scale)
+                g_sim = g_sim * jnp.minimum(1.0, cap / jnp.maximum(shift, 1e-30)).reshape(shp)
+        return g_dup, g_sim, gnorm, fb
 
-        def open_terms(st, cx, label, s2_, x0_, e_base, e_u):
-            """G_dup, G_sim, |grad|, fallback for the samples of ``cx`` (all B, or a compacted few)."""
-            n = cx.x_t.shape[0]
-            shp = (n,) + (1,) * (cx.x_t.ndim - 1)
-            g_dup = jnp.zeros_like(e_base)
-            if c.dedup:
-                eps_n = cx.eps(cx.x_t, self._neighbour_cond(label, cx.null_cond))
-                g_dup = -s2_.reshape(shp) * (eps_n - e_u)
-            g_sim, gnorm, fb = jnp.zeros_like(e_base), jnp.zeros((n,), jnp.float32), jnp.zeros((n,), bool)
-            if c.dissimilar:
-                g = self._grad_xt(st, cx, x0_).astype(e_base.dtype)
-                gnorm = per_sample_norm(g)
-                if c.fallback:
-                    fb = jnp.isfinite(gnorm) & (gnorm <= c.fallback_tol * ref_norm)   # NaN stays NaN
-                    u = e_base / jnp.maximum(per_sample_norm(e_base), 1e-30).reshape(shp)
-                    g = jnp.where(fb.reshape(shp), -u * ref_norm, g)
-                g_sim = c3 * jnp.sqrt(1.0 - ab) * g
-                if c.max_shift is not None:    # x0_hat moves by sqrt((1 - ab) / ab) |G_sim|
-                    shift = jnp.sqrt((1.0 - ab) / ab) * per_sample_norm(g_sim)
-                    cap = c.max_shift * float(self.detector.scale)
-                    g_sim = g_sim * jnp.minimum(1.0, cap / jnp.maximum(shift, 1e-30)).reshape(shp)
-            return g_dup, g_sim, gnorm, fb
+    def gated_open_terms(self, state: AMGState, ctx: StepContext, gate: Array, label: Array, s2: Array,
+                         x0_hat: Array, eps_base: Array, eps_u: Array):
+        """``open_terms`` under the batch-level gate: skipped (zeros) when no sample's gate is open,
+        run on the open samples alone when at most ``open_batch`` are (same values), else on all."""
+        c = self.config
+        b = ctx.x_t.shape[0]
 
         def whole_batch(_):
-            return open_terms(state, ctx, det.label, s2, x0_hat, eps_base, eps_u)
+            return self.open_terms(state, ctx, label, s2, x0_hat, eps_base, eps_u)
 
         def compacted(_):
             # the first open_batch open samples (padded with the first one), computed as a small batch
@@ -296,33 +309,41 @@ class AMG:
                                      and a.shape[0] == b else a)
             sub = ctx._replace(x_t=ctx.x_t[idx], cond=take(ctx.cond), null_cond=take(ctx.null_cond),
                                key=take(ctx.key))
-            outs = open_terms(take(state), sub, det.label[idx], s2[idx], x0_hat[idx], eps_base[idx], eps_u[idx])
+            outs = self.open_terms(take(state), sub, label[idx], s2[idx], x0_hat[idx], eps_base[idx], eps_u[idx])
             return tuple(jnp.zeros((b,) + o.shape[1:], o.dtype).at[idx].set(o) for o in outs)
 
         def closed(_):
             z = jnp.zeros_like(eps_base)
-            return z, z, zeros_b, jnp.zeros((b,), bool)
+            return z, z, jnp.zeros((b,), jnp.float32), jnp.zeros((b,), bool)
 
         if not (c.dedup or c.dissimilar):
-            g_dup, g_sim, gnorm, fb = closed(None)
-        elif c.open_batch is not None and c.open_batch < b:
+            return closed(None)
+        if c.open_batch is not None and c.open_batch < b:
             n_open = jnp.sum(gate.astype(jnp.int32))
             branch = jnp.where(n_open == 0, 0, jnp.where(n_open <= c.open_batch, 1, 2))
-            g_dup, g_sim, gnorm, fb = jax.lax.switch(branch, (closed, compacted, whole_batch), None)
-        else:
-            g_dup, g_sim, gnorm, fb = jax.lax.cond(jnp.any(gate), whole_batch, closed, None)
-        open_ = gate.reshape(bshape)
-        eps_hat = eps_base + jnp.where(open_, g_spe + g_dup + g_sim, 0.0)
+            return jax.lax.switch(branch, (closed, compacted, whole_batch), None)
+        return jax.lax.cond(jnp.any(gate), whole_batch, closed, None)
 
-        def bad(v):
-            return ~jnp.all(jnp.isfinite(v.reshape(b, -1)), axis=-1)
-        used = lambda v: bad(v) & gate        # noqa: E731  a term only counts where the gate adds it
-        nonfinite = (bad(eps_base).astype(jnp.int32) | (used(g_spe).astype(jnp.int32) << 1)
-                     | (used(g_dup).astype(jnp.int32) << 2) | (used(g_sim).astype(jnp.int32) << 3))
+    def apply(self, state: AMGState, ctx: StepContext) -> tuple[Array, AMGState, dict]:
+        """One step: the base guidance's eps_hat, then detect -> scales -> the open terms, added
+        where the gate is open; the trace records every quantity per sample."""
+        c = self.config
+        b = ctx.x_t.shape[0]
+        bshape = (b,) + (1,) * (ctx.x_t.ndim - 1)
+        eps_u, eps_c = eps_uncond_cond(ctx)
+        eps_base, base_state, trace = self.base.combine(state.base, ctx, eps_u, eps_c)
+        x0_hat = x0_from_eps(ctx.x_t, eps_base, ctx.alpha_bar)
+        det, detected = self.detect(state, ctx, x0_hat)
+        w = trace.get("scale", jnp.ones((b,), jnp.float32)).astype(jnp.float32)
+        gate, lam, s1, s2 = self.scales(det.sigma, ctx.alpha_bar, w)
+        g_spe = -s1.reshape(bshape) * (eps_c - eps_u)
+        g_dup, g_sim, gnorm, fb = self.gated_open_terms(state, ctx, gate, det.label, s2, x0_hat, eps_base, eps_u)
+        eps_hat = eps_base + jnp.where(gate.reshape(bshape), g_spe + g_dup + g_sim, 0.0)
         trace = dict(trace, sigma=det.sigma.astype(jnp.float32), index=det.index, label=det.label,
-                     gate=gate, s1=s1, s2=s2, grad_norm=jnp.where(gate, gnorm, 0.0), fallback=fb & gate, nonfinite=nonfinite,
+                     gate=gate, s1=s1, s2=s2, grad_norm=jnp.where(gate, gnorm, 0.0), fallback=fb & gate,
+                     nonfinite=_nonfinite_bits(gate, eps_base, g_spe, g_dup, g_sim),
                      **{"lambda": jnp.broadcast_to(lam, (b,)).astype(jnp.float32)})
-        if c.detect_every > 1:
+        if detected is not None:
             trace["detected"] = jnp.broadcast_to(detected, (b,))
         return eps_hat, AMGState(base=base_state, held=det if c.detect_every > 1 else None), trace
 
@@ -330,9 +351,26 @@ class AMG:
         """A message naming each non-finite term, its first step and samples; None if all finite."""
         return nonfinite_message(trace)
 
+    def strengths(self) -> dict:
+        """c1 / c2 / c3 and the wrapped guidance's (under "base")."""
+        c = self.config
+        return {"c1": c.c1, "c2": c.c2, "c3": c.c3, "base": self.base}
+
 
 jax.tree_util.register_dataclass(AMG, data_fields=["base", "detector", "neighbour_conds"],
                                  meta_fields=["config"])
+
+
+def _nonfinite_bits(gate: Array, eps_base: Array, g_spe: Array, g_dup: Array, g_sim: Array) -> Array:
+    """[B] int32 bit mask: 1 the base eps_hat, 2 G_spe, 4 G_dup, 8 G_sim hold NaN/inf (a term only
+    counts where the gate adds it)."""
+    b = gate.shape[0]
+
+    def bad(v):
+        return ~jnp.all(jnp.isfinite(v.reshape(b, -1)), axis=-1)
+    used = lambda v: bad(v) & gate        # noqa: E731
+    return (bad(eps_base).astype(jnp.int32) | (used(g_spe).astype(jnp.int32) << 1)
+            | (used(g_dup).astype(jnp.int32) << 2) | (used(g_sim).astype(jnp.int32) << 3))
 
 
 def nonfinite_message(trace: dict) -> str | None:

@@ -60,6 +60,60 @@ class ProbeResult(NamedTuple):
     state: Any
 
 
+class GuidanceBase:
+    """The protocol's optional hooks with their defaults; every guidance of this package inherits
+    them, and ``first_pass_of`` / ``check_trace_of`` / ``describe_strengths`` give the same defaults
+    to any other object with ``init`` / ``apply``, so the sampler calls hooks and never probes.
+
+    first_pass:       the probe pass of a two-pass method (OG+DTP), else None; such a guidance
+                      also implements ``after_first_pass(state, probe: ProbeResult) -> state``.
+    check_trace:      ``trace {name: [B, N]} -> message | None``: what went wrong in a run (AMG:
+                      a term that went NaN/inf), read by the divergence report.
+    strengths:        ``{name: value}`` of the settings that set how hard the guidance pushes
+                      (CFG's scale; AMG's c1 / c2 / c3 and, under "base", its base guidance):
+                      what the divergence message tells the user to lower.
+    A guidance AMG can wrap also has ``combine(state, ctx, eps_u, eps_c)``: ``apply`` without its
+    denoiser call, and a ``"scale"`` trace entry (the guidance scale at that step)."""
+
+    first_pass = None
+
+    def check_trace(self, trace: dict) -> str | None:
+        return None
+
+    def strengths(self) -> dict:
+        return {k: getattr(self, k) for k in ("scale", "early_scale")
+                if isinstance(getattr(self, k, None), (int, float)) and not isinstance(getattr(self, k), bool)}
+
+
+def first_pass_of(guidance):
+    """The probe pass of a two-pass guidance, or None (any guidance object)."""
+    return guidance.first_pass if isinstance(guidance, GuidanceBase) else getattr(guidance, "first_pass", None)
+
+
+def check_trace_of(guidance, trace: dict) -> str | None:
+    """``guidance.check_trace(trace)``, None for a guidance without the hook."""
+    hook = guidance.check_trace if isinstance(guidance, GuidanceBase) else getattr(guidance, "check_trace", None)
+    return hook(trace) if callable(hook) else None
+
+
+def has_trace_check(guidance) -> bool:
+    """Whether ``guidance`` checks its trace (the divergence report then hands the trace over)."""
+    if isinstance(guidance, GuidanceBase):
+        return type(guidance).check_trace is not GuidanceBase.check_trace
+    return callable(getattr(guidance, "check_trace", None))
+
+
+def describe_strengths(guidance) -> str:
+    """``Name(scale=.., c3=.., base Name(scale=..))``: the guidance's ``strengths`` (a default for
+    other objects: their numeric ``scale`` / ``early_scale``), the wrapped guidance's nested."""
+    values = guidance.strengths() if isinstance(guidance, GuidanceBase) else GuidanceBase.strengths(guidance)
+    parts = [f"{k}={v:g}" for k, v in values.items() if k != "base"]
+    base = values.get("base")
+    if base is not None and base is not guidance:
+        parts.append("base " + describe_strengths(base))
+    return f"{type(guidance).__name__}({', '.join(parts)})"
+
+
 class Guidance(Protocol):
     """What ``sample`` needs of a guidance (see the module docstring): a hashable config with
     ``init(x_T [B, *S]) -> state`` and ``apply(state, ctx) -> (eps_hat [B, *S], state, trace)``,

@@ -27,7 +27,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from amg_jax.guidance.base import ProbeResult, StepContext, eps_uncond_cond, per_sample_norm
+from amg_jax.guidance.base import GuidanceBase, ProbeResult, StepContext, eps_uncond_cond, per_sample_norm
 
 Array = jax.Array
 
@@ -52,7 +52,7 @@ def _cfg_trace(w: Array, eps_u: Array, eps_c: Array) -> dict:
 
 
 @guidance_config
-class Unguided:
+class Unguided(GuidanceBase):
     """eps_hat = eps(x_t, t, y): the conditional (or unconditional) model, one forward pass."""
 
     def init(self, x: Array) -> tuple:
@@ -67,7 +67,7 @@ class Unguided:
 
 
 @guidance_config
-class CFG:
+class CFG(GuidanceBase):
     """Classifier-free guidance, eps_u + scale * (eps_c - eps_u), in one batched call."""
 
     scale: float = 7.5
@@ -83,7 +83,7 @@ class CFG:
 
 
 @guidance_config
-class StaticTransition:
+class StaticTransition(GuidanceBase):
     """Delayed CFG with a static transition point (STP): early_scale while t > t_switch, then scale.
 
     Reference setting (Jain et al.): early_scale 0 (or 1) before t = 500, 7.5 after.
@@ -133,7 +133,7 @@ class DynamicState:
 
 
 @guidance_config
-class DynamicTransition:
+class DynamicTransition(GuidanceBase):
     """Delayed CFG with the dynamic transition point (DTP).
 
     d_j = ||eps_u - eps_c|| per sample; at the first step j with d_j > d_{j-1} and
@@ -220,7 +220,7 @@ def _cosine_distance(a: Array, b: Array) -> Array:
 
 
 @guidance_config
-class OppositeProbe:
+class OppositeProbe(GuidanceBase):
     """First pass of OG+DTP: opposite guidance (w = early_scale) at every step.
 
     The trace entry ``cos_dist`` at step s is c_{s-1} = 1 - cos(x_s, x_{s-1}) (NaN at step 0):
@@ -263,7 +263,7 @@ class SwitchState:
 
 
 @guidance_config
-class OppositeDynamic:
+class OppositeDynamic(GuidanceBase):
     """OG+DTP (two passes): opposite guidance until a transition read from a probe pass, then scale.
 
     The probe pass runs ``early_scale`` (default -scale, as the reference code does) at every

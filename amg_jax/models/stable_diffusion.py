@@ -36,6 +36,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from amg_jax.models.base import Denoiser
 from amg_jax.samplers import DDPM_VARIANCE_TYPES, FINAL_SIGMAS_TYPES, SamplerConfig
@@ -65,8 +66,8 @@ def quiet_libraries():
     """Silence diffusers' / transformers' "Flax classes are deprecated" messages: their loggers are
     set to errors only (and left so: diffusers' Flax attention modules log it each time they are
     traced), and Future / Deprecation warnings are ignored inside the block."""
-    import diffusers
-    import transformers
+    import diffusers    # heavy; used only when a model is built from it (and for its configs)
+    import transformers    # heavy; used only when a model is built from it (and for its configs)
 
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
@@ -557,7 +558,6 @@ def _cast(params, dtype):
 
 def _check_converted(state: dict, expected: dict, weights_file: str):
     """Keep the converted weights the Flax model expects; ValueError naming missing / mismatched ones."""
-    from flax.traverse_util import unflatten_dict
 
     for key, leaf in expected.items():
         if key in state and tuple(state[key].shape) != tuple(leaf.shape):
@@ -572,14 +572,13 @@ def _check_converted(state: dict, expected: dict, weights_file: str):
 def _convert_pt(model, weights_file: str):
     """PyTorch weights (.safetensors / .bin) -> the Flax params of ``model`` (a diffusers Flax model),
     with diffusers' own renaming (its from_pt reads only .bin files)."""
-    from diffusers.models.modeling_flax_pytorch_utils import rename_key, rename_key_and_reshape_tensor
-    from flax.traverse_util import flatten_dict
+    from diffusers.models.modeling_flax_pytorch_utils import rename_key, rename_key_and_reshape_tensor  # heavy / optional
 
     if weights_file.endswith(".safetensors"):
-        from safetensors.numpy import load_file
+        from safetensors.numpy import load_file    # only to read .safetensors weights
         state = load_file(weights_file)
     else:
-        import torch
+        import torch    # optional (the torch extra): only to read PyTorch weights
         state = {k: v.float().numpy() for k, v in torch.load(weights_file, map_location="cpu",
                                                               weights_only=True).items()}
     expected = flatten_dict(jax.eval_shape(model.init_weights, jax.random.PRNGKey(0)))
@@ -593,14 +592,12 @@ def _convert_pt(model, weights_file: str):
 
 def _load_text_encoder(folder: str, dtype, from_pt: bool):
     """(FlaxCLIPTextModel, params) without running its random init (transformers' from_pt would)."""
-    from transformers import CLIPTextConfig, FlaxCLIPTextModel
+    from transformers import CLIPTextConfig, FlaxCLIPTextModel  # heavy / optional
 
     if not from_pt:
         return FlaxCLIPTextModel.from_pretrained(folder, dtype=dtype, _do_init=False)
     import types
-
-    from flax.traverse_util import flatten_dict
-    from transformers.modeling_flax_pytorch_utils import load_pytorch_checkpoint_in_flax_state_dict
+    from transformers.modeling_flax_pytorch_utils import load_pytorch_checkpoint_in_flax_state_dict  # heavy / optional
 
     model = FlaxCLIPTextModel(CLIPTextConfig.from_pretrained(folder), dtype=dtype, _do_init=False)
     shapes = model.params_shape_tree
@@ -682,8 +679,8 @@ def load_stable_diffusion(path_or_hub_id: str | os.PathLike, *, dtype="float32",
 
     jdt = DTYPES[dtype]
     with quiet_libraries():   # diffusers' Flax modules log a deprecation warning when imported
-        from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
-        from transformers import CLIPTokenizer
+        from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # heavy / optional
+        from transformers import CLIPTokenizer  # heavy / optional
 
         unet, unet_params = _load_diffusers_model(FlaxUNet2DConditionModel, os.path.join(path, "unet"), jdt, from_pt)
         vae, vae_params = _load_diffusers_model(FlaxAutoencoderKL, os.path.join(path, "vae"), jdt, from_pt)
@@ -731,7 +728,6 @@ def random_params(init_fn, rng: np.random.Generator):
     """Random params with the structure of ``init_fn(key)`` without running (or compiling) it:
     kernels N(0, 1 / fan_in), embeddings N(0, 0.5^2), norm scales 1 + N(0, 0.02^2), biases N(0, 0.02^2).
     Building a tiny model's params this way takes milliseconds instead of an XLA compilation."""
-    from flax.traverse_util import flatten_dict, unflatten_dict
 
     shapes = flatten_dict(jax.eval_shape(init_fn, jax.random.PRNGKey(0)))
     out = {}
@@ -754,8 +750,8 @@ def write_tiny_tokenizer(directory: str, extra_merges: int = 200):
     """A CLIPTokenizer (vocab.json + merges.txt) with CLIP's 512 byte-level symbols, ``extra_merges``
     merges of frequent English letter pairs, and the start / end tokens (end = the highest id, as in
     CLIP). Any text tokenizes without unknown tokens. Returns the tokenizer."""
-    from transformers import CLIPTokenizer
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+    from transformers import CLIPTokenizer    # heavy; used only when a model is built from it (and for its configs)
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode  # heavy / optional
 
     os.makedirs(directory, exist_ok=True)
     symbols = list(bytes_to_unicode().values())
@@ -800,11 +796,11 @@ def write_tiny_sd(directory: str | os.PathLike, seed: int = 0, *, framework: str
                                pad_token_id=vocab["<|endoftext|>"])
     sched = dict(SD_V1_SCHEDULER, **(scheduler_config or {}))
     with quiet_libraries():
-        from transformers import CLIPTextConfig
+        from transformers import CLIPTextConfig  # heavy / optional
         text_config = CLIPTextConfig(**cfg["text_encoder"])
         if framework == "flax":
-            from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
-            from transformers import FlaxCLIPTextModel
+            from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # heavy / optional
+            from transformers import FlaxCLIPTextModel  # heavy / optional
 
             rng = np.random.default_rng(seed)
             unet = FlaxUNet2DConditionModel(**cfg["unet"])
@@ -819,9 +815,9 @@ def write_tiny_sd(directory: str | os.PathLike, seed: int = 0, *, framework: str
             text.save_pretrained(os.path.join(directory, "text_encoder"),
                                  params=random_params(lambda k: text.init_weights(k, (1, 77)), rng))
         else:
-            import torch
-            from diffusers import AutoencoderKL, UNet2DConditionModel
-            from transformers import CLIPTextModel
+            import torch    # optional (the torch extra): only to read PyTorch weights
+            from diffusers import AutoencoderKL, UNet2DConditionModel  # heavy / optional
+            from transformers import CLIPTextModel  # heavy / optional
 
             torch.manual_seed(seed)
             UNet2DConditionModel(**cfg["unet"], norm_num_groups=32).save_pretrained(os.path.join(directory, "unet"))
@@ -833,7 +829,7 @@ def write_tiny_sd(directory: str | os.PathLike, seed: int = 0, *, framework: str
     os.makedirs(os.path.join(directory, "scheduler"), exist_ok=True)
     with open(os.path.join(directory, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump(sched, f, indent=2)
-    import diffusers
+    import diffusers    # heavy; used only when a model is built from it (and for its configs)
 
     # what each library's pipeline.save_pretrained writes: Flax class names for Flax weights
     flax = "Flax" if framework == "flax" else ""

@@ -47,6 +47,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from amg_jax.index import ReferenceBank
 from amg_jax.similarity.embedding import EmbeddingDetector, embedding_detector
@@ -64,7 +65,7 @@ VISION_KEYS = ("vision_model", "visual_projection", "logit_scale")
 
 def _quiet_transformers():
     """Silence transformers' "Flax classes are deprecated" and tokenizer length warnings."""
-    import transformers
+    import transformers    # heavy; used only when a model is built from it (and for its configs)
 
     transformers.utils.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message=".*Flax classes are deprecated.*")
@@ -128,8 +129,8 @@ class ClipBundle:
 def _module(config_json: str, dtype: str):
     """The FlaxCLIPModule for a config (cached, so equal configs share one module)."""
     _quiet_transformers()
-    from transformers import CLIPConfig
-    from transformers.models.clip.modeling_flax_clip import FlaxCLIPModule
+    from transformers import CLIPConfig    # heavy; used only when a model is built from it (and for its configs)
+    from transformers.models.clip.modeling_flax_clip import FlaxCLIPModule  # heavy / optional
 
     return FlaxCLIPModule(config=CLIPConfig(**json.loads(config_json)), dtype=jnp.dtype(dtype))
 
@@ -250,7 +251,7 @@ def load_clip(path_or_hub_id: str, dtype: str = "float32") -> ClipBundle:
             _fail(f"directory {src!r} does not exist")
     cfg = _check_local(src) if local else None
     _quiet_transformers()
-    from transformers import CLIPImageProcessor, CLIPTokenizer, FlaxCLIPModel
+    from transformers import CLIPImageProcessor, CLIPTokenizer, FlaxCLIPModel  # heavy / optional
 
     from_pt = local and not os.path.isfile(os.path.join(src, "flax_model.msgpack"))
     try:
@@ -448,7 +449,7 @@ _TINY_MAX_LENGTH = 16
 
 
 def _bytes_to_unicode() -> dict:
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode  # heavy / optional
 
     return bytes_to_unicode()
 
@@ -488,7 +489,6 @@ def _tiny_params(shapes, seed: int) -> dict:
     position / class embeddings ~ N(0, 0.1^2), LayerNorm identity, biases 0, CLIP's
     logit_scale = log(1 / 0.07). (transformers' own init makes every image embed to nearly
     the same vector at this size: the CLS token barely attends to the patches.)"""
-    from flax.traverse_util import flatten_dict, unflatten_dict
 
     rng = np.random.default_rng(int(seed))
     out = {}
@@ -518,8 +518,8 @@ def write_tiny_clip(directory: str, seed: int = 0, *, num_merges: int = 120) -> 
     any text encodes; ``<|startoftext|>`` / ``<|endoftext|>`` have the highest ids, as in CLIP);
     ``preprocessor_config.json`` (short side 32, crop 32, OpenAI mean / std)."""
     _quiet_transformers()
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
-    from transformers import FlaxCLIPModel
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig  # heavy / optional
+    from transformers import FlaxCLIPModel    # heavy; used only when a model is built from it (and for its configs)
 
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)

@@ -446,7 +446,7 @@ def _load_torch(src) -> tuple[dict, Any, str]:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"convert_torchscript: no such file: {path!r} (the official SSCD model is "
                                     f"sscd_disc_mixup.torchscript.pt from facebookresearch/sscd-copy-detection)")
-        import torch
+        import torch    # optional (the torch extra): only to read PyTorch weights
 
         try:
             with warnings.catch_warnings():     # torch 2.13 deprecates TorchScript; the official file is one

@@ -10,6 +10,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.jax_utils import replicate
 
 from amg_jax.apps.bench.config import PROMPT_WORDS, Settings
 from amg_jax.apps.models import get_model
@@ -48,8 +49,8 @@ def random_sd(workdir: str, configs: dict | None = None, *, seed: int = 0, dtype
                     eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"])
     rng = np.random.default_rng(seed)
     with sdm.quiet_libraries():
-        from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
-        from transformers import CLIPTextConfig, FlaxCLIPTextModel
+        from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # heavy / optional
+        from transformers import CLIPTextConfig, FlaxCLIPTextModel  # heavy / optional
 
         unet = FlaxUNet2DConditionModel(**configs["unet"], dtype=jdt)
         vae = FlaxAutoencoderKL(**configs["vae"], dtype=jdt)
@@ -89,10 +90,9 @@ def diffusers_pipeline(sd, device=None):
     ``FlaxDDIMScheduler`` from ``sd.scheduler_config``, and its params replicated onto ``device``
     (default the first) with ``flax.jax_utils.replicate``, as its documented ``pmap`` path wants.
     Returns ``(pipeline, replicated params)``."""
-    from flax.jax_utils import replicate
 
     with sdm.quiet_libraries():
-        from diffusers import FlaxDDIMScheduler, FlaxStableDiffusionPipeline
+        from diffusers import FlaxDDIMScheduler, FlaxStableDiffusionPipeline  # heavy / optional
 
         keep = {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "clip_sample",
                 "clip_sample_range", "set_alpha_to_one", "steps_offset", "prediction_type"}
