@@ -251,14 +251,14 @@ def test_interrupted_index_build_resumes_to_the_uninterrupted_bank(tmp_path, mon
 
     cmd = ["index", "build", str(folder), "--size", "8", "8", "--batch", "2", "--no-progress", "--out"]
     assert cli.main(cmd + [str(tmp_path / "ref.npz")]) == 0
-    monkeypatch.setattr(index_build, "image_embedder", counting(kill_at=2))
+    monkeypatch.setattr(cli, "image_embedder", counting(kill_at=2))
     with pytest.raises(KeyboardInterrupt):
         cli.main(cmd + [str(tmp_path / "bank.npz")])
     assert not (tmp_path / "bank.npz").exists()
     kept = sorted(f for f in os.listdir(tmp_path / "bank.npz.partial") if f.startswith("batch_"))
     assert kept == ["batch_000000.npz"]
     seen.clear()
-    monkeypatch.setattr(index_build, "image_embedder", counting())
+    monkeypatch.setattr(cli, "image_embedder", counting())
     assert cli.main(cmd + [str(tmp_path / "bank.npz")]) == 0
     assert seen == [2, 1]                                     # the first batch was not embedded again
     a, b = index.load_bank(str(tmp_path / "ref.npz")), index.load_bank(str(tmp_path / "bank.npz"))
@@ -304,8 +304,8 @@ def test_sweep_padded_chunks_on_4_devices_equal_1_device_and_repeat_exactly(tmp_
     x4b, m4b, csv4b = run("again")
     np.testing.assert_array_equal(x4b, x4)
     assert m4b == m4
-    real = sweep_backends.sample_in_chunks
-    monkeypatch.setattr(sweep_backends, "sample_in_chunks", lambda *a, **k: real(*a, **dict(k, sharded=False)))
+    real = sweep_backends.run_method
+    monkeypatch.setattr(sweep_backends, "run_method", lambda *a, **k: real(*a, **dict(k, sharded=False)))
     x1, m1, _ = run("one")
     chex.assert_shape(x1, (6, 16, 16, 3))
     np.testing.assert_allclose(x1, x4, atol=2e-3)             # float16 storage

@@ -432,7 +432,8 @@ def takes_arrays(obj) -> bool:
 def test_public_api_has_docstrings_with_shapes():
     import amg_jax
 
-    modules = [m for m in MODULES] + [f"amg_jax.{n}" for n in amg_jax.__all__ if inspect.ismodule(getattr(amg_jax, n))]
+    modules = [m for m in MODULES] + [getattr(amg_jax, n).__name__ for n in amg_jax.__all__
+                                      if inspect.ismodule(getattr(amg_jax, n))]
     assert not [m for m in modules if not importlib.import_module(m).__doc__], "a module without a docstring"
     objs = list(public_objects())
     assert len(objs) > 100
