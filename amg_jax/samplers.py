@@ -490,8 +490,8 @@ def jit_guidance(guidance):
 
 
 def sample_entry(denoiser, guidance, sampler_cfg, keys, cond, x_T):
-    """``sample_loop`` with the guidance as ``jit_guidance`` passes it: the function every entry
-    point jits (``sample``; ``sharding.sample_sharded`` over a mesh, ``sample_pmap`` per device),
+    """``sample_loop`` (keys [B], cond [B, ...], x_T [B, *S] or None) with the guidance as
+    ``jit_guidance`` passes it: the function every entry point jits (``sample``; ``sharding.sample_sharded`` over a mesh, ``sample_pmap`` per device),
     with ``sampler_cfg`` static."""
     if isinstance(guidance, StaticGuidance):
         guidance = guidance.guidance

@@ -29,7 +29,7 @@ DDIM = SamplerConfig("ddim", 4)
 # Batch 8 on one device vs 2 per device: XLA blocks the empirical denoiser's matmul against the
 # training images differently (~1e-7 relative), and its softmax over logits of |x - z|^2 / 2(1 - ab)
 # (up to ~1e3-1e4) turns that into ~1e-6 relative in x0 (measured 2e-6, margin 0.16 at the old 1e-5;
-# the workbench's partial memorizer saw 10x more on another CPU). 1e-4 leaves ~60x; a wrong row,
+# the testbed's partial memorizer saw 10x more on another CPU). 1e-4 leaves ~60x; a wrong row,
 # key or padding is off by O(1), and every AMG gate is >= 0.05 from its threshold.
 TOL = dict(atol=1e-4, rtol=1e-4)
 # AMG with the pixel-cosine detector: smooth in x0_hat, so the comparison is well conditioned

@@ -45,7 +45,7 @@ def build_method(name: str, scale: float, *, base: str = "cfg", detector=None, n
                  amg: dict | None = None):
     """The guidance of method ``name`` at guidance scale ``scale`` (the papers' defaults otherwise).
     ``"amg"`` wraps the ``base`` method with ``detector`` and the ``amg`` settings (AMGConfig fields);
-    ``neighbour_conds`` is y_N per bank label (None: the label id is the condition)."""
+    ``neighbour_conds`` is y_N per bank label, a pytree [C, ...] (None: the label id is the condition)."""
     return get_method(name)(scale, base=base, detector=detector, neighbour_conds=neighbour_conds, amg=amg)
 
 

@@ -22,7 +22,7 @@ def env(tiny_sd_env):
     return tiny_sd_env
 
 
-def sd_guidance(env, method, scale, **kw):
+def sd_method(env, method, scale, **kw):
     """The guidance of ``method`` on the tiny SD (``StableDiffusionSpec.guidance``: SD_AMG under ``amg``)."""
     return model_spec(f"sd:{env['sd_dir']}").guidance(method, scale, **kw)
 
@@ -54,7 +54,7 @@ def test_amg_with_clip_runs_end_to_end(env, tmp_path):
                                                                   kind="embedding", normalize=True),
                              thresholds=(-0.5, -0.5))
     np.testing.assert_allclose(np.asarray(det(env["cfg"].x0).sigma), 1.0, atol=1e-3)   # as above: ~1e-7
-    g = sd_guidance(env, "amg", 7.5, detector=det, amg={"c3": 10.0, "gradient": "cheap"})
+    g = sd_method(env, "amg", 7.5, detector=det, amg={"c3": 10.0, "gradient": "cheap"})
     res = sample(env["den"], g, sdm.sd_sampler_config(env["sd"], STEPS), env["keys"], env["cond"])
     chex.assert_tree_all_finite(res.x0)
     assert np.asarray(res.trace["gate"]).any()
@@ -70,7 +70,7 @@ def test_latent_detector_errors(env):
     with pytest.raises(ValueError, match="8-d embeddings, the bank holds 16-d"):
         sg.latent_detector(env["sd"], "sscd", (env["params"], SSCD_CFG), wide)
     with pytest.raises(ValueError, match="needs a detector"):
-        sd_guidance(env, "amg", 7.5)
+        sd_method(env, "amg", 7.5)
 
 
 def test_pmap_with_diffusers_layout_gives_the_same_images(env):
@@ -87,7 +87,7 @@ def test_pmap_with_diffusers_layout_gives_the_same_images(env):
     keys = keys_from_seeds([0] * len(cond))
     den = env["den"]
     rep = den.replace(params=replicate(jax.tree.map(np.asarray, den.params)))
-    res = sample_pmap(rep, sd_guidance(env, "cfg", 7.5), sdm.sd_sampler_config(env["sd"], STEPS),
+    res = sample_pmap(rep, sd_method(env, "cfg", 7.5), sdm.sd_sampler_config(env["sd"], STEPS),
                       shard(jax.random.key_data(keys)), shard(cond), sharded=True)
     want = np.concatenate([np.asarray(env["cfg"].x0)] * reps)
     # per-device batch 1 vs batch 2 on one device: XLA blocks the tiny UNet's convs / attention
