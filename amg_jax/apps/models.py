@@ -29,7 +29,7 @@ from amg_jax.models import stable_diffusion as sdm
 from amg_jax.models.base import WithNull
 from amg_jax.models.empirical import empirical_denoiser
 from amg_jax.models.mixture import fit_mixture
-from amg_jax.models.sd_amg import DEFAULT_THRESHOLDS, SD_AMG
+from amg_jax.models.sd_amg import SD_AMG
 from amg_jax.models.text import CaptionTokenizer
 from amg_jax.models.unet import token_denoiser
 from amg_jax.models.zoo import load_model, read_card
@@ -362,14 +362,8 @@ class StableDiffusionSpec:
             settings["dedup"] = False
         return settings
 
-    def thresholds(self, kind: str) -> tuple:
-        return DEFAULT_THRESHOLDS[kind]
-
     def load(self, dtype: str = "float32"):
         return sdm.load_stable_diffusion(self.source, dtype=dtype)
-
-    def methods(self, methods) -> list:
-        return list(methods)
 
     def guidance(self, method: str, scale: float, *, detector=None, neighbour_conds=None, base: str | None = None,
                  amg: dict | None = None):
