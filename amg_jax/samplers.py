@@ -405,6 +405,11 @@ def _eps_at(denoiser, t: Array, x: Array, cond: Any) -> Array:
     return denoiser.eps_fn(denoiser.params, x, jnp.full((x.shape[0],), t, jnp.int32), cond)
 
 
+def _eps_any_t(denoiser, x: Array, cond: Any, t) -> Array:
+    """``_eps_at`` with the timestep last (``StepContext.eps_at``)."""
+    return _eps_at(denoiser, jnp.asarray(t, jnp.int32), x, cond)
+
+
 def _batch_major(trace: dict) -> dict:
     """Stacked trace leaves [N, B, ...] -> [B, N, ...]."""
     return jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), trace)
@@ -436,7 +441,7 @@ def _scan(denoiser, guidance, sampler: Sampler, keys: Array, cond: Any, x_T: Arr
         t = t_all[i]
         ctx = StepContext(x_t=x, t=t, step=i, num_steps=n, alpha_bar=ab_all[i], cond=cond,
                           null_cond=null_cond, eps=functools.partial(_eps_at, denoiser, t),
-                          key=fold_keys(guide_keys, i))
+                          key=fold_keys(guide_keys, i), eps_at=functools.partial(_eps_any_t, denoiser))
         eps_hat, g_state, trace = guidance.apply(g_state, ctx)
         x_prev, s_state = sampler.step(x, eps_hat.astype(x.dtype), i, noise_keys, s_state)
         return (x_prev.astype(x.dtype), g_state, s_state), trace

@@ -49,6 +49,14 @@ At every step, with ``eps_hat`` from the base guidance (CFG, delayed CFG, OG, ..
   overhead by k. Trace ``detected`` [B] marks the steps that ran it.
 - For unconditional and class-conditional models use ``despecify=False, dedup=False``
   (the paper uses dissimilarity alone there).
+- **Screen** (``screen=`` a ``guidance.screen`` screen, ``screen_threshold``): a training-data-free
+  score from the step's own (eps_u, eps_c) pair flags samples (latched); the bank detector runs on
+  the flagged ones only and the others keep their gate closed. With ``screen_batch = m`` 1..m
+  flagged samples are gathered into a batch of m (as ``open_batch``; same values), more run the
+  whole batch masked; a step with none flagged runs no detector, so it costs a CFG step.
+  Without a bank (``detector=None``) the screen alone is the gate: ``G_spe`` at
+  ``s1 = min(c1, w - 1)`` on flagged samples (``G_dup`` and ``G_sim`` need the bank). Trace
+  ``screen`` (the score) and ``flagged`` [B].
 
 Trace (each [B] per step): the base's entries (``scale``, ``d``, ...) plus ``sigma``,
 ``lambda``, ``gate``, ``s1``, ``s2``, ``index`` / ``label`` (the neighbour), ``grad_norm``,
@@ -67,6 +75,7 @@ import numpy as np
 
 from amg_jax.guidance.base import GuidanceBase, StepContext, eps_uncond_cond, first_pass_of, per_sample_norm, x0_from_eps
 from amg_jax.checks import unknown_fields
+from amg_jax.guidance.screen import screened
 
 Array = jax.Array
 
@@ -106,11 +115,14 @@ class AMGConfig:
     max_shift: float | None = None
     detect_every: int = 1
     open_batch: int | None = None
+    screen_threshold: float | None = None
+    screen_batch: int | None = None
 
     def __post_init__(self):
-        ob = self.open_batch
-        if ob is not None and (isinstance(ob, bool) or not isinstance(ob, (int, np.integer)) or ob < 1):
-            raise ValueError(f"AMGConfig.open_batch must be an integer >= 1 or None, got {ob!r}")
+        for field in ("open_batch", "screen_batch"):
+            ob = getattr(self, field)
+            if ob is not None and (isinstance(ob, bool) or not isinstance(ob, (int, np.integer)) or ob < 1):
+                raise ValueError(f"AMGConfig.{field} must be an integer >= 1 or None, got {ob!r}")
         k = self.detect_every
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"AMGConfig.detect_every must be an integer >= 1, got {k!r}")
@@ -125,7 +137,7 @@ class AMGConfig:
         m = self.max_shift
         if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not np.isfinite(m) or m <= 0):
             raise ValueError(f"AMGConfig.max_shift must be a finite number > 0 or None, got {m!r}")
-        for field in ("lambda_min", "lambda_max"):
+        for field in ("lambda_min", "lambda_max", "screen_threshold"):
             v = getattr(self, field)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v)):
                 raise ValueError(f"AMGConfig.{field} must be a finite number or None, got {v!r}")
@@ -136,6 +148,7 @@ class AMGConfig:
 class AMGState:
     base: Any           # the base guidance's state
     held: Any = None    # detect_every > 1: the last Detection (sigma, index, label: [B] each), else None
+    screen: Any = None  # the screen's ScreenState, None without a screen
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,12 +162,14 @@ class AMG(GuidanceBase):
     config:          ``AMGConfig``.
     neighbour_conds: optional pytree [C, ...]: the condition of each label (e.g. caption
                      embeddings); None = the label id itself is the condition (testbed models).
+    screen:          optional ``guidance.screen`` screen in front of the detector (static).
     """
 
     base: Any
     detector: Any
     config: AMGConfig = AMGConfig()
     neighbour_conds: Any = None
+    screen: Any = None
 
     # ---------------------------------------------------------------- two-pass bases (OG+DTP)
     @property
@@ -170,14 +185,17 @@ class AMG(GuidanceBase):
         """x: [B, *S] (x_T). With ``detect_every > 1`` the state also holds the last detection
         (zeros until the first step detects)."""
         held = None
-        if self.config.detect_every > 1:
+        if self.config.detect_every > 1 and self.detector is not None:
             shapes = jax.eval_shape(self.detector, x)
             held = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
-        return AMGState(base=self.base.init(x), held=held)
+        return AMGState(base=self.base.init(x), held=held,
+                        screen=None if self.screen is None else self.screen.init(x))
 
     def thresholds(self) -> tuple[float, float]:
         """(lambda_min, lambda_max), defaults from the detector."""
         c = self.config
+        if self.detector is None:
+            return None, None
         lo, hi = getattr(self.detector, "default_thresholds", (None, None))
         lo = c.lambda_min if c.lambda_min is not None else lo
         hi = c.lambda_max if c.lambda_max is not None else hi
@@ -238,15 +256,51 @@ class AMG(GuidanceBase):
         return jax.grad(lambda x: sigma_sum(x0_from_eps(x, eps_fn(x), ab)))(ctx.x_t)
 
     # ---------------------------------------------------------------- the step, in named parts
-    def detect(self, state: AMGState, ctx: StepContext, x0_hat: Array):
+    def detect(self, state: AMGState, ctx: StepContext, x0_hat: Array, flagged: Array | None = None):
         """(Detection of ``x0_hat`` [B, *S] (sigma, index, label: [B] each), detected or None): every
-        step, or with ``detect_every = k`` on every k-th step, holding the last detection in between."""
+        step, or with ``detect_every = k`` on every k-th step, holding the last detection in between;
+        with a screen on the ``flagged`` [B] samples only (``screened_detection``)."""
+        x0 = jax.lax.stop_gradient(x0_hat)
+        run = (lambda _: self.detector(x0)) if flagged is None else (lambda _: self.screened_detection(x0, flagged))
         if self.config.detect_every > 1:
             detected = ctx.step % self.config.detect_every == 0
-            det = jax.lax.cond(detected, lambda _: self.detector(jax.lax.stop_gradient(x0_hat)),
-                               lambda _: state.held, None)
-            return det, detected
-        return self.detector(jax.lax.stop_gradient(x0_hat)), None
+            return jax.lax.cond(detected, run, lambda _: state.held, None), detected
+        return run(None), None
+
+    def closed_detection(self, x0_hat: Array):
+        """The Detection of a sample the bank is not searched for: sigma at the bottom of the
+        detector's range (below every threshold), no neighbour (index / label -1)."""
+        shapes = jax.eval_shape(self.detector, x0_hat)
+        lo = float(self.detector.sigma_range[0])
+        return type(shapes)(jnp.full(shapes.sigma.shape, lo, shapes.sigma.dtype),
+                            jnp.full(shapes.index.shape, -1, shapes.index.dtype),
+                            jnp.full(shapes.label.shape, -1, shapes.label.dtype))
+
+    def screened_detection(self, x0_hat: Array, flagged: Array):
+        """The detector on the ``flagged`` [B] samples of ``x0_hat`` [B, *S], ``closed_detection``
+        elsewhere: none flagged runs no detector; 1..``screen_batch`` flagged are gathered into a
+        batch of ``screen_batch`` (padded with the first); more run the whole batch."""
+        b = x0_hat.shape[0]
+        m = self.config.screen_batch
+        closed = self.closed_detection(x0_hat)
+
+        def none(_):
+            return closed
+
+        def whole(_):
+            det = self.detector(x0_hat)
+            return jax.tree.map(lambda d, z: jnp.where(flagged, d, z), det, closed)
+
+        def gathered(_):
+            idx = jnp.nonzero(flagged, size=m, fill_value=-1)[0]
+            idx = jnp.where(idx < 0, idx[0], idx)
+            det = self.detector(x0_hat[idx])
+            return jax.tree.map(lambda z, d: z.at[idx].set(d), closed, det)
+
+        n = jnp.sum(flagged.astype(jnp.int32))
+        if m is not None and m < b:
+            return jax.lax.switch(jnp.where(n == 0, 0, jnp.where(n <= m, 1, 2)), (none, gathered, whole), None)
+        return jax.lax.cond(n > 0, whole, none, None)
 
     def scales(self, sigma: Array, alpha_bar: Array, w: Array):
         """(gate, lambda_t, s1, s2), [B] each, from the similarity ``sigma`` [B] and the wrapped
@@ -332,10 +386,26 @@ class AMG(GuidanceBase):
         bshape = (b,) + (1,) * (ctx.x_t.ndim - 1)
         eps_u, eps_c = eps_uncond_cond(ctx)
         eps_base, base_state, trace = self.base.combine(state.base, ctx, eps_u, eps_c)
-        x0_hat = x0_from_eps(ctx.x_t, eps_base, ctx.alpha_bar)
-        det, detected = self.detect(state, ctx, x0_hat)
         w = trace.get("scale", jnp.ones((b,), jnp.float32)).astype(jnp.float32)
+        flagged, screen_state = None, None
+        if self.screen is not None:
+            score, flagged, screen_state = screened(self.screen, c.screen_threshold, state.screen, ctx, eps_u, eps_c)
+            trace = dict(trace, screen=score, flagged=flagged)
+        if self.detector is None:       # the screen alone gates G_spe
+            s1 = jnp.where(flagged, jnp.clip(jnp.float32(c.c1), 0.0, jnp.maximum(w - 1.0, 0.0)), 0.0)
+            if not c.despecify:
+                s1 = jnp.zeros_like(s1)
+            g_spe = -s1.reshape(bshape) * (eps_c - eps_u)
+            eps_hat = eps_base + jnp.where(flagged.reshape(bshape), g_spe, 0.0)
+            zero = jnp.zeros((b,), jnp.float32)
+            trace = dict(trace, gate=flagged, s1=s1, s2=zero,
+                         nonfinite=_nonfinite_bits(flagged, eps_base, g_spe, zero, zero))
+            return eps_hat, AMGState(base=base_state, screen=screen_state), trace
+        x0_hat = x0_from_eps(ctx.x_t, eps_base, ctx.alpha_bar)
+        det, detected = self.detect(state, ctx, x0_hat, flagged)
         gate, lam, s1, s2 = self.scales(det.sigma, ctx.alpha_bar, w)
+        if flagged is not None:
+            gate = gate & flagged
         g_spe = -s1.reshape(bshape) * (eps_c - eps_u)
         g_dup, g_sim, gnorm, fb = self.gated_open_terms(state, ctx, gate, det.label, s2, x0_hat, eps_base, eps_u)
         eps_hat = eps_base + jnp.where(gate.reshape(bshape), g_spe + g_dup + g_sim, 0.0)
@@ -345,7 +415,7 @@ class AMG(GuidanceBase):
                      **{"lambda": jnp.broadcast_to(lam, (b,)).astype(jnp.float32)})
         if detected is not None:
             trace["detected"] = jnp.broadcast_to(detected, (b,))
-        return eps_hat, AMGState(base=base_state, held=det if c.detect_every > 1 else None), trace
+        return eps_hat, AMGState(base=base_state, held=det if c.detect_every > 1 else None, screen=screen_state), trace
 
     def check_trace(self, trace: dict) -> str | None:
         """A message naming each non-finite term, its first step and samples; None if all finite."""
@@ -358,7 +428,7 @@ class AMG(GuidanceBase):
 
 
 jax.tree_util.register_dataclass(AMG, data_fields=["base", "detector", "neighbour_conds"],
-                                 meta_fields=["config"])
+                                 meta_fields=["config", "screen"])
 
 
 def _nonfinite_bits(gate: Array, eps_base: Array, g_spe: Array, g_dup: Array, g_sim: Array) -> Array:
@@ -391,21 +461,44 @@ def nonfinite_message(trace: dict) -> str | None:
     return "AMG: " + "; ".join(parts)
 
 
-def make_amg(base, detector, *, neighbour_conds=None, **config) -> AMG:
+def make_amg(base, detector, *, neighbour_conds=None, screen=None, **config) -> AMG:
     """AMG around ``base`` with ``detector``; ``config`` are ``AMGConfig`` fields. Checks the
     gate thresholds against the detector's ``sigma_range`` (METHODS.md pitfall 3): a threshold
     outside it means "always open" or "never open" and is rejected. ``neighbour_conds``: a
     pytree [C, ...] with the condition of each bank label (``y_N`` for ``G_dup``; SD: text
-    embeddings [C, 77, D]), None = the label id itself is the condition."""
+    embeddings [C, 77, D]), None = the label id itself is the condition. ``screen``: a
+    ``guidance.screen`` screen (with ``screen_threshold``) in front of the detector; with
+    ``detector=None`` the screen alone gates ``G_spe`` (``dedup`` / ``dissimilar`` need a bank)."""
     if not callable(getattr(base, "combine", None)):
         raise ValueError(f"AMG: base guidance {type(base).__name__} has no combine(state, ctx, eps_u, eps_c)")
-    for name in ("sigma_range", "scale"):
-        if not hasattr(detector, name):
-            raise ValueError(f"AMG: detector {type(detector).__name__} has no {name!r} (see amg_jax.similarity.base)")
     unknown, known = unknown_fields(AMGConfig, config)
     if unknown:
         raise ValueError(f"AMG has no setting {unknown[0]!r}; its settings are {known}")
-    amg = AMG(base=base, detector=detector, config=AMGConfig(**config), neighbour_conds=neighbour_conds)
+    if screen is not None:
+        if not (callable(screen) and callable(getattr(screen, "init", None))):
+            raise ValueError(f"AMG: screen {type(screen).__name__} has no init(x) / __call__(state, ctx, eps_u, eps_c)")
+        thr = config.get("screen_threshold")
+        if isinstance(thr, (np.floating, np.integer)):
+            config = dict(config, screen_threshold=float(thr))
+        if thr is None:
+            raise ValueError("AMG: a screen needs its threshold (screen_threshold=...; calibrate it with "
+                             "evaluation.detection.calibrate_threshold on copies of calibration prompts)")
+    elif config.get("screen_threshold") is not None or config.get("screen_batch") is not None:
+        raise ValueError("AMG: screen_threshold / screen_batch are set but there is no screen")
+    if detector is None:
+        if screen is None:
+            raise ValueError("AMG needs a detector (a reference bank), or a screen to gate G_spe without one")
+        for field in ("dedup", "dissimilar"):
+            if config.get(field):
+                raise ValueError(f"AMG: {field}=True needs a detector over a reference bank; without one only "
+                                 "despecification (G_spe) runs, gated by the screen")
+        config = dict(config, dedup=False, dissimilar=False)
+        return AMG(base=base, detector=None, config=AMGConfig(**config), screen=screen)
+    for name in ("sigma_range", "scale"):
+        if not hasattr(detector, name):
+            raise ValueError(f"AMG: detector {type(detector).__name__} has no {name!r} (see amg_jax.similarity.base)")
+    amg = AMG(base=base, detector=detector, config=AMGConfig(**config), neighbour_conds=neighbour_conds,
+              screen=screen)
     labels = getattr(getattr(detector, "bank", None), "labels", None)
     if (neighbour_conds is not None and labels is not None and not isinstance(labels, jax.core.Tracer)
             and getattr(labels, "is_fully_addressable", True)):

@@ -38,6 +38,8 @@ class StepContext(NamedTuple):
     null_cond: pytree [B, ...] the unconditional condition.
     eps:       ``eps(x [B',*S], cond [B',...]) -> [B',*S]`` the denoiser at this ``t``.
     key:       [B] per-sample PRNG keys for this step (already folded with the step index).
+    eps_at:    ``eps_at(x [B',*S], cond [B',...], t) -> [B',*S]`` the denoiser at another
+               timestep ``t`` (a screen's probe on x_T at low noise); None where the caller has none.
     """
 
     x_t: Array
@@ -49,6 +51,7 @@ class StepContext(NamedTuple):
     null_cond: Any
     eps: Callable[[Array, Any], Array]
     key: Array
+    eps_at: Callable[[Array, Any, Any], Array] | None = None
 
 
 class ProbeResult(NamedTuple):
