@@ -1,7 +1,7 @@
 """The detection study: training-data-free signals against the copy criterion, and the screen in
 front of AMG's bank search, on the trained testbed UNets.
 
-    python experiments/detection.py experiments/configs/detection.toml [--card]
+    python experiments/detection.py experiments/configs/detection.toml [--store]
 
 Per model of the config: one CFG run over ``prompts_per_kind`` prompts x ``samples`` seeds records
 ``d = ||eps_c - eps_u||`` at every step (CFG's trace) and the anisotropy probe on x_T (a
@@ -15,8 +15,8 @@ kind) into calibration and evaluation prompts. The config's ``screen`` is calibr
 calibration prompts for ``recall`` of their CFG copies; on the evaluation prompts the script
 reports its recall of copies, the share of generic-prompt samples it flags, the copies left by
 every-step vs screened AMG, and each one's time against CFG on the prompts that do not copy and on
-those that do (warm: each is compiled on the chunk shape first). ``--card`` records the calibrated
-screen in the model's card (what ``--screen auto`` reads).
+those that do (warm: each is compiled on the chunk shape first). ``--store`` writes the calibrated
+screen to the model's folder (``screen.json``: what ``--screen auto`` reads).
 
 Writes ``OUT/<model>.json`` (everything, with the per-sample scores) and ``OUT/summary.json``.
 """
@@ -39,12 +39,15 @@ from amg_jax.evaluation.protocol import prepare_bench
 from amg_jax.guidance import CFG
 from amg_jax.guidance.screen import Anisotropy, ScreenedGuidance, get_screen
 from amg_jax.jsonio import write_json
-from amg_jax.models.zoo import update_card
+from amg_jax.apps.screens import model_screen_path, write_screen
 from amg_jax.samplers import SamplerConfig
 
 DEFAULTS = dict(out="experiments/results/detection", steps=50, sampler="ddim", seed=0, recall=0.95, window=5,
-                gamma=1.0, t_probe=40, screen="noise_magnitude", n_boot=1000, models={})
-CANDIDATES = ("noise_magnitude_first", "noise_magnitude", "noise_magnitude_step", "anisotropy")
+                gamma=1.0, t_probe=40, screen="auto", n_boot=1000, models={},
+                screens=["noise_magnitude_first", "noise_magnitude", "noise_magnitude_step"])
+# screens decided in the first steps (a copy has to be caught early to be freed); the per-step one
+# latches on whichever step first passes its threshold, often late
+PROMPT_LEVEL = ("noise_magnitude_first", "noise_magnitude", "anisotropy")
 MODEL_DEFAULTS = dict(prompts_per_kind=8, samples=16, chunk=16, screen_study=False)
 
 
@@ -61,8 +64,10 @@ def load(path: str) -> dict:
             raise SystemExit(f"{path}: [models.{name}] has no setting {bad[0]!r}; settings are {sorted(MODEL_DEFAULTS)}")
         cfg["models"][name] = {**MODEL_DEFAULTS, **m}
         get_model(name)                          # an unknown model fails here, before any sampling
-    if cfg["screen"] != "auto":
-        get_screen(cfg["screen"])
+    for name in cfg["screens"] + ([] if cfg["screen"] == "auto" else [cfg["screen"]]):
+        get_screen(name)
+    if cfg["screen"] not in ("auto", *cfg["screens"]):
+        raise SystemExit(f"{path}: screen {cfg['screen']!r} is not one of screens {cfg['screens']}")
     return cfg
 
 
@@ -95,7 +100,7 @@ def timed(den, g, sampler, keys, cond, chunk: int):
     return res, time.perf_counter() - t0
 
 
-def study_model(name: str, mcfg: dict, cfg: dict, card: bool) -> dict:
+def study_model(name: str, mcfg: dict, cfg: dict, store: bool) -> dict:
     spec = get_model(name)
     bed = build_testbed(resolve_testbed("auto", [spec]))
     den = spec.denoiser(bed)
@@ -134,75 +139,93 @@ def study_model(name: str, mcfg: dict, cfg: dict, card: bool) -> dict:
                          **{k: np.round(v, 6).tolist() for k, v in scores.items()}}
     if mcfg["screen_study"]:
         out["screen"] = screen_study(spec, bed, den, bench, scale, sampler, copies, peaks, mcfg, cfg)
-        if card:
-            s = out["screen"]
-            update_card(spec.path, screen={
-                "name": s["name"], "settings": s["settings"], "threshold": s["threshold"],
-                "target_recall": cfg["recall"], "recall_calibration": s["recall_calibration"],
-                "recall_evaluation": s["recall_of_copies"], "sampler": f"{cfg['sampler']} {cfg['steps']}",
-                "scale": scale, "command": "python experiments/detection.py " + " ".join(sys.argv[1:])})
-            print(f"  recorded the screen in the card of {name}", flush=True)
+        if store:
+            name = out["screen"]["chosen"]
+            s = out["screen"]["screens"][name]
+            path = write_screen(model_screen_path(spec.path), name, s["threshold"], s["settings"],
+                                target_recall=cfg["recall"], recall_calibration=s["recall_calibration"],
+                                recall_evaluation=s["recall_of_copies"], sampler=f"{cfg['sampler']} {cfg['steps']}",
+                                scale=scale, command="python experiments/detection.py " + " ".join(sys.argv[1:]))
+            print(f"  stored the calibrated screen in {path}", flush=True)
     return out
 
 
+def _screen_of(name: str, cfg: dict):
+    fields = {"window": cfg["window"]} if name == "noise_magnitude" else (
+        {"gamma": cfg["gamma"], "t_probe": cfg["t_probe"]} if name == "anisotropy" else {})
+    return get_screen(name, **fields)
+
+
 def screen_study(spec, bed, den, bench, scale, sampler, copies, peaks, mcfg, cfg) -> dict:
+    """Calibrate each screen of ``cfg["screens"]`` on the calibration prompts; on the evaluation
+    prompts its recall and flag rates, and CFG / every-step AMG / AMG behind each screen: copies
+    left and time, on the prompts that copy under CFG and on those that do not."""
     ids = bench.caption_ids
     prompts = np.concatenate([bench.prompts[k] for k in bench.kinds_order])
     cal_prompts = np.concatenate([bench.prompts[k][0::2] for k in bench.kinds_order])
-    cal = np.isin(ids, cal_prompts)
-    ev = ~cal
-    # "auto": the candidate that flags the fewest non-copies of the calibration prompts at its
-    # calibrated threshold (the evaluation prompts are not looked at)
-    fpr_cal = {}
-    for cand in CANDIDATES:
-        t = calibrate_threshold(peaks[cand][cal], copies[cal], cfg["recall"])
-        fpr_cal[cand] = float(np.mean(peaks[cand][cal & ~copies] > t))
-    name = min(CANDIDATES, key=lambda c: fpr_cal[c]) if cfg["screen"] == "auto" else cfg["screen"]
-    fields = {"window": cfg["window"]} if name == "noise_magnitude" else (
-        {"gamma": cfg["gamma"], "t_probe": cfg["t_probe"]} if name == "anisotropy" else {})
-    screen = get_screen(name, **fields)
-    peak = peaks[name]
-    thr = calibrate_threshold(peak[cal], copies[cal], cfg["recall"])
+    cal, ev = np.isin(ids, cal_prompts), ~np.isin(ids, cal_prompts)
     generic = bench.kinds == "generic"
-    r = {"name": name, "settings": dataclasses.asdict(screen), "threshold": thr, "chosen_by": cfg["screen"],
-         "noncopy_flag_rate_calibration": fpr_cal,
-         "calibration_prompts": int(np.isin(prompts, cal_prompts).sum()), "evaluation_prompts": int((~np.isin(prompts, cal_prompts)).sum()),
-         "recall_calibration": recall(peak[cal], copies[cal], thr),
-         "recall_of_copies": recall(peak[ev], copies[ev], thr),
-         "flag_rate_generic": float(np.mean(peak[ev & generic] > thr)) if (ev & generic).any() else None,
-         "flag_rate_all": float(np.mean(peak[ev] > thr))}
-    print(f"  screen {name} > {thr:.4g}: recall {r['recall_calibration']:.1%} (calibration) "
-          f"{r['recall_of_copies']:.1%} (evaluation), flags {r['flag_rate_generic']:.1%} of generic samples",
-          flush=True)
+    per_screen = {}
+    for name in cfg["screens"]:
+        peak = peaks[name]
+        thr = calibrate_threshold(peak[cal], copies[cal], cfg["recall"])
+        per_screen[name] = {
+            "settings": dataclasses.asdict(_screen_of(name, cfg)), "threshold": thr,
+            "recall_calibration": recall(peak[cal], copies[cal], thr),
+            "noncopy_flag_rate_calibration": float(np.mean(peak[cal & ~copies] > thr)),
+            "recall_of_copies": recall(peak[ev], copies[ev], thr),
+            "flag_rate_generic": float(np.mean(peak[ev & generic] > thr)) if (ev & generic).any() else None,
+            "flag_rate_all": float(np.mean(peak[ev] > thr))}
+        r = per_screen[name]
+        print(f"  screen {name} > {thr:.4g}: recall {r['recall_calibration']:.1%} (calibration) "
+              f"{r['recall_of_copies']:.1%} (evaluation), flags {r['flag_rate_generic']:.1%} of generic samples",
+              flush=True)
+    # auto: the prompt-level screen (decided in the first steps) that flags the fewest non-copies of
+    # the calibration prompts at its calibrated threshold; the evaluation prompts are not looked at
+    early = [n for n in cfg["screens"] if n in PROMPT_LEVEL]
+    chosen = min(early, key=lambda n: per_screen[n]["noncopy_flag_rate_calibration"]) if cfg["screen"] == "auto" \
+        else cfg["screen"]
     bank = spec.bank(bed)
-    every = spec.guidance("amg", scale, bank)
-    screened = spec.guidance("amg", scale, bank, amg={"screen": screen, "screen_threshold": thr})
+    runs = {"cfg": CFG(scale=scale), "amg_every_step": spec.guidance("amg", scale, bank)}
+    for name in cfg["screens"]:
+        runs[f"amg_screened:{name}"] = spec.guidance("amg", scale, bank, screen=_screen_of(name, cfg),
+                                                     screen_threshold=per_screen[name]["threshold"])
     copying_prompt = np.isin(ids, np.unique(ids[copies]))
     groups = {"noncopying": ev & ~copying_prompt, "copying": ev & copying_prompt}
-    chunk = mcfg["chunk"]
-    times, left = {}, {}
+    times, left, flagged = {}, {}, {}
     for gname, sel in groups.items():
         idx = np.flatnonzero(sel)
         if idx.size == 0:
             continue
         keys, cond = bench.keys[idx], bench.cond[idx]
-        for label, guidance in (("cfg", CFG(scale=scale)), ("amg_every_step", every), ("amg_screened", screened)):
-            res, sec = timed(den, guidance, sampler, keys, cond, min(chunk, idx.size))
-            times[(gname, label)] = sec
+        for label, guidance in runs.items():
+            res, sec = timed(den, guidance, sampler, keys, cond, min(mcfg["chunk"], idx.size))
             c = tb.is_copy(for_metrics(res.x), bed, bench.threshold)
-            left[(gname, label)] = (int(c.sum()), int(idx.size))
-            fl = np.asarray(res.trace["flagged"])[:, -1].mean() if "flagged" in res.trace else None
-            print(f"    {gname:>10} {label:>15}: {sec:7.1f} s, {c.mean():6.1%} copy"
+            times[(gname, label)], left[(gname, label)] = sec, int(c.sum())
+            fl = float(np.asarray(res.trace["flagged"])[:, -1].mean()) if "flagged" in res.trace else None
+            flagged[(gname, label)] = fl
+            print(f"    {gname:>10} {label:>36}: {sec:7.1f} s, {c.mean():6.1%} copy"
                   + ("" if fl is None else f", {fl:.1%} flagged"), flush=True)
-    for gname in groups:
-        if (gname, "cfg") in times:
-            r[f"cost_vs_cfg_{gname}"] = times[(gname, "amg_screened")] / times[(gname, "cfg")]
-            r[f"cost_every_step_vs_cfg_{gname}"] = times[(gname, "amg_every_step")] / times[(gname, "cfg")]
     n_ev = int(ev.sum())
-    for label in ("cfg", "amg_every_step", "amg_screened"):
-        r[f"copied_{label}"] = sum(left[(g, label)][0] for g in groups if (g, label) in left) / n_ev
-    r["seconds"] = {f"{g}/{lab}": s for (g, lab), s in times.items()}
-    return r
+    out = {"chosen": chosen, "chosen_by": cfg["screen"], "calibration_prompts": int(np.isin(prompts, cal_prompts).sum()),
+           "evaluation_prompts": int((~np.isin(prompts, cal_prompts)).sum()), "evaluation_samples": n_ev,
+           "groups": {g: int(sel.sum()) for g, sel in groups.items()},
+           "copied_cfg": sum(v for (g, lab), v in left.items() if lab == "cfg") / n_ev,
+           "copied_amg_every_step": sum(v for (g, lab), v in left.items() if lab == "amg_every_step") / n_ev,
+           "seconds": {f"{g}/{lab}": v for (g, lab), v in times.items()},
+           "copies_left": {f"{g}/{lab}": v for (g, lab), v in left.items()},
+           "flagged": {f"{g}/{lab}": v for (g, lab), v in flagged.items() if v is not None}}
+    for g in groups:
+        if (g, "cfg") in times:
+            out[f"cost_every_step_vs_cfg_{g}"] = times[(g, "amg_every_step")] / times[(g, "cfg")]
+    for name, r in per_screen.items():
+        lab = f"amg_screened:{name}"
+        r["copied_screened_amg"] = sum(v for (g, l2), v in left.items() if l2 == lab) / n_ev
+        for g in groups:
+            if (g, "cfg") in times:
+                r[f"cost_vs_cfg_{g}"] = times[(g, lab)] / times[(g, "cfg")]
+    out["screens"] = per_screen
+    return out
 
 
 def summary(results: dict, cfg: dict) -> dict:
@@ -216,24 +239,30 @@ def summary(results: dict, cfg: dict) -> dict:
             out["detectors"][k]["auc_full_vs_generic_caption"] = v
             out["detectors"][k]["auc_copy_within_full_captions"] = main["copies_within_full_captions_auc"][k]
     if "screen" in main:
-        s = main["screen"]
-        out["screen"] = {"name": s["name"], "threshold": s["threshold"], "recall_of_copies": s["recall_of_copies"],
+        st = main["screen"]
+        s = st["screens"][st["chosen"]]
+        out["screen"] = {"name": st["chosen"], "threshold": s["threshold"], "recall_of_copies": s["recall_of_copies"],
                          "flag_rate_generic": s["flag_rate_generic"],
                          "cost_vs_cfg_noncopying": s.get("cost_vs_cfg_noncopying"),
                          "cost_vs_cfg_copying": s.get("cost_vs_cfg_copying"),
-                         "copied_every_step_amg": s["copied_amg_every_step"], "copied_screened_amg": s["copied_amg_screened"],
-                         "copied_cfg": s["copied_cfg"], "recall_calibration": s["recall_calibration"],
-                         "detector": "the model's pixel bank detector (testbed; SSCD-through-VAE cost: amg bench)"}
+                         "copied_every_step_amg": st["copied_amg_every_step"], "copied_screened_amg": s["copied_screened_amg"],
+                         "copied_cfg": st["copied_cfg"], "recall_calibration": s["recall_calibration"],
+                         "cost_every_step_vs_cfg_noncopying": st.get("cost_every_step_vs_cfg_noncopying"),
+                         "cost_every_step_vs_cfg_copying": st.get("cost_every_step_vs_cfg_copying"),
+                         "detector": "the model's pixel bank detector (nl2-bank); the SSCD-through-VAE cost is amg bench's"}
+        out["screens"] = {n: {k: v for k, v in r.items() if k != "settings"} for n, r in st["screens"].items()}
     out["models"] = {n: {k: {f: v[f] for f in ("auc_sample", "auc_prompt", "tpr_at_1pct_fpr")}
                          for k, v in r["detectors"].items()} for n, r in results.items()}
-    out["settings"] = {k: cfg[k] for k in ("steps", "sampler", "seed", "recall", "window", "gamma", "t_probe", "screen")}
+    out["settings"] = {k: cfg[k] for k in ("steps", "sampler", "seed", "recall", "window", "gamma", "t_probe", "screen",
+                                           "screens")}
     return out
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config")
-    p.add_argument("--card", action="store_true", help="record the calibrated screen in the model's card")
+    p.add_argument("--store", action="store_true",
+                   help="store the calibrated screen in the model's folder (screen.json: what --screen auto reads)")
     p.add_argument("--out", default=None, help="override the config's out folder")
     a = p.parse_args(argv)
     cfg = load(a.config)
@@ -241,7 +270,7 @@ def main(argv=None):
     os.makedirs(out_dir, exist_ok=True)
     results = {}
     for name, mcfg in cfg["models"].items():
-        results[name] = study_model(name, mcfg, cfg, a.card)
+        results[name] = study_model(name, mcfg, cfg, a.store)
         write_json(os.path.join(out_dir, f"{name}.json"), results[name], indent=1)
     write_json(os.path.join(out_dir, "summary.json"), summary(results, cfg), indent=1)
     print(f"wrote {out_dir}/summary.json")

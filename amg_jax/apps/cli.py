@@ -17,6 +17,7 @@ import jax
 from amg_jax.apps import bench, demo, evaluate, sweep
 from amg_jax.apps.models import MODELS, TESTBEDS, is_sd, testbed_config
 from amg_jax.apps.sample import SampleRun, run_sample
+from amg_jax.apps.screens import SCREEN_CHOICES
 from amg_jax.data.testbed import KINDS as PROMPT_KINDS
 from amg_jax.evaluation import inception
 from amg_jax.evaluation.evalnet import save_evaluator, train_evalnet
@@ -250,6 +251,7 @@ def _add_sample(sub) -> None:
                    help="a Somepalli et al. mitigation on the prompts (gni: noise on the text embedding)")
     s.add_argument("--detector", help="AMG's detector: sscd:PARAMS.npz (amg convert sscd) or clip:DIR_OR_HUB_ID")
     s.add_argument("--bank", help="AMG's reference bank (amg index build, with the same embedder)")
+    _add_screen_args(s)
     a = s.add_argument_group("AMG settings (defaults: the papers' SD settings c1=4, c2=3, c3=100 raw)")
     a.add_argument("--c1", type=_finite_float, help="despecification strength")
     a.add_argument("--c2", type=_finite_float, help="caption deduplication strength")
@@ -271,7 +273,8 @@ def _run_sample(args, parser) -> None:
         run = SampleRun(model=args.model, prompts=tuple(args.prompt), out=args.out, seeds=args.seeds, seed=args.seed,
                         method=args.method, base=args.base, scale=args.scale, sampler=args.sampler, steps=args.steps,
                         height=args.height, width=args.width, dtype=args.dtype, detector=args.detector,
-                        bank=args.bank, amg=amg, baseline=args.baseline, batch=args.batch)
+                        bank=args.bank, amg=amg, baseline=args.baseline, batch=args.batch, screen=args.screen,
+                        screen_threshold=args.screen_threshold)
         report = run_sample(run)
     except (ValueError, OSError) as err:
         parser.error(str(err))
@@ -464,6 +467,7 @@ def _add_eval(sub) -> None:
                    help="AMG's pixel detector: auto (nl2-bank for the trained UNets, else nl2), nl2 (sigma = -nL2), nl2-bank (nL2 over the bank's typical "
                         "k-NN distance: the distance itself, so the calibrated gate is the copy criterion) "
                         "or cosine")
+    _add_screen_args(e)
     a = e.add_argument_group("AMG settings (unset: the model's own, its ModelSpec.amg, then AMGConfig's)")
     a.add_argument("--c1", type=_finite_float, help=f"despecification strength (default {AMGConfig.c1:g})")
     a.add_argument("--c2", type=_finite_float, help=f"caption deduplication strength (default {AMGConfig.c2:g})")
@@ -485,6 +489,16 @@ def _add_eval(sub) -> None:
                    help="cap on G_sim's move of x0_hat per step, in units of the bank's k-NN distance")
 
 
+def _add_screen_args(p) -> None:
+    """--screen / --screen-threshold (eval, sample)."""
+    p.add_argument("--screen", choices=SCREEN_CHOICES, default="auto",
+                   help="training-data-free screen in front of AMG's bank search: auto (the calibrated one stored "
+                        "with the model / bank, if any), none (every-step AMG), or a screen by name (with "
+                        "STP / DTP / OG it gates their switch: plain CFG where it does not flag)")
+    p.add_argument("--screen-threshold", type=_finite_float, default=None,
+                   help="the screen's threshold (default: the calibrated one stored with the model / bank)")
+
+
 def _eval_config(args, parser):
     amg = tuple((f, getattr(args, f)) for f in ("c1", "c2", "c3", "c3_units", "threshold", "lambda_min",
                                                "lambda_max", "gradient", "score", "despecify", "dedup",
@@ -493,7 +507,7 @@ def _eval_config(args, parser):
         parser.error(f"AMG settings ({', '.join('--' + k.replace('_', '-') for k, _ in amg)}) need --method amg")
     fields = {f: getattr(args, f) for f in ("out", "model", "testbed", "method", "base", "scale", "kinds",
                                            "prompts_per_kind", "samples_per_prompt", "sampler", "steps", "seed",
-                                           "detector")}
+                                           "detector", "screen", "screen_threshold")}
     try:
         return evaluate.EvalConfig(amg=amg, **fields)
     except ValueError as err:

@@ -14,7 +14,9 @@ writes, per prompt kind and for "all":
   prompts (the FID analogue); ``alignment``: the attribute classifier agrees with the caption
   (the CLIP-score analogue); ``frac_out_of_range``: pixels outside [-1, 1];
 - ``gate_open_rate`` (share of steps with AMG's gate open; ``null`` for other methods),
-  ``fallback_rate`` (AMG), ``transition_mean`` (DTP), ``count``.
+  ``fallback_rate`` (AMG), ``transition_mean`` (DTP), ``count``; with a screen (``--screen``,
+  default ``auto``: the calibrated one in the model's card, for AMG) ``screen_flag_rate``, the
+  share of samples it flagged for the bank search.
 
 A value that is not defined for a group is written as ``null`` (``jsonio.write_json``; NaN is
 not JSON): e.g. ``quality_fd`` of fewer than 2 samples, ``alignment`` of an unconditional model.
@@ -32,6 +34,7 @@ from amg_jax.apps.models import DETECTORS as PIXEL_DETECTORS
 from amg_jax.apps.models import MODELS, bench_evaluator, build_testbed, calibrated_bank, get_model, resolve_testbed
 from amg_jax.apps.report import plot_similarity
 from amg_jax.apps.runs import check_run_fields, for_metrics, run_method
+from amg_jax.apps.screens import check_screen_choice, model_screen, resolve_screen
 from amg_jax.data import testbed as tb
 from amg_jax.evaluation.protocol import prepare_bench
 from amg_jax.guidance import GUIDANCES, METHODS
@@ -62,6 +65,8 @@ class EvalConfig:
     seed: int = 0
     detector: str = "auto"
     amg: tuple = ()
+    screen: str = "auto"
+    screen_threshold: float | None = None
 
     def __post_init__(self):
         def fail(field, msg):
@@ -78,6 +83,7 @@ class EvalConfig:
             if not (isinstance(item, tuple) and len(item) == 2 and item[0] in AMG_FIELDS):
                 fail("amg", f"entries must be (field, value) with a field of {list(AMG_FIELDS)}, got {item!r}")
         AMGConfig(**dict(self.amg))      # raises naming the bad AMG field
+        check_screen_choice(self.screen, self.screen_threshold, fail)
 
 
 def build_guidance(config: EvalConfig, bed: tb.Testbed, bank=None):
@@ -90,8 +96,10 @@ def build_guidance(config: EvalConfig, bed: tb.Testbed, bank=None):
     detector = None if config.detector == "auto" else config.detector
     # before the model is loaded (bank None: validation) the bank is the testbed's
     bank = calibrated_bank(bed) if bank is None and config.method == "amg" else bank
+    screen, thr = resolve_screen(config.screen, model_screen(spec), config.screen_threshold,
+                                 config.method, "eval")
     return spec.guidance(config.method, spec.scale(config.scale), bank, base=base, detector=detector,
-                         amg=dict(config.amg))
+                         amg=dict(config.amg), screen=screen, screen_threshold=thr)
 
 
 def summarize(per_kind: dict) -> dict:
@@ -135,6 +143,8 @@ def run_eval(config: EvalConfig, *, echo=print) -> dict:
     write_json(os.path.join(config.out, "metrics.json"), report, indent=2)
     for kind, r in per_kind.items():
         extra = f"  gate open {r['gate_open_rate']:.0%}" if r.get("gate_open_rate") is not None else ""
+        if r.get("screen_flag_rate") is not None:
+            extra += f"  screen flagged {r['screen_flag_rate']:.0%}"
         echo(f"{kind:>10}: memorized {r['memorized_frac']:.1%}  nL2<1.4 {r['frac_nl2_below_1.4']:.1%}  "
              f"nL2 top-5% {r['sim_top5pct']:.2f}  top-1 {r['sim_top1']:.2f}  FD {r['quality_fd']:.2f}  "
              f"align {r['alignment']:.0%}  out-of-range {r['frac_out_of_range']:.1%}{extra}")

@@ -201,13 +201,15 @@ class ModelSpec:
                              "(AMG wraps the unguided sampler: --base none or auto)")
 
     def guidance(self, method: str, scale: float, bank, *, base: str | None = None, detector: str | None = None,
-                 amg: dict | None = None, neighbour_conds=None):
+                 amg: dict | None = None, neighbour_conds=None, screen=None, screen_threshold: float | None = None):
         """The guidance of ``method`` at ``scale``; AMG wraps ``base`` (default the model's) with the
         pixel ``detector`` (default the model's) over ``bank`` and the model's AMG settings under
-        ``amg``. ``neighbour_conds`` (None: the label id is the condition) is y_N per bank label."""
+        ``amg``. ``neighbour_conds`` (None: the label id is the condition) is y_N per bank label.
+        ``screen`` / ``screen_threshold``: a screen in front of AMG's bank search (or gating a basin
+        method's switch; ``apps.screens.resolve_screen``)."""
         det = make_detector(detector or self.detector, bank) if method == "amg" else None
         return build_method(method, scale, base=base or self.base, detector=det, neighbour_conds=neighbour_conds,
-                            amg=self.amg_settings(amg))
+                            amg=self.amg_settings(amg), screen=screen, screen_threshold=screen_threshold)
 
 
 _MODELS: dict = {}
@@ -366,14 +368,19 @@ class StableDiffusionSpec:
         return sdm.load_stable_diffusion(self.source, dtype=dtype)
 
     def guidance(self, method: str, scale: float, *, detector=None, neighbour_conds=None, base: str | None = None,
-                 amg: dict | None = None):
+                 amg: dict | None = None, screen=None, screen_threshold: float | None = None):
         """The guidance of ``method`` at ``scale``; ``"amg"`` wraps ``base`` with ``detector``
         (``sd_amg.latent_detector``) and ``SD_AMG`` updated by ``amg``. ``neighbour_conds``: the bank
-        captions' text embeddings [C, 77, D] (``sd_amg.bank_conditions``); without them G_dup is off."""
+        captions' text embeddings [C, 77, D] (``sd_amg.bank_conditions``); without them G_dup is off.
+        Without a detector AMG needs a ``screen``: it then gates despecification alone (no bank)."""
+        if method == "amg" and detector is None and screen is None:
+            raise ValueError("method 'amg' needs a detector (latent_detector: --detector sscd:PARAMS --bank BANK), "
+                             "or a screen (--screen NAME --screen-threshold T) to gate despecification alone")
+        settings = self.amg_settings(amg, dedup=neighbour_conds is not None)
         if method == "amg" and detector is None:
-            raise ValueError("method 'amg' needs a detector (latent_detector: --detector sscd:PARAMS --bank BANK)")
+            settings = {k: v for k, v in settings.items() if k not in ("dedup", "dissimilar")}
         return build_method(method, scale, base=base or self.base, detector=detector, neighbour_conds=neighbour_conds,
-                            amg=self.amg_settings(amg, dedup=neighbour_conds is not None))
+                            amg=settings, screen=screen, screen_threshold=screen_threshold)
 
 
 def is_sd(name: str) -> bool:

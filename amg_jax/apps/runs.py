@@ -48,8 +48,9 @@ def for_metrics(x: np.ndarray) -> np.ndarray:
 
 def trace_summary(trace: dict, kinds: np.ndarray | None = None) -> dict:
     """Per kind of ``kinds`` [B] (and "all"): ``count``, ``gate_open_rate`` (share of steps with
-    AMG's gate open, None for a guidance without one), ``fallback_rate`` and ``transition_mean``
-    (DTP's transition step at the last step) where the trace has them; trace {name: [B, N]}."""
+    AMG's gate open, None for a guidance without one), ``fallback_rate``, ``transition_mean``
+    (DTP's transition step at the last step) and ``screen_flag_rate`` (share of samples a screen
+    flagged by the last step; its flag is latched) where the trace has them; trace {name: [B, N]}."""
     n = len(next(iter(trace.values()))) if trace else (0 if kinds is None else len(kinds))
     kinds = np.full(n, "all") if kinds is None else np.asarray(kinds)
     out = {}
@@ -59,6 +60,8 @@ def trace_summary(trace: dict, kinds: np.ndarray | None = None) -> dict:
              "gate_open_rate": float(np.mean(trace["gate"][sel])) if "gate" in trace else None}
         if "fallback" in trace:
             r["fallback_rate"] = float(np.mean(trace["fallback"][sel]))
+        if "flagged" in trace:
+            r["screen_flag_rate"] = float(np.mean(np.asarray(trace["flagged"])[sel][:, -1]))
         if "transition" in trace:
             r["transition_mean"] = float(np.mean(np.asarray(trace["transition"])[sel][:, -1]))
         out[kind] = r

@@ -19,6 +19,7 @@ from PIL import Image
 
 from amg_jax.apps.models import StableDiffusionSpec, sd_source
 from amg_jax.apps.runs import run_method
+from amg_jax.apps.screens import check_screen_choice, read_bank_screen, resolve_screen
 from amg_jax.guidance import METHODS
 from amg_jax.guidance.amg import AMGConfig
 from amg_jax.images import to_uint8
@@ -56,6 +57,8 @@ class SampleRun:
     amg: tuple = ()
     baseline: str | None = None
     batch: int = 8
+    screen: str = "auto"
+    screen_threshold: float | None = None
 
     def __post_init__(self):
         def fail(field, msg):
@@ -73,7 +76,9 @@ class SampleRun:
                 fail(field, f"must be an integer >= 1, got {v!r}")
         if self.dtype not in sdm.DTYPES:
             fail("dtype", f"must be one of {list(sdm.DTYPES)}, got {self.dtype!r}")
-        if self.method == "amg":
+        check_screen_choice(self.screen, self.screen_threshold, fail)
+        bank_free = self.method == "amg" and not self.detector and not self.bank and self.screen not in ("auto", "none")
+        if self.method == "amg" and not bank_free:
             if not self.detector or self.detector.partition(":")[0] not in DETECTOR_KINDS or ":" not in self.detector:
                 fail("detector", f"AMG needs --detector sscd:PARAMS.npz or clip:DIR, got {self.detector!r}")
             kind, _, weights = self.detector.partition(":")
@@ -93,6 +98,15 @@ class SampleRun:
             if self.baseline not in PROMPT_BASELINES:
                 fail("baseline", f"must be one of {sorted(PROMPT_BASELINES)}, got {self.baseline!r}")
         AMGConfig(**dict(SD_AMG, **dict(self.amg)))       # raises naming a bad AMG field
+        try:
+            self.screen_setting()
+        except ValueError as e:
+            fail("screen", str(e).removeprefix("sample: "))
+
+    def screen_setting(self) -> tuple:
+        """(screen, threshold) or (None, None): ``--screen`` resolved against the calibrated screen
+        stored beside the bank (``apps.screens``)."""
+        return resolve_screen(self.screen, read_bank_screen(self.bank), self.screen_threshold, self.method, "sample")
 
 
 def _prompts_for(run: SampleRun, sd) -> tuple[list[str], Array]:
@@ -114,7 +128,8 @@ def run_sample(run: SampleRun, *, progress: bool = True, echo=print) -> dict:
     each batch, so an interrupted run keeps what it finished, and a re-run with the same settings
     and ``out`` continues after the last finished batch."""
     spec = StableDiffusionSpec(sd_source(run.model))
-    if run.method == "amg":     # the bank, SSCD params and captions first: a damaged file fails before the model loads
+    screen, screen_thr = run.screen_setting()
+    if run.method == "amg" and run.detector:     # the bank, SSCD params and captions first: a damaged file fails before the model loads
         kind, _, weights = run.detector.partition(":")
         bank = load_bank(run.bank)
         if kind == "sscd":
@@ -124,14 +139,14 @@ def run_sample(run: SampleRun, *, progress: bool = True, echo=print) -> dict:
     den = sdm.sd_denoiser(sd, run.height, run.width)
     sampler = sdm.sd_sampler_config(sd, run.steps, run.sampler)
     det = conds = None
-    if run.method == "amg":
+    if run.method == "amg" and run.detector:
         det = latent_detector(sd, kind, weights, bank)
         if captions:
             conds = bank_conditions(sd, captions)
         else:
             echo(f"note: {run.bank} has no captions beside it: caption deduplication (G_dup) is off")
     guidance = spec.guidance(run.method, run.scale, detector=det, neighbour_conds=conds, base=run.base,
-                             amg=dict(run.amg))
+                             amg=dict(run.amg), screen=screen, screen_threshold=screen_thr)
     prompts, cond = _prompts_for(run, sd)
     seeds = [run.seed + i for _ in run.prompts for i in range(run.seeds)]
     os.makedirs(os.path.join(run.out, "images"), exist_ok=True)
@@ -149,8 +164,11 @@ def run_sample(run: SampleRun, *, progress: bool = True, echo=print) -> dict:
             Image.fromarray(img[j]).save(os.path.join(run.out, "images", name))
             rec = {"image": f"images/{name}", "prompt": prompts[lo + j], "seed": seeds[lo + j]}
             if "sigma" in trace:
-                rec.update(final_similarity=float(trace["sigma"][j, -1]), max_similarity=float(trace["sigma"][j].max()),
-                           gate_open_rate=float(trace["gate"][j].mean()))
+                rec.update(final_similarity=float(trace["sigma"][j, -1]), max_similarity=float(trace["sigma"][j].max()))
+            if "gate" in trace:
+                rec["gate_open_rate"] = float(trace["gate"][j].mean())
+            if "flagged" in trace:
+                rec.update(screen_flagged=bool(trace["flagged"][j, -1]), screen_score=float(trace["screen"][j, -1]))
             records.append(rec)
         state["report"] = _write_outputs(run, traces, records, time.time() - t0,
                                          done=lo + img.shape[0] >= len(prompts))

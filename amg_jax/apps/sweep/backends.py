@@ -16,7 +16,7 @@ from amg_jax.apps.models import (StableDiffusionSpec, baseline_conditions, bench
                                  caption_conditions, get_model, is_sd, resolve_testbed)
 from amg_jax.apps.runs import for_metrics, run_method
 from amg_jax.apps.sweep.config import BENCH_FORMAT, SSCD_STRICT, SSCD_THRESHOLD, Cell, SweepConfig
-from amg_jax.apps.sweep.settings import _jsonable, bench_settings
+from amg_jax.apps.sweep.settings import _jsonable, bench_settings, screen_of
 from amg_jax.evaluation.protocol import prepare_bench
 from amg_jax.index import load_bank
 from amg_jax.index_build import has_captions, list_images, load_captions, load_image, sharded_embedder
@@ -90,14 +90,16 @@ class TestbedBackend:
         den, cond = self._conditions(cell)
         # under a prompt baseline the text UNet takes token conditions: y_N is the neighbour caption's tokens
         conds = caption_conditions(self.spec, self.bed) if cell.baseline and cell.guidance == "amg" else None
+        screen, thr = screen_of(settings)
         g = self.spec.guidance(cell.guidance, self.spec.scale(settings["scale"]), self.bank, base=settings["base"],
-                               detector=settings["detector"], amg=settings["amg"], neighbour_conds=conds)
+                               detector=settings["detector"], amg=settings["amg"], neighbour_conds=conds,
+                               screen=screen, screen_threshold=thr)
         run = run_method(den, g, SamplerConfig(cell.sampler, num_steps=cell.steps), b.keys, cond,
                          batch=self.config.chunk, sharded=jax.device_count() > 1,    # seeds over all devices
                          kinds=b.kinds, measure=lambda r: b.measure(for_metrics(r.x)), label=cell.id, echo=self.echo)
         return CellRun(metrics=run.metrics, samples=run.x, kinds=np.asarray(b.kinds),
                        caption_ids=np.asarray(b.caption_ids),
-                       trace={k: run.trace[k] for k in ("sigma", "lambda", "gate") if k in run.trace},
+                       trace={k: run.trace[k] for k in ("sigma", "lambda", "gate", "flagged") if k in run.trace},
                        seconds=run.seconds)
 
 
@@ -207,8 +209,9 @@ class StableDiffusionBackend:
         c = self.config
         det, conds = self._amg_parts() if cell.guidance == "amg" else (None, None)
         scale = settings["scale"] if settings["scale"] is not None else c.scale
+        screen, thr = screen_of(settings)
         g = self.spec.guidance(cell.guidance, scale, detector=det, neighbour_conds=conds, base=settings["base"],
-                               amg=dict(cell.amg))
+                               amg=dict(cell.amg), screen=screen, screen_threshold=thr)
         sampler = sdm.sd_sampler_config(self.sd, cell.steps, cell.sampler)
 
         def measure_batch(u8: np.ndarray, idx: np.ndarray) -> dict:

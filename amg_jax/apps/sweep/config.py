@@ -13,12 +13,15 @@ import tomllib
 import numpy as np
 
 from amg_jax.apps.evaluate import DETECTORS
+from amg_jax.apps.screens import SCREEN_CHOICES
 from amg_jax.apps.models import DEFAULT_SCALE, MODELS, SD_PREFIX, TESTBEDS, get_model, is_sd, model_spec
 from amg_jax.checks import is_int as _is_int
 from amg_jax.checks import is_number as _is_number
 from amg_jax.data import testbed as tb
 from amg_jax.guidance import GUIDANCES, METHODS
 from amg_jax.guidance.amg import AMGConfig
+from amg_jax.guidance.registry import SCREENABLE_BASIN
+from amg_jax.guidance.screen import SCREENS
 from amg_jax.index import FORMAT as BANK_FORMAT
 from amg_jax.index_build import list_images
 from amg_jax.models import stable_diffusion as sdm
@@ -41,7 +44,7 @@ SWEEP_KEYS = {"name": None, "model": REQUIRED, "testbed": "auto", "prompts_per_k
               "samples_per_prompt": REQUIRED, "kinds": tb.KINDS, "seed": 0, "sampler": "ddim", "steps": 50,
               "scale": None, "chunk": 16, "out": None}
 # [[method]] scalar keys, in the order their grid values appear in a cell id; then amg.*, baseline_params.*
-METHOD_SCALARS = ("guidance", "base", "detector", "baseline", "scale", "steps", "sampler")
+METHOD_SCALARS = ("guidance", "base", "detector", "baseline", "scale", "steps", "sampler", "screen", "screen_threshold")
 METHOD_KEYS = ("name",) + METHOD_SCALARS + ("amg", "baseline_params")
 AMG_ONLY = ("base", "detector")          # (and every amg.* axis)
 # [sweep] keys of a Stable Diffusion model ("sd:PATH_OR_HUB_ID") and their defaults (the package docstring).
@@ -73,6 +76,8 @@ class Cell:
     baseline: str | None = None
     baseline_params: tuple = ()
     grid: tuple = ()
+    screen: str = "none"                  # "none" (every-step AMG), "auto" or a screen name (apps.screens)
+    screen_threshold: float | None = None
 
     @property
     def label(self) -> str:
@@ -140,6 +145,8 @@ def _check_value(key: str, v, fail) -> None:
         "scale": (lambda x: _is_number(x) and x >= 0, "a finite number >= 0"),
         "steps": (lambda x: _is_int(x) and x >= 1, "an integer >= 1"),
         "sampler": (lambda x: x in SAMPLERS, f"one of {list(SAMPLERS)}"),
+        "screen": (lambda x: x in SCREEN_CHOICES, f"one of {list(SCREEN_CHOICES)}"),
+        "screen_threshold": (lambda x: _is_number(x), "a finite number"),
     }
     if key in rules:
         ok, rule = rules[key]
@@ -238,6 +245,14 @@ def _method_cells(m: dict, sweep: dict, where: str, model: str) -> list:
             text_models = [n for n in MODELS if get_model(n).has_text_encoder]
             fail("baseline", f"{baseline!r} perturbs captions; it needs a model with a text encoder "
                              f"({', '.join(text_models)} or 'sd:PATH'), not {model!r}")
+        screen, screen_thr = d.get("screen", "none"), d.get("screen_threshold")
+        if screen == "auto" and guidance != "amg":        # auto: where a calibrated screen holds, i.e. AMG
+            screen = "none"
+        if screen != "none" and guidance != "amg" and guidance not in SCREENABLE_BASIN:
+            fail("screen", f"{screen!r} gates AMG's bank search (or, by name, the switch of "
+                           f"{list(SCREENABLE_BASIN)}); guidance {guidance!r} has nothing to gate")
+        if screen_thr is not None and screen in ("none", "auto"):
+            fail("screen_threshold", f"needs screen = NAME (one of {list(SCREENS)}), got screen {screen!r}")
         amg = tuple((k[4:], v) for k, v in d.items() if k.startswith("amg."))
         if guidance == "amg":
             try:
@@ -258,7 +273,8 @@ def _method_cells(m: dict, sweep: dict, where: str, model: str) -> list:
                           scale=None if scale is None else float(scale), steps=d.get("steps", sweep["steps"]),
                           sampler=d.get("sampler", sweep["sampler"]), base=d.get("base", "auto"),
                           detector=d.get("detector", "auto"), amg=amg, baseline=baseline,
-                          baseline_params=params, grid=grid))
+                          baseline_params=params, grid=grid, screen=screen,
+                          screen_threshold=None if screen_thr is None else float(screen_thr)))
     return cells
 
 

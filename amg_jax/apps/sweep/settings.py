@@ -10,7 +10,9 @@ import os
 
 from amg_jax.apps.models import get_model, is_sd, model_spec, resolve_testbed
 from amg_jax.apps.sweep.config import Cell, SweepConfig
+from amg_jax.apps.screens import MODEL_SCREEN, model_screen, read_bank_screen, resolve_screen
 from amg_jax.guidance.amg import AMGConfig
+from amg_jax.guidance.screen import get_screen
 from amg_jax.index_build import captions_path, has_captions
 from amg_jax.jsonio import json_safe
 from amg_jax.prompt_baselines import BASELINE_DEFAULTS
@@ -43,7 +45,8 @@ def cell_settings(config: SweepConfig, cell: Cell) -> dict:
         detector=(spec.detector if cell.detector == "auto" else cell.detector) if amg else None,
         scale=scale, sampler=cell.sampler, steps=cell.steps,
         amg=dataclasses.asdict(AMGConfig(**spec.amg_settings(dict(cell.amg)))) if amg else None,
-        baseline=cell.baseline, baseline_params=_baseline_settings(cell)))
+        baseline=cell.baseline, baseline_params=_baseline_settings(cell),
+        **_screen_settings(cell, model_screen(spec))))
 
 
 def _baseline_settings(cell: Cell) -> dict | None:
@@ -112,7 +115,7 @@ def _sd_weight_files(path: str) -> list:
 
 def weights_digest(config: SweepConfig) -> str | None:
     """A short sha256 of the model's weights, by content: a trained testbed model's checkpoint
-    folder (``ModelSpec.path``: params, bank, card), every file; a local
+    folder (``ModelSpec.path``: params, bank, card), every file but ``screen.json``; a local
     Stable Diffusion folder's weights and configs (``SD_WEIGHT_FOLDERS``); None for the
     closed-form models (no weights: the testbed fixes them) and a hub id that is not a local folder.
     Every byte is hashed, GBs for SD too: a fine-tune keeps the file sizes and safetensors headers,
@@ -123,7 +126,9 @@ def weights_digest(config: SweepConfig) -> str | None:
         return _files_digest(src, _sd_weight_files(src)) if os.path.isdir(src) else None
     spec = get_model(config.model)
     if spec.trained:
-        return _files_digest(spec.path, _walk_files(spec.path)) if os.path.isdir(spec.path) else None
+        # every file but the calibrated screen (measured on the model; a cell with a screen holds its threshold)
+        files = [f for f in _walk_files(spec.path) if f != MODEL_SCREEN] if os.path.isdir(spec.path) else []
+        return _files_digest(spec.path, files) if os.path.isdir(spec.path) else None
     return None
 
 
@@ -170,7 +175,26 @@ def sd_cell_settings(config: SweepConfig, cell: Cell) -> dict:
     return _jsonable(dict(
         bench_settings(config), weights=weights_digest(config), method=cell.method, guidance=cell.guidance, base=base,
         detector=spec.detector if amg else None, scale=scale, sampler=cell.sampler, steps=cell.steps, amg=settings,
-        baseline=cell.baseline, baseline_params=_baseline_settings(cell)))
+        baseline=cell.baseline, baseline_params=_baseline_settings(cell),
+        **_screen_settings(cell, read_bank_screen(config.sd.bank))))
+
+
+def _screen_settings(cell: Cell, calibrated) -> dict:
+    """``{"screen": {name, settings, threshold}}`` of a cell with a screen, else {} (a cell without
+    one keeps the settings, and so the fingerprint, it had before screens existed)."""
+    screen, thr = resolve_screen(cell.screen, calibrated, cell.screen_threshold, cell.guidance, cell.id)
+    if screen is None:
+        return {}
+    name = calibrated.name if cell.screen == "auto" else cell.screen
+    return {"screen": {"name": name, "settings": dataclasses.asdict(screen), "threshold": thr, "choice": cell.screen}}
+
+
+def screen_of(settings: dict):
+    """(screen, threshold) from a cell's settings (``_screen_settings``), or (None, None)."""
+    s = settings.get("screen")
+    if not s:
+        return None, None
+    return get_screen(s["name"], **s["settings"]), float(s["threshold"])
 
 
 def _jsonable(obj):
