@@ -15,6 +15,7 @@ from amg_jax.apps.models import get_model
 from amg_jax.data import testbed as tb
 from amg_jax.guidance import build_method
 from amg_jax.guidance.base import x0_from_eps
+from amg_jax.guidance.screen import get_screen
 from amg_jax.index import build_bank
 from amg_jax.models import stable_diffusion as sdm
 from amg_jax.models.sd_amg import SD_AMG, latent_detector
@@ -29,6 +30,11 @@ COMPACT = "AMG default gate, realistic mix, open_batch=B/4"
 DETECT_EVERY = 3
 CLOSED_K = f"AMG gate closed all the way, detect_every={DETECT_EVERY}"
 SPE_ONLY = "AMG despecification only, gate closed (tiny setting: no lax.cond to compile)"
+SCREEN_CLEAN = "AMG + screen, prompts that do not copy (none flagged)"
+SCREEN_COPY = "AMG + screen, prompts that copy (all flagged), gate closed"
+# the screen of the bench rows: ||eps_c - eps_u|| on x_T; its threshold puts every sample above or
+# below it (random weights copy nothing: what the rows time is the screen's branch, not a calibration)
+BENCH_SCREEN = "noise_magnitude_first"
 
 
 def _amg_rows(env: _Shared, group: str, den, cfg_guidance, variants: list, keys, cond, steps_cfg,
@@ -155,7 +161,10 @@ def _sscd_group(env: _Shared, sscd_config, label: str, open_rows: bool = True) -
     if s.tiny:
         variants = [(SPE_ONLY, amg(**shut, dedup=False, dissimilar=False))]
     else:
-        variants = [(CLOSED, amg(**shut))]
+        screen = get_screen(BENCH_SCREEN)
+        variants = [(CLOSED, amg(**shut)),
+                    (SCREEN_CLEAN, amg(**shut, screen=screen, screen_threshold=1e30)),
+                    (SCREEN_COPY, amg(**shut, screen=screen, screen_threshold=-1.0))]
         if not s.quick:   # one more AMG program: the detection held for DETECT_EVERY steps
             variants.append((CLOSED_K, amg(**shut, detect_every=DETECT_EVERY)))
     open_rows = open_rows and sd_open_rows(s)
@@ -223,6 +232,11 @@ def part_amg(env: _Shared) -> dict:
     k_rows = [x for x in rows if x["name"] == CLOSED_K and sscd_groups and x["group"] == sscd_groups[-1]]
     if k_rows:
         head += f"; with detect_every={DETECT_EVERY}: {k_rows[0]['ratio']:.2f}x"
+    screen = {n: next((x["ratio"] for x in rows if x["name"] == n and sscd_groups and x["group"] == sscd_groups[-1]),
+                      None) for n in (SCREEN_CLEAN, SCREEN_COPY)}
+    if screen[SCREEN_CLEAN] is not None:
+        head += (f"; behind the screen: {screen[SCREEN_CLEAN]:.2f}x on prompts that do not copy, "
+                 f"{screen[SCREEN_COPY]:.2f}x on prompts that do")
     bound = flop_bound(rows, sscd_groups[-1]) if sscd_groups else None
     if bound is not None:
         head += f"; XLA FLOP count: the SSCD detector call = {bound - 1:.2f} CFG denoiser calls"
@@ -230,7 +244,10 @@ def part_amg(env: _Shared) -> dict:
              "gradient; on unet-text it is the realistic run's own program with the bank moved out of reach "
              "(+100 in every pixel), on SD thresholds no sample reaches; 'open every step': threshold='always'",
              "SD rows: G_dup's neighbour conditions are 4 encoded captions (one more UNet pass when the gate is open); "
-             "the SSCD bank is 1000 random unit rows"]
+             "the SSCD bank is 1000 random unit rows",
+             f"'AMG + screen' ({BENCH_SCREEN}): a threshold above every sample's score (none flagged: the bank "
+             "search never runs) and below every one (all flagged from step 0: every-step detection); random "
+             "weights copy nothing, so the rows time the screen's two branches, not a calibrated screen"]
     if s.tiny:
         notes.insert(0, "tiny setting: AMG runs with despecification only (no lax.cond branch, a 3x smaller program to "
                         "compile); it checks the bench's plumbing, not AMG's cost")
@@ -245,7 +262,10 @@ def part_amg(env: _Shared) -> dict:
     return {"title": "AMG's cost against plain CFG", "groups": groups, "rows": rows, "met": met,
             "closed_ratio_pixel": pixel, "closed_ratio_sscd": sscd_ratio,
             "closed_ratio_sscd_detect_every": k_rows[0]["ratio"] if k_rows else None,
-            "sscd_flop_bound": bound, "headline": head, "notes": notes}
+            "sscd_flop_bound": bound, "screen_ratio_noncopying": screen[SCREEN_CLEAN],
+            "screen_ratio_copying": screen[SCREEN_COPY],
+            "screen_met": None if screen[SCREEN_CLEAN] is None else bool(screen[SCREEN_CLEAN] <= 1.10),
+            "headline": head, "notes": notes}
 
 
 # ----------------------------------------------------------------------------- part: search
