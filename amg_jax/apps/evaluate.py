@@ -14,9 +14,9 @@ writes, per prompt kind and for "all":
   prompts (the FID analogue); ``alignment``: the attribute classifier agrees with the caption
   (the CLIP-score analogue); ``frac_out_of_range``: pixels outside [-1, 1];
 - ``gate_open_rate`` (share of steps with AMG's gate open; ``null`` for other methods),
-  ``fallback_rate`` (AMG), ``transition_mean`` (DTP), ``count``; with a screen (``--screen``,
-  default ``auto``: the calibrated one in the model's card, for AMG) ``screen_flag_rate``, the
-  share of samples it flagged for the bank search.
+  ``fallback_rate`` (AMG), ``transition_mean`` (DTP), ``count``; with a screen (``--screen auto``:
+  the calibrated one stored with the model, for AMG; or a screen by name) ``screen_flag_rate``,
+  the share of samples it flagged for the bank search.
 
 A value that is not defined for a group is written as ``null`` (``jsonio.write_json``; NaN is
 not JSON): e.g. ``quality_fd`` of fewer than 2 samples, ``alignment`` of an unconditional model.
@@ -65,7 +65,7 @@ class EvalConfig:
     seed: int = 0
     detector: str = "auto"
     amg: tuple = ()
-    screen: str = "auto"
+    screen: str = "none"
     screen_threshold: float | None = None
 
     def __post_init__(self):

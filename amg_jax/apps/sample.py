@@ -57,7 +57,7 @@ class SampleRun:
     amg: tuple = ()
     baseline: str | None = None
     batch: int = 8
-    screen: str = "auto"
+    screen: str = "none"
     screen_threshold: float | None = None
 
     def __post_init__(self):
