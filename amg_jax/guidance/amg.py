@@ -280,7 +280,6 @@ class AMG(GuidanceBase):
         """The detector on the ``flagged`` [B] samples of ``x0_hat`` [B, *S], ``closed_detection``
         elsewhere: none flagged runs no detector; 1..``screen_batch`` flagged are gathered into a
         batch of ``screen_batch`` (padded with the first); more run the whole batch."""
-        b = x0_hat.shape[0]
         m = self.config.screen_batch
         closed = self.closed_detection(x0_hat)
 
@@ -292,15 +291,11 @@ class AMG(GuidanceBase):
             return jax.tree.map(lambda d, z: jnp.where(flagged, d, z), det, closed)
 
         def gathered(_):
-            idx = jnp.nonzero(flagged, size=m, fill_value=-1)[0]
-            idx = jnp.where(idx < 0, idx[0], idx)
+            idx = _first_true(flagged, m)
             det = self.detector(x0_hat[idx])
             return jax.tree.map(lambda z, d: z.at[idx].set(d), closed, det)
 
-        n = jnp.sum(flagged.astype(jnp.int32))
-        if m is not None and m < b:
-            return jax.lax.switch(jnp.where(n == 0, 0, jnp.where(n <= m, 1, 2)), (none, gathered, whole), None)
-        return jax.lax.cond(n > 0, whole, none, None)
+        return _masked_switch(flagged, m, none, gathered, whole)
 
     def scales(self, sigma: Array, alpha_bar: Array, w: Array):
         """(gate, lambda_t, s1, s2), [B] each, from the similarity ``sigma`` [B] and the wrapped
@@ -357,8 +352,7 @@ class AMG(GuidanceBase):
 
         def compacted(_):
             # the first open_batch open samples (padded with the first one), computed as a small batch
-            idx = jnp.nonzero(gate, size=c.open_batch, fill_value=-1)[0]
-            idx = jnp.where(idx < 0, idx[0], idx)
+            idx = _first_true(gate, c.open_batch)
             take = functools.partial(jax.tree.map, lambda a: a[idx] if getattr(a, "ndim", 0) >= 1
                                      and a.shape[0] == b else a)
             sub = ctx._replace(x_t=ctx.x_t[idx], cond=take(ctx.cond), null_cond=take(ctx.null_cond),
@@ -372,11 +366,7 @@ class AMG(GuidanceBase):
 
         if not (c.dedup or c.dissimilar):
             return closed(None)
-        if c.open_batch is not None and c.open_batch < b:
-            n_open = jnp.sum(gate.astype(jnp.int32))
-            branch = jnp.where(n_open == 0, 0, jnp.where(n_open <= c.open_batch, 1, 2))
-            return jax.lax.switch(branch, (closed, compacted, whole_batch), None)
-        return jax.lax.cond(jnp.any(gate), whole_batch, closed, None)
+        return _masked_switch(gate, c.open_batch, closed, compacted, whole_batch)
 
     def apply(self, state: AMGState, ctx: StepContext) -> tuple[Array, AMGState, dict]:
         """One step: the base guidance's eps_hat, then detect -> scales -> the open terms, added
@@ -429,6 +419,23 @@ class AMG(GuidanceBase):
 
 jax.tree_util.register_dataclass(AMG, data_fields=["base", "detector", "neighbour_conds"],
                                  meta_fields=["config", "screen"])
+
+
+def _first_true(mask: Array, m: int) -> Array:
+    """[m] int32: the indices of the first m True entries of ``mask`` [B], padded with the first."""
+    idx = jnp.nonzero(mask, size=m, fill_value=-1)[0]
+    return jnp.where(idx < 0, idx[0], idx)
+
+
+def _masked_switch(mask: Array, m: int | None, none, gathered, whole):
+    """Run ``none`` when ``mask`` [B] has no True entry, ``gathered`` when it has 1..m (only with
+    ``m`` < B), else ``whole`` (each a function of one ignored operand, under ``lax.switch`` /
+    ``lax.cond``: the branches not taken are not run)."""
+    b = mask.shape[0]
+    n = jnp.sum(mask.astype(jnp.int32))
+    if m is not None and m < b:
+        return jax.lax.switch(jnp.where(n == 0, 0, jnp.where(n <= m, 1, 2)), (none, gathered, whole), None)
+    return jax.lax.cond(n > 0, whole, none, None)
 
 
 def _nonfinite_bits(gate: Array, eps_base: Array, g_spe: Array, g_dup: Array, g_sim: Array) -> Array:
