@@ -23,6 +23,7 @@ from amg_jax.evaluation import inception
 from amg_jax.evaluation.evalnet import save_evaluator, train_evalnet
 from amg_jax.guidance import GUIDANCES, METHODS
 from amg_jax.guidance.amg import C3_UNITS, GRADIENTS, SCORES, THRESHOLDS, AMGConfig
+from amg_jax.index_fetch import fetch_images, read_prompt_list
 from amg_jax.index_build import EMBEDDERS, build_index, captions_path, image_embedder, list_images
 from amg_jax.models import zoo
 from amg_jax.prompt_baselines import PROMPT_BASELINES
@@ -70,6 +71,7 @@ def _number(cast, what: str, check, rule: str):
 _positive_int = _number(int, "an integer", lambda v: v >= 1, "must be >= 1")
 _finite_float = _number(float, "a number", lambda v: abs(v) < float("inf"), "must be finite")
 _positive_float = _number(float, "a number", lambda v: 0 < v < float("inf"), "must be a finite number > 0")
+_count = _number(int, "an integer", lambda v: v >= 0, "must be >= 0")
 _unet_channels = _number(int, "an integer", lambda v: v >= 8 and v % 8 == 0,
                          "must be a positive multiple of 8 (the UNet's GroupNorm groups)")
 
@@ -339,6 +341,23 @@ def _add_index(sub) -> None:
                    help="store a calibrated copy threshold with the bank (pixel banks)")
     b.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
     _add_no_progress(b)
+    f = isub.add_parser(
+        "fetch", help="download the training images of a prompt list (.jsonl / .csv with URLs)",
+        description="Download each training image a prompt list names (.jsonl lines {\"caption\", \"url\", "
+                    "\"index\"} as Wen et al.'s sdv1_500_memorized.jsonl, or a .csv with caption and url columns) "
+                    "into OUT/<index>.<ext>, with OUT/captions.jsonl for `amg index build OUT` and every failure "
+                    "(HTTP error, timeout, HTML instead of an image, truncated image, redirect loop) in "
+                    "OUT/fetch_report.json. A re-run requests only the images not in OUT.",
+        formatter_class=_Help)
+    f.set_defaults(func=_run_index_fetch)
+    f.add_argument("prompts", help="prompt list with image URLs (.jsonl or .csv)")
+    f.add_argument("--out", required=True, help="folder to write the images to")
+    f.add_argument("--workers", type=_positive_int, default=8, help="downloads at once")
+    f.add_argument("--timeout", type=_positive_float, default=10.0, help="seconds a connection or read may stall")
+    f.add_argument("--deadline", type=_positive_float, default=60.0, help="seconds for one whole download")
+    f.add_argument("--retries", type=_count, default=3,
+                   help="retries (exponential back-off) after a timeout, a dropped connection, HTTP 429 or 5xx")
+    _add_no_progress(f)
 
 
 def _run_index(args, parser) -> None:
@@ -352,6 +371,19 @@ def _run_index(args, parser) -> None:
     except (ValueError, OSError) as err:
         parser.error(str(err))
     print(f"wrote {args.out}: {bank.size} rows of {bank.dim} ({name}), captions in {captions_path(args.out)}")
+
+
+def _run_index_fetch(args, parser) -> None:
+    _check_out(parser, args.out, "--out")
+    try:
+        read_prompt_list(args.prompts)              # a bad list fails before any request
+        report = fetch_images(args.prompts, args.out, workers=args.workers, timeout=args.timeout,
+                              deadline=args.deadline, retries=args.retries, progress=args.progress)
+    except (ValueError, OSError) as err:
+        parser.error(str(err))
+    print(f"{args.out}: {report['images']} of {report['entries']} images ({report['fetched']} fetched now, "
+          f"{report['already_present']} already there, {report['failed']} failed: {args.out}/fetch_report.json); "
+          f"next: amg index build {args.out} --out BANK.npz --embedder sscd:PARAMS.npz")
 
 
 def _add_train(sub) -> None:

@@ -377,8 +377,8 @@ class StableDiffusionSpec:
             raise ValueError("method 'amg' needs a detector (latent_detector: --detector sscd:PARAMS --bank BANK), "
                              "or a screen (--screen NAME --screen-threshold T) to gate despecification alone")
         settings = self.amg_settings(amg, dedup=neighbour_conds is not None)
-        if method == "amg" and detector is None:
-            settings = {k: v for k, v in settings.items() if k not in ("dedup", "dissimilar")}
+        if method == "amg" and detector is None:   # the defaults' bank terms off; a user's own reach make_amg's error
+            settings.update({k: False for k in ("dedup", "dissimilar") if k not in (amg or {})})
         return build_method(method, scale, base=base or self.base, detector=detector, neighbour_conds=neighbour_conds,
                             amg=settings, screen=screen, screen_threshold=screen_threshold)
 

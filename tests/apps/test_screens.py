@@ -78,3 +78,14 @@ def test_sweep_cells_resolve_the_screen_into_their_settings():
     assert screen_of(_screen_settings(dtp, None)) == (NoiseMagnitude(window=1), 0.1)
     assert isinstance(get_model("unet-text").guidance("dtp", 1.5, None, screen=NoiseMagnitude(window=1),
                                                       screen_threshold=0.1), ScreenedGuidance)
+
+
+def test_sd_amg_without_a_bank_keeps_a_users_bank_terms_visible():
+    """Bank-free AMG on SD: the defaults' G_dup / G_sim are turned off, but a user's own
+    ``dissimilar=True`` reaches make_amg's error instead of being dropped."""
+    from amg_jax.apps.models import StableDiffusionSpec
+    spec = StableDiffusionSpec("unused-folder")       # guidance() builds the method only, loads nothing
+    g = spec.guidance("amg", 7.5, screen=NoiseMagnitude(window=1), screen_threshold=0.1)
+    assert g.detector is None and not g.config.dissimilar and not g.config.dedup
+    with pytest.raises(ValueError, match="dissimilar=True needs a detector"):
+        spec.guidance("amg", 7.5, screen=NoiseMagnitude(window=1), screen_threshold=0.1, amg={"dissimilar": True})

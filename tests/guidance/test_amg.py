@@ -10,16 +10,14 @@ from flax import struct
 from amg_jax.evaluation import metrics
 from amg_jax.data import testbed as tb
 from amg_jax.guidance import CFG, StaticTransition, Unguided, make_guidance
-from amg_jax.guidance.amg import AMG, AMGConfig, make_amg
-from amg_jax.guidance.base import StepContext, eps_uncond_cond, x0_from_eps
-from amg_jax.models.base import Denoiser
+from amg_jax.guidance.amg import AMGConfig, make_amg
+from amg_jax.guidance.base import eps_uncond_cond, x0_from_eps
 from amg_jax.models.empirical import empirical_denoiser
 from amg_jax.samplers import SamplerConfig, keys_from_seeds, sample, sample_loop
 from amg_jax.similarity.base import Detection
 from amg_jax.similarity.pixel import pixel_detector
+from toy_guidance import D, S, toy_ctx, toy_denoiser
 
-S = (4, 4, 3)
-D = int(np.prod(S))
 
 
 # ----------------------------------------------------------------------------- toy parts
@@ -46,28 +44,8 @@ def det(value, direction=None, **kw):
     return LinearDetector(jnp.float32(value), d, **kw)
 
 
-def toy_eps(params, x, t, cond):
-    """A smooth conditional eps: depends on x, t and the condition id (-1 = unconditional)."""
-    c = (cond.astype(jnp.float32) + 2.0)[:, None, None, None]
-    return 0.3 * x + 0.1 * c * params["w"] + 1e-4 * t.astype(jnp.float32)[:, None, None, None]
-
-
-def toy_denoiser(counter=None):
-    def eps_fn(params, x, t, cond):
-        if counter is not None:
-            n = x.shape[0]
-            jax.debug.callback(lambda: counter.append(n))
-        return toy_eps(params, x, t, cond)
-    w = jnp.asarray(np.random.default_rng(0).normal(size=S), jnp.float32)
-    return Denoiser(params={"w": w}, null_cond=jnp.int32(-1), eps_fn=eps_fn, sample_shape=S,
-                    num_conditions=3, name="toy")
-
-
 def ctx_for(den, x, cond, step=3, t=500):
-    ab = jnp.asarray(den.schedule.alphas_cumprod()[t])
-    eps = lambda xx, cc: den(xx, t, cc)   # noqa: E731
-    return StepContext(x_t=x, t=jnp.int32(t), step=jnp.int32(step), num_steps=10, alpha_bar=ab, cond=cond,
-                       null_cond=den.null_batch(x.shape[0]), eps=eps, key=keys_from_seeds(range(x.shape[0])))
+    return toy_ctx(den, x, cond, step=step, t=t)
 
 
 @pytest.fixture(scope="module")

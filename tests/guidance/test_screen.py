@@ -10,14 +10,13 @@ from flax import struct
 
 from amg_jax.guidance import CFG, DynamicTransition, build_method
 from amg_jax.guidance.amg import make_amg
-from amg_jax.guidance.base import StepContext, eps_uncond_cond, per_sample_norm
+from amg_jax.guidance.base import eps_uncond_cond, per_sample_norm
 from amg_jax.guidance.screen import Anisotropy, NoiseMagnitude, ScreenedGuidance, get_screen, screened
-from amg_jax.models.base import Denoiser
 from amg_jax.samplers import SamplerConfig, keys_from_seeds, sample
 from amg_jax.similarity.base import Detection
+from toy_guidance import D, S, toy_ctx
+from toy_guidance import toy_denoiser as _toy_denoiser
 
-S = (4, 4, 3)
-D = int(np.prod(S))
 DDIM = SamplerConfig("ddim", num_steps=6)
 
 
@@ -46,29 +45,12 @@ def detector(value=-3.0, seed=5, calls=None):
     return CountingDetector(jnp.float32(value), d, calls=calls)
 
 
-def toy_eps(params, x, t, cond):
-    """eps_c - eps_u = 0.1 (c + 1) w at every x and t: the noise magnitude grows with the condition id."""
-    c = (cond.astype(jnp.float32) + 2.0)[:, None, None, None]
-    return 0.3 * x + 0.1 * c * params["w"] + 1e-4 * t.astype(jnp.float32)[:, None, None, None]
-
-
 def toy_denoiser(counter=None):
-    def eps_fn(params, x, t, cond):
-        if counter is not None:
-            n = x.shape[0]
-            jax.debug.callback(lambda: counter.append(n))
-        return toy_eps(params, x, t, cond)
-    w = jnp.asarray(np.random.default_rng(0).normal(size=S), jnp.float32)
-    return Denoiser(params={"w": w}, null_cond=jnp.int32(-1), eps_fn=eps_fn, sample_shape=S, num_conditions=4,
-                    name="toy")
+    return _toy_denoiser(counter, num_conditions=4)
 
 
 def ctx_at(den, x, cond, step, t=500, eps_at=True):
-    ab = jnp.asarray(den.schedule.alphas_cumprod()[t])
-    return StepContext(x_t=x, t=jnp.int32(t), step=jnp.int32(step), num_steps=6, alpha_bar=ab, cond=cond,
-                       null_cond=den.null_batch(x.shape[0]), eps=lambda xx, cc: den(xx, t, cc),
-                       key=keys_from_seeds(range(x.shape[0])),
-                       eps_at=(lambda xx, cc, tt: den(xx, tt, cc)) if eps_at else None)
+    return toy_ctx(den, x, cond, step=step, t=t, num_steps=6, eps_at=eps_at)
 
 
 @pytest.fixture(scope="module")
