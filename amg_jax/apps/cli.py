@@ -18,6 +18,7 @@ from amg_jax.apps import bench, demo, evaluate, sweep
 from amg_jax.apps.models import MODELS, TESTBEDS, is_sd, testbed_config
 from amg_jax.apps.sample import SampleRun, run_sample
 from amg_jax.apps.screens import SCREEN_CHOICES
+from amg_jax.apps.sweep.config import read_prompts
 from amg_jax.data.testbed import KINDS as PROMPT_KINDS
 from amg_jax.evaluation import inception
 from amg_jax.evaluation.evalnet import save_evaluator, train_evalnet
@@ -236,7 +237,7 @@ def _add_sample(sub) -> None:
         formatter_class=_Help)
     s.set_defaults(func=_run_sample)
     s.add_argument("--model", required=True, help="sd:PATH_OR_HUB_ID")
-    s.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    s.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--guidance", dest="method", choices=METHODS, default="cfg", help="method")
     s.add_argument("--base", choices=METHODS[:-1], default="cfg", help="the guidance AMG wraps")
@@ -253,6 +254,12 @@ def _add_sample(sub) -> None:
                    help="a Somepalli et al. mitigation on the prompts (gni: noise on the text embedding)")
     s.add_argument("--detector", help="AMG's detector: sscd:PARAMS.npz (amg convert sscd) or clip:DIR_OR_HUB_ID")
     s.add_argument("--bank", help="AMG's reference bank (amg index build, with the same embedder)")
+    s.add_argument("--measure", metavar="sscd:PARAMS.npz",
+                   help="measure every image's SSCD to --bank (any method): per image in samples.json, "
+                        "per prompt (max / mean over seeds, share > 0.5) in OUT/per_prompt.csv, aggregates with "
+                        "bootstrap intervals over prompts")
+    s.add_argument("--prompts-file", help="prompts, one a line, or .jsonl lines with 'prompt' or 'caption' "
+                                          "(e.g. sdv1_500_memorized.jsonl), after any --prompt")
     _add_screen_args(s)
     a = s.add_argument_group("AMG settings (defaults: the papers' SD settings c1=4, c2=3, c3=100 raw)")
     a.add_argument("--c1", type=_finite_float, help="despecification strength")
@@ -272,15 +279,24 @@ def _run_sample(args, parser) -> None:
                 if getattr(args, f) is not None)
     _check_out(parser, args.out, "--out")
     try:
-        run = SampleRun(model=args.model, prompts=tuple(args.prompt), out=args.out, seeds=args.seeds, seed=args.seed,
+        prompts = list(args.prompt) + ([p for p, _ in read_prompts(args.prompts_file)] if args.prompts_file else [])
+        if not prompts:
+            raise ValueError("sample: give the prompts with --prompt TEXT (repeatable) or --prompts-file FILE")
+        run = SampleRun(model=args.model, prompts=tuple(prompts), out=args.out, seeds=args.seeds, seed=args.seed,
                         method=args.method, base=args.base, scale=args.scale, sampler=args.sampler, steps=args.steps,
                         height=args.height, width=args.width, dtype=args.dtype, detector=args.detector,
                         bank=args.bank, amg=amg, baseline=args.baseline, batch=args.batch, screen=args.screen,
-                        screen_threshold=args.screen_threshold)
+                        screen_threshold=args.screen_threshold, measure=args.measure)
         report = run_sample(run)
     except (ValueError, OSError) as err:
         parser.error(str(err))
     print(f"wrote {len(report['samples'])} images to {args.out} ({report['seconds']:.1f}s)")
+    if "sscd" in report:
+        m = report["sscd"]
+        lo, hi = m["frac_sscd_above_0.5_ci"]
+        print(f"SSCD to the bank > 0.5: {m['frac_sscd_above_0.5']:.1%} [{lo:.1%}, {hi:.1%}] of images "
+              f"({m['prompts']} prompts; 95% bootstrap over prompts), max {m['sscd_top1']:.3f}; per prompt: "
+              f"{os.path.join(args.out, 'per_prompt.csv')}")
 
 
 def _add_convert(sub) -> None:

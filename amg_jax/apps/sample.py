@@ -24,7 +24,10 @@ from amg_jax.guidance import METHODS
 from amg_jax.guidance.amg import AMGConfig
 from amg_jax.images import to_uint8
 from amg_jax.index import load_bank
-from amg_jax.index_build import has_captions, load_captions
+from amg_jax.apps.sweep.config import CI_BOOT, SSCD_STRICT, SSCD_THRESHOLD
+from amg_jax.evaluation.metrics import similarity_report
+from amg_jax.evaluation.prompt_stats import aggregate_cis, prompt_csv, prompt_rows
+from amg_jax.index_build import has_captions, load_captions, sharded_embedder
 from amg_jax.jsonio import write_atomic, write_json
 from amg_jax.models import stable_diffusion as sdm
 from amg_jax.models.sd_amg import DETECTOR_KINDS, SD_AMG, bank_conditions, latent_detector
@@ -59,6 +62,7 @@ class SampleRun:
     batch: int = 8
     screen: str = "none"
     screen_threshold: float | None = None
+    measure: str | None = None          # "sscd:PARAMS.npz": each image's SSCD to --bank, per-prompt stats
 
     def __post_init__(self):
         def fail(field, msg):
@@ -94,6 +98,16 @@ class SampleRun:
                 fail("bank", f"{self.bank!r} does not exist")
         elif self.amg:
             fail("amg", f"AMG settings need --method amg, got method {self.method!r}")
+        if self.measure is not None:
+            kind, _, weights = self.measure.partition(":")
+            if kind != "sscd" or not weights:
+                fail("measure", f"must be sscd:PARAMS.npz (amg convert sscd), got {self.measure!r}")
+            if not os.path.isfile(weights):
+                fail("measure", f"SSCD params file {weights!r} does not exist (make it with amg convert sscd)")
+            if not self.bank:
+                fail("bank", "--measure needs --bank BANK.npz (amg index build --embedder sscd:PARAMS.npz)")
+            if not os.path.isfile(self.bank):
+                fail("bank", f"{self.bank!r} does not exist")
         if self.baseline is not None:
             if self.baseline not in PROMPT_BASELINES:
                 fail("baseline", f"must be one of {sorted(PROMPT_BASELINES)}, got {self.baseline!r}")
@@ -135,6 +149,7 @@ def run_sample(run: SampleRun, *, progress: bool = True, echo=print) -> dict:
         if kind == "sscd":
             weights = sscd.load_params(weights)
         captions = load_captions(run.bank) if has_captions(run.bank) else []
+    measure = _measurer(run) if run.measure else None       # a bad bank or SSCD file fails before the model loads
     sd = spec.load(run.dtype)
     den = sdm.sd_denoiser(sd, run.height, run.width)
     sampler = sdm.sd_sampler_config(sd, run.steps, run.sampler)
@@ -170,6 +185,10 @@ def run_sample(run: SampleRun, *, progress: bool = True, echo=print) -> dict:
             if "flagged" in trace:
                 rec.update(screen_flagged=bool(trace["flagged"][j, -1]), screen_score=float(trace["screen"][j, -1]))
             records.append(rec)
+        if measure is not None:            # the stored image is what is measured
+            sims, nearest = measure(img)
+            for j in range(img.shape[0]):
+                records[lo + j].update(sscd=float(sims[j]), sscd_nearest=int(nearest[j]))
         state["report"] = _write_outputs(run, traces, records, time.time() - t0,
                                          done=lo + img.shape[0] >= len(prompts))
         if progress:
@@ -182,6 +201,37 @@ def run_sample(run: SampleRun, *, progress: bool = True, echo=print) -> dict:
     if state["report"] is None:          # every batch was done before
         state["report"] = _write_outputs(run, traces, records, seconds, done=True)
     return state["report"]
+
+
+def _measurer(run: SampleRun):
+    """``measure(u8 [b, H, W, 3]) -> (SSCD cosine to the nearest bank row [b], its source index [b])``."""
+    bank = load_bank(run.bank)
+    params, config = sscd.load_params(run.measure.partition(":")[2])
+    if bank.dim != config.embed_dim:
+        raise ValueError(f"sample: bank {run.bank!r} has rows of {bank.dim}, the SSCD of --measure embeds to "
+                         f"{config.embed_dim}: build the bank with the same SSCD (amg index build --embedder sscd:...)")
+    rows = np.asarray(bank.rows, np.float32)[:bank.size]
+    rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    source = np.asarray(bank.source_index)[:bank.size]
+    embed = sharded_embedder(sscd.make_embed_fn(config), params)
+
+    def measure(u8):
+        e = np.asarray(embed(u8.astype(np.float32) / 127.5 - 1.0))
+        sims = (e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)) @ rows.T
+        return sims.max(axis=1), source[sims.argmax(axis=1)]
+    return measure
+
+
+def _summary(run: SampleRun, records: list) -> tuple[dict, str]:
+    """(the SSCD aggregates with bootstrap intervals over prompts, the per-prompt CSV) of the
+    measured images so far."""
+    sims = np.asarray([r["sscd"] for r in records])
+    ids = np.arange(len(records)) // run.seeds            # record i is prompt i // seeds
+    summary = similarity_report(sims, SSCD_THRESHOLD, SSCD_STRICT, name="sscd")
+    for k, (lo, hi) in aggregate_cis(sims, ids, threshold=SSCD_THRESHOLD, n_boot=CI_BOOT, rng=run.seed).items():
+        summary[f"{k}_ci"] = [lo, hi]
+    summary["prompts"] = int(ids.max()) + 1 if ids.size else 0
+    return summary, prompt_csv(prompt_rows(sims, ids, list(run.prompts), threshold=SSCD_THRESHOLD), SSCD_THRESHOLD)
 
 
 def _run_dict(run: SampleRun) -> dict:
@@ -214,6 +264,9 @@ def _write_outputs(run: SampleRun, traces: list, records: list, seconds: float, 
     trace = {k: np.concatenate([t[k] for t in traces]) for k in traces[0]}
     write_atomic(os.path.join(run.out, "trace.npz"), lambda f: np.savez(f, **trace), binary=True)
     report = {"run": _run_dict(run), "samples": records, "seconds": round(seconds, 2), "complete": done}
+    if records and "sscd" in records[0]:
+        report["sscd"], table = _summary(run, records)
+        write_atomic(os.path.join(run.out, "per_prompt.csv"), lambda f: f.write(table))
     write_json(os.path.join(run.out, "samples.json"), report)
     return report
 

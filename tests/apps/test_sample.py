@@ -58,7 +58,46 @@ def test_cli_sample_cfg_and_amg(env, tmp_path, capsys):
     assert np.all(bank_cosine(amg_png) < bank_cosine(cfg_png) - 1e-4)     # (a random tiny SSCD: cosines all ~1)
 
 
+def test_cli_sample_measures_sscd_per_prompt(env, tmp_path, capsys):
+    """--measure: each stored image's SSCD to the bank, the per-prompt CSV and the aggregates with
+    bootstrap intervals; prompts from a Wen et al.-style .jsonl ("caption" lines)."""
+    import csv
+
+    from PIL import Image
+
+    root = env["root"]
+    plist = tmp_path / "mem.jsonl"
+    plist.write_text("".join(json.dumps({"caption": p, "index": i, "url": "http://127.0.0.1:1/x.jpg"}) + "\n"
+                             for i, p in enumerate(PROMPTS)))
+    out = tmp_path / "measured"
+    assert cli.main(["sample", "--model", f"sd:{env['sd_dir']}", "--prompts-file", str(plist), "--seeds", "2",
+                     "--steps", str(STEPS), "--batch", "3", "--out", str(out), "--measure", f"sscd:{root / 'sscd.npz'}",
+                     "--bank", str(root / "bank.npz")]) == 0
+    printed = capsys.readouterr().out
+    assert "SSCD to the bank > 0.5" in printed and "2 prompts" in printed
+    rep = json.loads((out / "samples.json").read_text())
+    assert [s["prompt"] for s in rep["samples"]] == [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2
+    png = np.stack([np.asarray(Image.open(out / s["image"]), np.float32) for s in rep["samples"]])
+    e = sscd.embed_images(env["params"], png / 127.5 - 1.0, SSCD_CFG)
+    e = e / np.linalg.norm(e, axis=1, keepdims=True)
+    rows = np.asarray(env["bank"].rows)[:env["bank"].size]
+    ref = np.max(e @ (rows / np.linalg.norm(rows, axis=1, keepdims=True)).T, axis=1)
+    got = np.array([s["sscd"] for s in rep["samples"]])
+    np.testing.assert_allclose(got, ref, atol=1e-5)        # float32 embeddings of the same PNGs, sharded vs not
+    table = list(csv.DictReader(open(out / "per_prompt.csv")))
+    assert [r["prompt"] for r in table] == PROMPTS and [r["seeds"] for r in table] == ["2", "2"]
+    for p, r in enumerate(table):
+        assert float(r["sscd_max"]) == pytest.approx(got[2 * p: 2 * p + 2].max(), abs=1e-12)
+    m = rep["sscd"]
+    assert m["prompts"] == 2 and m["frac_sscd_above_0.5"] == np.mean(got > 0.5)
+    lo, hi = m["sscd_top1_ci"]
+    assert min(got[:2].max(), got[2:].max()) - 1e-9 <= lo <= hi <= got.max() + 1e-9
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--measure", "clip:x"], "must be sscd:PARAMS.npz"),
+    (["--measure", "sscd:/no/sscd.npz"], "does not exist (make it with amg convert sscd)"),
+    (["--measure", "sscd:{sscd}"], "--measure needs --bank"),
     (["--model", "unet-text"], "must be sd:PATH_OR_HUB_ID"),
     (["--guidance", "amg"], "AMG needs --detector"),
     (["--guidance", "amg", "--detector", "sscd:{sscd}"], "AMG needs --bank"),

@@ -164,6 +164,31 @@ def test_sweep_writes_every_output(env):
     assert any(line.startswith("note:") and "G_dup" in line for line in env["lines"])   # no captions file
 
 
+def test_per_prompt_csvs_and_intervals_over_prompts(env):
+    out = env["out"]
+    for cid in CELLS:
+        z = np.load(out / "cells" / f"{cid}.npz")
+        rows = list(csv.DictReader(open(out / "per_prompt" / f"{cid}.csv")))
+        assert [(r["prompt_id"], r["kind"], r["prompt"], r["seeds"]) for r in rows] == \
+            [("0", "memorized", "a red cube", "2"), ("1", "generic", "a blue sphere", "2")]
+        for r in rows:
+            v = z["sscd_similarity"][z["caption_ids"] == int(r["prompt_id"])]
+            # float32 values written by Python's repr: exact
+            assert float(r["sscd_max"]) == float(v.max()) and float(r["frac_seeds_above_0.5"]) == np.mean(v > 0.5)
+            assert np.isclose(float(r["sscd_mean"]), v.astype(np.float64).mean(), rtol=1e-12)
+            assert 0.0 <= float(r["clip_score"]) <= 100.0
+        m = env["table"]["cells"][cid]["metrics"]["all"]
+        for k in ("frac_copied", "sscd_top5pct", "sscd_top1", "sscd_mean", "clip_score"):
+            assert m[f"{k}_ci_lo"] <= m[f"{k}_ci_hi"], (cid, k)
+        # two prompts: a resample is (0, 0), (0, 1), (1, 0) or (1, 1); the top-1 interval spans the prompts' maxima
+        top = sorted(float(r["sscd_max"]) for r in rows)
+        assert top[0] - 1e-6 <= m["sscd_top1_ci_lo"] and m["sscd_top1_ci_hi"] <= top[1] + 1e-6
+    md = open(out / "results.md").read()
+    assert "## all prompts, 95% bootstrap intervals over prompts" in md
+    assert "| CFG | 100.0% [100.0%, 100.0%] |" in md
+    assert "frac_copied_ci_lo" in read_rows(out)[0]
+
+
 def test_amg_copies_less_than_cfg(env):
     m = {cid: env["table"]["cells"][cid]["metrics"]["all"] for cid in CELLS}
     cfg, amg = m["CFG"], m["AMG"]

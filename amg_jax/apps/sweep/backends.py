@@ -15,12 +15,13 @@ from amg_jax import images as img
 from amg_jax.apps.models import (StableDiffusionSpec, baseline_conditions, bench_evaluator, build_testbed,
                                  caption_conditions, get_model, is_sd, resolve_testbed)
 from amg_jax.apps.runs import for_metrics, run_method
-from amg_jax.apps.sweep.config import BENCH_FORMAT, SSCD_STRICT, SSCD_THRESHOLD, Cell, SweepConfig
+from amg_jax.apps.sweep.config import BENCH_FORMAT, CI_BOOT, SSCD_STRICT, SSCD_THRESHOLD, Cell, SweepConfig
 from amg_jax.apps.sweep.settings import _jsonable, bench_settings, screen_of
 from amg_jax.evaluation.protocol import prepare_bench
 from amg_jax.index import load_bank
 from amg_jax.index_build import has_captions, list_images, load_captions, load_image, sharded_embedder
 from amg_jax.evaluation.metrics import frechet_distance, similarity_report
+from amg_jax.evaluation.prompt_stats import aggregate_cis
 from amg_jax.models import stable_diffusion as sdm
 from amg_jax.models.sd_amg import bank_conditions, latent_decoder, latent_detector
 from amg_jax.prompt_baselines import EMBEDDING_BASELINES, apply_baseline, gni_rows
@@ -234,6 +235,8 @@ class StableDiffusionBackend:
                          nonfinite="their NaN pixels are stored as 0 (gray)", echo=self.echo)
         kept = {k: run.trace[k] for k in ("sigma", "lambda", "gate") if k in run.trace}
         kept.update(sscd_similarity=run.extra["sim"], sscd_nearest=run.extra["nn"])
+        if "clip" in run.extra:
+            kept["clip_score"] = run.extra["clip"]          # per sample: the per-prompt CSV's column
         return CellRun(metrics=run.metrics, samples=run.x, kinds=self.kinds, caption_ids=self.caption_ids,
                        trace=kept, seconds=run.seconds)
 
@@ -250,6 +253,12 @@ class StableDiffusionBackend:
                        if "feats" in cat and sel.sum() >= 2 else float("nan"))
             if "clip" in cat:
                 r["clip_score"] = float(np.mean(cat["clip"][sel]))
+            # bootstrap over prompts (a prompt's seeds are not independent): [lo, hi] of each aggregate
+            cis = aggregate_cis(cat["sim"][sel], self.caption_ids[sel], threshold=SSCD_THRESHOLD,
+                                clip=cat["clip"][sel] if "clip" in cat else None, n_boot=CI_BOOT, rng=c.seed)
+            cis["frac_copied"] = cis[f"frac_sscd_above_{SSCD_THRESHOLD:g}"]
+            for k, (lo, hi) in cis.items():
+                r[f"{k}_ci_lo"], r[f"{k}_ci_hi"] = lo, hi
             metrics[kind] = r
         return metrics
 

@@ -54,6 +54,7 @@ SD_SWEEP_KEYS = {"name": None, "model": REQUIRED, "prompts_file": REQUIRED, "pro
                  "inception": None, "reference_images": None, "height": None, "width": None, "dtype": "float32"}
 SD_KIND = "prompts"                     # the kind of every prompt of a plain-text prompts file
 SSCD_THRESHOLD, SSCD_STRICT = 0.5, 0.4  # the papers' copy criterion: SSCD cosine > 0.5
+CI_BOOT = 1000                           # bootstrap resamples (over prompts) of the SD tables' intervals
 
 
 # ----------------------------------------------------------------------------- the config
@@ -368,7 +369,7 @@ def _npz_text(path: str, key: str) -> str | None:
 
 def read_prompts(path: str) -> list[tuple[str, str]]:
     """``(prompt, kind)`` pairs of a prompts file: ``.jsonl`` lines ``{"prompt": ..., "kind": ...}``
-    (``kind`` optional: ``SD_KIND``), any other file one prompt per line; blank lines skipped.
+    (``"caption"`` for ``"prompt"`` also: Wen et al.'s lists; ``kind`` optional: ``SD_KIND``), any other file one prompt per line; blank lines skipped.
     ValueError naming the file and line for anything malformed."""
     out = []
     try:
@@ -387,10 +388,10 @@ def read_prompts(path: str) -> list[tuple[str, str]]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} line {i} is not valid JSON: {e}") from None
-        prompt = obj.get("prompt") if isinstance(obj, dict) else None
+        prompt = (obj.get("prompt", obj.get("caption")) if isinstance(obj, dict) else None)
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f'{path} line {i}: expected {{"prompt": "non-empty text", "kind": "..."}}, '
-                             f"got {line[:80]}")
+            raise ValueError(f'{path} line {i}: expected {{"prompt": "non-empty text", "kind": "..."}} (or '
+                             f'"caption", as sdv1_500_memorized.jsonl), got {line[:80]}')
         kind = obj.get("kind", SD_KIND)
         if not isinstance(kind, str) or not kind.strip() or kind == "all":
             raise ValueError(f"{path} line {i}: kind must be a non-empty string other than 'all', got {kind!r}")

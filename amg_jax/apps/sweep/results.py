@@ -10,8 +10,9 @@ import os
 from amg_jax import images as img
 from amg_jax.apps.sweep.cells import _load_samples
 from amg_jax.apps.models import is_sd
-from amg_jax.apps.sweep.config import SweepConfig
+from amg_jax.apps.sweep.config import SSCD_THRESHOLD, SweepConfig
 from amg_jax.apps.sweep.plots import cell_grid, plot_similarity_cells, plot_tradeoff
+from amg_jax.evaluation.prompt_stats import prompt_csv, prompt_rows
 from amg_jax.jsonio import write_atomic, write_json
 
 # CSV columns after the cell's settings and grid: these metrics first, then any others sorted.
@@ -124,6 +125,37 @@ def _num(v, fmt: str = ".3f") -> str:
     return "-" if v is None or v != v else format(v, fmt)
 
 
+def _with_ci(m: dict, key: str, fmt) -> str:
+    lo, hi = m.get(f"{key}_ci_lo"), m.get(f"{key}_ci_hi")
+    v = fmt(m.get(key))
+    return v if lo is None or hi is None else f"{v} [{fmt(lo)}, {fmt(hi)}]"
+
+
+def _ci_table(rows: list, t: str) -> str:
+    """All prompts, each aggregate with its 95% bootstrap interval over prompts ("-" for cells run
+    before the intervals existed)."""
+    out = ["## all prompts, 95% bootstrap intervals over prompts\n",
+           f"| method | SSCD>{t} | SSCD top-5% | SSCD top-1 | CLIP score |", "|---|---|---|---|---|"]
+    for label, m in rows:
+        a = m.get("all", {})
+        out.append(f"| {label} | {_with_ci(a, 'frac_copied', _pct)} | {_with_ci(a, 'sscd_top5pct', _num)} | "
+                   f"{_with_ci(a, 'sscd_top1', _num)} | {_with_ci(a, 'clip_score', lambda v: _num(v, '.2f'))} |")
+    return "\n".join(out) + "\n"
+
+
+def prompt_tables(config: SweepConfig, table: dict) -> dict:
+    """{cell id: per-prompt CSV text} of a Stable Diffusion sweep, from the cells' stored SSCD."""
+    out = {}
+    for cid in table["cells"]:
+        z = _load_samples(table["out"], cid)
+        if "sscd_similarity" not in z:
+            continue
+        rows = prompt_rows(z["sscd_similarity"], z["caption_ids"], config.sd.prompts, z["kinds"],
+                           threshold=SSCD_THRESHOLD, clip=z.get("clip_score"))
+        out[cid] = prompt_csv(rows, SSCD_THRESHOLD)
+    return out
+
+
 def sd_results_markdown(table: dict) -> str:
     """``results_markdown`` of a Stable Diffusion sweep: per kind group, the memorized share
     (SSCD > 0.5) and mean SSCD per kind, then FID, CLIP score and AMG's gate rate over all prompts."""
@@ -138,6 +170,7 @@ def sd_results_markdown(table: dict) -> str:
         lambda label, per, overall: (
             f"| {label} | {per('frac_copied', _pct)} | {per('sscd_mean', _num)} | {_fd(overall.get('fd'))} | "
             f"{_num(overall.get('clip_score'), '.2f')} | {_pct(overall.get('gate_open_rate'))} |"))
+    parts.append(_ci_table(rows, t))
     counts = {k: len(v) for k, v in prompts.items()}
     settings = {(s["sampler"], s["steps"], s["scale"]) for s in (r["settings"] for r in table["cells"].values())}
     per_prompt = next((r["settings"]["samples_per_prompt"] for r in table["cells"].values()), None)
@@ -178,4 +211,7 @@ def write_results(config: SweepConfig, bench: dict, records: dict, table: dict |
         paths.append(plot_similarity_cells(traces, os.path.join(out, "plots", "similarity.png")))
     if table["cells"]:
         paths.append(plot_tradeoff(table, os.path.join(out, "plots", "tradeoff.png")))
+    if config.sd is not None:                       # per prompt: max / mean SSCD over its seeds, share above
+        for cid, text in prompt_tables(config, table).items():
+            paths.append(write_atomic(os.path.join(out, "per_prompt", cid + ".csv"), lambda f, t=text: f.write(t)))
     return paths
