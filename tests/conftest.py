@@ -9,7 +9,36 @@ import warnings  # noqa: E402
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
+import socket  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+def _loopback_only():
+    """No test reaches the network beyond 127.0.0.1: an IP socket connecting anywhere else raises
+    (the tests' own HTTP servers listen on 127.0.0.1; nothing here may download weights or data)."""
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def allowed(sock, address) -> bool:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return True
+        host = str(address[0]) if isinstance(address, tuple) else str(address)
+        return host.startswith("127.") or host in ("::1", "localhost")
+
+    def connect(self, address):
+        if not allowed(self, address):
+            raise ConnectionRefusedError(f"tests may not reach the network beyond 127.0.0.1 (tried {address!r})")
+        return real_connect(self, address)
+
+    def connect_ex(self, address):
+        if not allowed(self, address):
+            raise ConnectionRefusedError(f"tests may not reach the network beyond 127.0.0.1 (tried {address!r})")
+        return real_connect_ex(self, address)
+
+    socket.socket.connect, socket.socket.connect_ex = connect, connect_ex
+
+
+_loopback_only()
 
 
 @pytest.fixture(scope="module")

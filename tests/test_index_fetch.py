@@ -213,3 +213,14 @@ def test_cli_fetch_then_build(tmp_path, server, capsys):
     assert_clean_error(*run_cli(["index", "fetch", str(txt), "--out", str(tmp_path / "o")], capsys), "no image URLs")
     assert_clean_error(*run_cli(["index", "fetch", prompts, "--out", str(tmp_path / "o"), "--retries", "-1"], capsys),
                        "--retries")
+
+
+def test_the_suite_reaches_no_network_beyond_loopback():
+    """conftest's guard: a connection anywhere but 127.0.0.1 fails at once, naming the address."""
+    import socket
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        with pytest.raises(ConnectionRefusedError, match="beyond 127.0.0.1"):
+            s.connect(("93.184.216.34", 80))
+    finally:
+        s.close()

@@ -339,3 +339,49 @@ def test_shipped_sd_configs(env, tmp_path):
     b = shipped("sd_v14_basin.toml", env, tmp_path, sscd=env["sscd"], bank=env["bank"])
     assert (b.sampler, b.steps, b.scale) == ("dpm++2m", 50, 7.5)
     assert [x.guidance for x in b.cells] == ["cfg", "stp", "dtp", "og", "og_dtp"]
+
+
+def test_end_to_end_from_a_prompt_list_to_the_table(env, tmp_path, capsys):
+    """A memorized-prompt list (Wen et al.'s format) whose training images a 127.0.0.1 server holds:
+    amg index fetch -> amg index build (the tiny SSCD) -> amg sweep on that list -> the per-prompt
+    CSV and the table with intervals. The training images are CFG's own samples, so CFG copies."""
+    import functools
+    import http.server
+    import threading
+
+    from amg_jax.apps import cli
+
+    site = tmp_path / "site"
+    site.mkdir()
+    x = env["pre"].samples                                   # [4, 64, 64, 3] uint8: prompts 0, 0, 1, 1
+    for i in (0, 2):
+        Image.fromarray(x[i]).save(site / f"train{i}.png")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    handler.log_message = lambda *a: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        plist = tmp_path / "memorized.jsonl"
+        plist.write_text("".join(json.dumps({"caption": p["prompt"], "index": 100 + i, "url": f"{url}/train{2 * i}.png"})
+                                 + "\n" for i, p in enumerate(PROMPTS)))
+        imgs, bank = tmp_path / "train", tmp_path / "bank.npz"
+        assert cli.main(["index", "fetch", str(plist), "--out", str(imgs), "--no-progress"]) == 0
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert sorted(os.listdir(imgs)) == ["100.png", "101.png", "captions.jsonl", "fetch_report.json"]
+    assert cli.main(["index", "build", str(imgs), "--out", str(bank), "--embedder", f"sscd:{env['sscd']}",
+                     "--no-progress"]) == 0
+    capsys.readouterr()
+    text = sweep_text(env, "out", prompts_file=q(plist), bank=q(bank)) + ONE
+    table = sweep.main(write(tmp_path / "e2e" / "sweep.toml", text), progress=False, echo=lambda *a: None)
+    out = tmp_path / "e2e" / "out"
+    rows = list(csv.DictReader(open(out / "per_prompt" / "CFG.csv")))
+    assert [r["prompt"] for r in rows] == [p["prompt"] for p in PROMPTS] and all(r["kind"] == "prompts" for r in rows)
+    z = np.load(out / "cells" / "CFG.npz")
+    assert [float(r["sscd_max"]) for r in rows] == [float(z["sscd_similarity"][2 * i: 2 * i + 2].max()) for i in (0, 1)]
+    m = table["cells"]["CFG"]["metrics"]["all"]
+    assert m["frac_copied_ci_lo"] <= m["frac_copied"] <= m["frac_copied_ci_hi"]
+    md = open(out / "results.md").read()
+    assert "95% bootstrap intervals over prompts" in md and "| CFG |" in md
