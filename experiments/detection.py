@@ -34,7 +34,7 @@ import numpy as np
 from amg_jax.apps.models import build_testbed, get_model, resolve_testbed
 from amg_jax.apps.runs import for_metrics, run_method
 from amg_jax.data import testbed as tb
-from amg_jax.evaluation.detection import auc, calibrate_threshold, detection_report, recall
+from amg_jax.evaluation.detection import auc, calibrate_threshold, detection_report, recall, screen_signals
 from amg_jax.evaluation.protocol import prepare_bench
 from amg_jax.guidance import CFG
 from amg_jax.guidance.screen import Anisotropy, ScreenedGuidance, get_screen
@@ -71,27 +71,6 @@ def load(path: str) -> dict:
     return cfg
 
 
-def cummax_of_running_mean(d: np.ndarray, k: int) -> np.ndarray:
-    """The latched windowed screen's peak: max over j < k of mean(d[:, :j+1]); d [B, N] -> [B]."""
-    k = min(k, d.shape[1])
-    means = np.cumsum(d[:, :k], axis=1) / np.arange(1, k + 1)
-    return means.max(axis=1)
-
-
-def signals(trace: dict, cfg: dict) -> tuple[dict, dict]:
-    """({detector: score [B]}, {detector: the latched screen's peak score [B]}) from a CFG trace."""
-    d = np.asarray(trace["d"], np.float64)
-    align = np.asarray(trace["screen"], np.float64)[:, 0] - d[:, 0]      # the probe's score is m_0 + cos
-    k = cfg["window"]
-    scores = {"noise_magnitude_first": d[:, 0],
-              "noise_magnitude": d[:, :k].mean(axis=1),
-              "noise_magnitude_step": d.max(axis=1),
-              "alignment": align,
-              "anisotropy": d[:, 0] + cfg["gamma"] * align}
-    peaks = dict(scores, noise_magnitude=cummax_of_running_mean(d, k))
-    return scores, peaks
-
-
 def timed(den, g, sampler, keys, cond, chunk: int):
     """run_method after a warm-up call on the chunk shape (compilation excluded from the time)."""
     run_method(den, g, sampler, keys[:chunk], cond[:chunk], batch=chunk, echo=lambda *a, **k: None)
@@ -113,7 +92,7 @@ def study_model(name: str, mcfg: dict, cfg: dict, store: bool) -> dict:
     res = run_method(den, g, sampler, bench.keys, bench.cond, batch=mcfg["chunk"], kinds=bench.kinds)
     copies = tb.is_copy(for_metrics(res.x), bed, bench.threshold)
     ids = bench.caption_ids
-    scores, peaks = signals(res.trace, cfg)
+    scores, peaks = screen_signals(res.trace, cfg["window"], cfg["gamma"])
     print(f"{name}: {len(ids)} CFG samples in {time.time() - t0:.0f} s, {copies.mean():.1%} copy "
           f"({len(np.unique(ids))} prompts)", flush=True)
     out = {"model": name, "scale": scale, "copy_threshold": bench.threshold, "samples": int(len(ids)),

@@ -135,4 +135,27 @@ def detection_report(scores, positive, prompt_ids, *, fpr: float = 0.01, n_boot:
     return out
 
 
-__all__ = ["auc", "bootstrap_ci", "calibrate_threshold", "detection_report", "per_prompt", "recall", "tpr_at_fpr"]
+
+def cummax_of_running_mean(d: np.ndarray, k: int) -> np.ndarray:
+    """The latched windowed screen's peak: max over j < k of mean(d[:, :j+1]); d [B, N] -> [B]."""
+    k = min(k, d.shape[1])
+    means = np.cumsum(d[:, :k], axis=1) / np.arange(1, k + 1)
+    return means.max(axis=1)
+
+
+def screen_signals(trace: dict, window: int, gamma: float) -> tuple[dict, dict]:
+    """({detector: score [B]}, {detector: the latched screen's peak [B]}) from the trace of a CFG run
+    behind the anisotropy probe with gamma 1 (``ScreenedGuidance(CFG, CFG, Anisotropy(gamma=1), inf)``:
+    ``d`` [B, N] is ||eps_c - eps_u|| per step, ``screen`` [B, N] the probe's m_0 + cos); ``gamma``
+    weighs the cosine in the anisotropy score."""
+    d = np.asarray(trace["d"], np.float64)
+    align = np.asarray(trace["screen"], np.float64)[:, 0] - d[:, 0]
+    scores = {"noise_magnitude_first": d[:, 0],
+              "noise_magnitude": d[:, :window].mean(axis=1),
+              "noise_magnitude_step": d.max(axis=1),
+              "alignment": align,
+              "anisotropy": d[:, 0] + gamma * align}
+    peaks = dict(scores, noise_magnitude=cummax_of_running_mean(d, window))
+    return scores, peaks
+
+__all__ = ["cummax_of_running_mean", "screen_signals", "auc", "bootstrap_ci", "calibrate_threshold", "detection_report", "per_prompt", "recall", "tpr_at_fpr"]
