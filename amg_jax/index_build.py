@@ -260,6 +260,25 @@ def sharded_embedder(embed_fn: Callable, params, *, mesh=None) -> Callable:
     return run
 
 
+def nearest_in_bank(embed: Callable, bank: ReferenceBank, what: str = "the embedder") -> Callable:
+    """``measure(u8 [b, H, W, 3]) -> (cosine to the nearest bank row [b], that row's source index
+    [b])``: the stored uint8 images embedded by ``embed`` (``sharded_embedder``: images in [-1, 1]
+    -> [b, E]) against the L2-normalised rows of ``bank``; the papers' SSCD-to-training-set metric.
+    ``what`` names the embedder in the error for a bank of another width."""
+    rows = np.asarray(bank.rows, np.float32)[:bank.size]
+    rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    source = np.asarray(bank.source_index)[:bank.size]
+
+    def measure(u8):
+        e = np.asarray(embed(np.asarray(u8).astype(np.float32) / 127.5 - 1.0))
+        if e.shape[1] != rows.shape[1]:
+            raise ValueError(f"the bank has rows of {rows.shape[1]}, {what} embeds to {e.shape[1]}: build the "
+                             "bank with the same embedder (amg index build --embedder ...)")
+        sims = (e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)) @ rows.T
+        return sims.max(axis=1), source[sims.argmax(axis=1)]
+    return measure
+
+
 EMBEDDERS = ("pixel", "sscd", "clip")
 
 
@@ -313,4 +332,4 @@ def load_captions(bank_path: str) -> list[str]:
     return caps
 
 
-__all__ = ["CAPTIONS_SUFFIX", "EMBEDDERS", "captions_path", "has_captions", "IMAGE_EXTENSIONS", "build_index", "image_embedder", "sharded_embedder", "list_images", "load_captions", "load_image", "read_captions"]
+__all__ = ["CAPTIONS_SUFFIX", "EMBEDDERS", "captions_path", "has_captions", "IMAGE_EXTENSIONS", "build_index", "image_embedder", "sharded_embedder", "nearest_in_bank", "list_images", "load_captions", "load_image", "read_captions"]

@@ -71,7 +71,9 @@ BAD_ARGS = [
     (["evalnet", "--out", "e", "--testbed", "huge"], "argument --testbed: invalid choice: 'huge'"),
     (["evalnet", "--out", "afile"], "--out 'afile' exists and is not a directory"),     # not after training
     # sample
-    (["sample"], "the following arguments are required: --model, --prompt, --out"),
+    (["sample"], "the following arguments are required: --model, --out"),
+    (["sample", "--model", "sd:/no/such/sd", "--out", "o"], "one of the arguments --prompt --prompts-file is required"),
+    (SD + ["--prompts-file", "p.txt"], "argument --prompts-file: not allowed with argument --prompt"),
     (SD, "Stable Diffusion directory '/no/such/sd' does not exist"),
     (SD + ["--seeds", "0"], "argument --seeds: must be >= 1"),
     (SD + ["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),

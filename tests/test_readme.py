@@ -59,7 +59,8 @@ REDUCE = {
     "bench": "--parts search --repeats 1 --sd sd-v1-4",
 }
 TOML_REDUCE = {"prompts_per_kind": 1, "samples_per_prompt": 1, "steps": 2}
-STANDINS = ("sd-v1-4", "sscd_disc_mixup.torchscript.pt", "pt_inception-2015-12-05-6726825d.pth", "train_images")
+STANDINS = ("sd-v1-4", "sscd_disc_mixup.torchscript.pt", "pt_inception-2015-12-05-6726825d.pth", "train_images",
+            "sdv1_500_memorized.jsonl")
 OPTIMIZED = ("--detector sscd", "sg.latent_detector(")        # run with XLA's optimisations on
 LINKED = ("checkpoints", "experiments")
 
@@ -181,6 +182,35 @@ def write_train_images(folder: Path, n: int = 6, size: int = 64) -> None:
             f.write(json.dumps({"file": f"{i:03d}.png", "caption": f"training image {i}"}) + "\n")
 
 
+@contextlib.contextmanager
+def memorized_list(path: Path, site: Path):
+    """A stand-in for Wen et al.'s sdv1_500_memorized.jsonl: 3 captions whose training images a
+    server on 127.0.0.1 holds (``site``), and one dead link (a 404 for fetch_report.json)."""
+    import functools
+    import http.server
+    import threading
+
+    from PIL import Image
+    site.mkdir(exist_ok=True)
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(site / f"{i}.jpg")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    handler.log_message = lambda *a: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    with open(path, "w") as f:
+        for i, cap in enumerate(["The No Limits Business Woman Podcast", "Mothers influence on her young hippo",
+                                 "Talks on the Precepts and Buddhist Ethics", "Living in the Light"]):
+            f.write(json.dumps({"caption": cap, "index": 1000 + i, "url": f"{url}/{i}.jpg"}) + "\n")
+    try:
+        yield
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """(directory, shared Python namespace) in which the README's examples run."""
@@ -196,10 +226,13 @@ def workspace(tmp_path_factory):
                root / "sscd_disc_mixup.torchscript.pt")
     torch.save(random_inception_state_dict(), root / "pt_inception-2015-12-05-6726825d.pth")
     write_train_images(root / "train_images")
+    stack = contextlib.ExitStack()
+    stack.enter_context(memorized_list(root / "sdv1_500_memorized.jsonl", tmp_path_factory.mktemp("site")))
     assert sorted(STANDINS) == sorted(p.name for p in root.iterdir() if p.name not in LINKED)
     module = types.ModuleType("readme_examples")          # the examples' namespace, importable like a module
     sys.modules[module.__name__] = module
-    yield root, vars(module)
+    with stack:
+        yield root, vars(module)
     del sys.modules[module.__name__]
 
 

@@ -237,7 +237,10 @@ def _add_sample(sub) -> None:
         formatter_class=_Help)
     s.set_defaults(func=_run_sample)
     s.add_argument("--model", required=True, help="sd:PATH_OR_HUB_ID")
-    s.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
+    which = s.add_mutually_exclusive_group(required=True)
+    which.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    which.add_argument("--prompts-file", help="prompts, one a line, or .jsonl lines with 'prompt' or 'caption' "
+                                              "(e.g. sdv1_500_memorized.jsonl)")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--guidance", dest="method", choices=METHODS, default="cfg", help="method")
     s.add_argument("--base", choices=METHODS[:-1], default="cfg", help="the guidance AMG wraps")
@@ -258,8 +261,6 @@ def _add_sample(sub) -> None:
                    help="measure every image's SSCD to --bank (any method): per image in samples.json, "
                         "per prompt (max / mean over seeds, share > 0.5) in OUT/per_prompt.csv, aggregates with "
                         "bootstrap intervals over prompts")
-    s.add_argument("--prompts-file", help="prompts, one a line, or .jsonl lines with 'prompt' or 'caption' "
-                                          "(e.g. sdv1_500_memorized.jsonl), after any --prompt")
     _add_screen_args(s)
     a = s.add_argument_group("AMG settings (defaults: the papers' SD settings c1=4, c2=3, c3=100 raw)")
     a.add_argument("--c1", type=_finite_float, help="despecification strength")
@@ -279,9 +280,9 @@ def _run_sample(args, parser) -> None:
                 if getattr(args, f) is not None)
     _check_out(parser, args.out, "--out")
     try:
-        prompts = list(args.prompt) + ([p for p, _ in read_prompts(args.prompts_file)] if args.prompts_file else [])
+        prompts = list(args.prompt) if args.prompt else [p for p, _ in read_prompts(args.prompts_file)]
         if not prompts:
-            raise ValueError("sample: give the prompts with --prompt TEXT (repeatable) or --prompts-file FILE")
+            raise ValueError(f"sample: --prompts-file {args.prompts_file} has no prompts")
         run = SampleRun(model=args.model, prompts=tuple(prompts), out=args.out, seeds=args.seeds, seed=args.seed,
                         method=args.method, base=args.base, scale=args.scale, sampler=args.sampler, steps=args.steps,
                         height=args.height, width=args.width, dtype=args.dtype, detector=args.detector,

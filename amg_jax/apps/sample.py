@@ -27,7 +27,7 @@ from amg_jax.index import load_bank
 from amg_jax.apps.sweep.config import CI_BOOT, SSCD_STRICT, SSCD_THRESHOLD
 from amg_jax.evaluation.metrics import similarity_report
 from amg_jax.evaluation.prompt_stats import aggregate_cis, prompt_csv, prompt_rows
-from amg_jax.index_build import has_captions, load_captions, sharded_embedder
+from amg_jax.index_build import has_captions, load_captions, nearest_in_bank, sharded_embedder
 from amg_jax.jsonio import write_atomic, write_json
 from amg_jax.models import stable_diffusion as sdm
 from amg_jax.models.sd_amg import DETECTOR_KINDS, SD_AMG, bank_conditions, latent_detector
@@ -210,16 +210,7 @@ def _measurer(run: SampleRun):
     if bank.dim != config.embed_dim:
         raise ValueError(f"sample: bank {run.bank!r} has rows of {bank.dim}, the SSCD of --measure embeds to "
                          f"{config.embed_dim}: build the bank with the same SSCD (amg index build --embedder sscd:...)")
-    rows = np.asarray(bank.rows, np.float32)[:bank.size]
-    rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
-    source = np.asarray(bank.source_index)[:bank.size]
-    embed = sharded_embedder(sscd.make_embed_fn(config), params)
-
-    def measure(u8):
-        e = np.asarray(embed(u8.astype(np.float32) / 127.5 - 1.0))
-        sims = (e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)) @ rows.T
-        return sims.max(axis=1), source[sims.argmax(axis=1)]
-    return measure
+    return nearest_in_bank(sharded_embedder(sscd.make_embed_fn(config), params), bank, "the SSCD of --measure")
 
 
 def _summary(run: SampleRun, records: list) -> tuple[dict, str]:

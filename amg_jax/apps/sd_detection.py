@@ -35,7 +35,7 @@ from amg_jax.evaluation.detection import calibrate_threshold, detection_report, 
 from amg_jax.guidance import CFG
 from amg_jax.guidance.screen import Anisotropy, ScreenedGuidance, get_screen
 from amg_jax.index import load_bank
-from amg_jax.index_build import sharded_embedder
+from amg_jax.index_build import nearest_in_bank, sharded_embedder
 from amg_jax.jsonio import write_atomic, write_json
 from amg_jax.models import stable_diffusion as sdm
 from amg_jax.samplers import keys_from_seeds
@@ -129,19 +129,13 @@ def load_config(path: str) -> SDDetectionConfig:
 
 
 def _measurer(c: SDDetectionConfig):
+    """``per_batch(u8, idx) -> {"sim": SSCD cosine to the nearest bank image}`` (``run_method``)."""
     bank = load_bank(c.bank)
     params, config = sscd.load_params(c.sscd)
     if bank.dim != config.embed_dim:
         raise ValueError(f"[detection] bank {c.bank!r} has rows of {bank.dim}; the SSCD embeds to {config.embed_dim}")
-    rows = np.asarray(bank.rows, np.float32)[:bank.size]
-    rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
-    embed = sharded_embedder(sscd.make_embed_fn(config), params)
-
-    def per_batch(u8, idx):
-        e = np.asarray(embed(u8.astype(np.float32) / 127.5 - 1.0))
-        e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-        return {"sim": (e @ rows.T).max(axis=1)}
-    return per_batch
+    measure = nearest_in_bank(sharded_embedder(sscd.make_embed_fn(config), params), bank, "the SSCD")
+    return lambda u8, idx: {"sim": measure(u8)[0]}
 
 
 def run_sd_detection(c: SDDetectionConfig, *, store: bool = False, echo=print) -> dict:

@@ -19,7 +19,7 @@ from amg_jax.apps.sweep.config import BENCH_FORMAT, CI_BOOT, SSCD_STRICT, SSCD_T
 from amg_jax.apps.sweep.settings import _jsonable, bench_settings, screen_of
 from amg_jax.evaluation.protocol import prepare_bench
 from amg_jax.index import load_bank
-from amg_jax.index_build import has_captions, list_images, load_captions, load_image, sharded_embedder
+from amg_jax.index_build import has_captions, list_images, load_captions, load_image, nearest_in_bank, sharded_embedder
 from amg_jax.evaluation.metrics import frechet_distance, similarity_report
 from amg_jax.evaluation.prompt_stats import aggregate_cis
 from amg_jax.models import stable_diffusion as sdm
@@ -152,10 +152,8 @@ class StableDiffusionBackend:
         self.decode = functools.partial(_clipped_decoder(latent_decoder(self.sd)), self.vae_params)
         self.sscd_params, self.sscd_config = sscd.load_params(s.sscd)
         self.bank = load_bank(s.bank)
-        rows = np.asarray(self.bank.rows, np.float32)[:self.bank.size]
-        self.bank_rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
-        self.bank_source = np.asarray(self.bank.source_index)[:self.bank.size]
-        self.embed = sharded_embedder(sscd.make_embed_fn(self.sscd_config), self.sscd_params)
+        self.nearest = nearest_in_bank(sharded_embedder(sscd.make_embed_fn(self.sscd_config), self.sscd_params),
+                                       self.bank, "the sweep's SSCD")
         per = c.samples_per_prompt
         self.caption_ids = np.repeat(np.arange(len(s.prompts)), per)
         self.prompts = [s.prompts[i] for i in self.caption_ids]
@@ -218,10 +216,8 @@ class StableDiffusionBackend:
         def measure_batch(u8: np.ndarray, idx: np.ndarray) -> dict:
             """SSCD to the bank (and the CLIP score, Inception features) of a chunk of stored images."""
             x = u8.astype(np.float32) / 127.5 - 1.0                 # the stored image is what is measured
-            e = self.embed(x)
-            e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-            sims = e @ self.bank_rows.T
-            out = {"sim": np.max(sims, axis=1), "nn": self.bank_source[np.argmax(sims, axis=1)]}
+            sim, nn = self.nearest(u8)
+            out = {"sim": sim, "nn": nn}
             if self.clip is not None:
                 out["clip"] = np.asarray(clip_score(self.clip, x, [self.prompts[i] for i in idx]))
             if self.inception is not None:
