@@ -37,7 +37,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from amg_jax.index import ReferenceBank, build_bank, save_bank
+from amg_jax.index import ReferenceBank, build_bank, load_bank, save_bank
 from amg_jax.jsonio import read_json, write_json
 from amg_jax.mesh import make_mesh
 from amg_jax.similarity import clip, sscd
@@ -279,6 +279,18 @@ def nearest_in_bank(embed: Callable, bank: ReferenceBank, what: str = "the embed
     return measure
 
 
+def sscd_nearest(bank_path: str, sscd_path: str, where: str) -> Callable:
+    """``nearest_in_bank`` for the SSCD params file ``sscd_path`` against the bank file
+    ``bank_path``, both read now; ValueError (prefixed ``where``) for a bank of another width,
+    before any model is loaded."""
+    bank = load_bank(bank_path)
+    params, config = sscd.load_params(sscd_path)
+    if bank.dim != config.embed_dim:
+        raise ValueError(f"{where}: bank {bank_path!r} has rows of {bank.dim}, the SSCD {sscd_path!r} embeds to "
+                         f"{config.embed_dim}: build the bank with the same SSCD (amg index build --embedder sscd:...)")
+    return nearest_in_bank(sharded_embedder(sscd.make_embed_fn(config), params), bank, f"the SSCD {sscd_path!r}")
+
+
 EMBEDDERS = ("pixel", "sscd", "clip")
 
 
@@ -332,4 +344,4 @@ def load_captions(bank_path: str) -> list[str]:
     return caps
 
 
-__all__ = ["CAPTIONS_SUFFIX", "EMBEDDERS", "captions_path", "has_captions", "IMAGE_EXTENSIONS", "build_index", "image_embedder", "sharded_embedder", "nearest_in_bank", "list_images", "load_captions", "load_image", "read_captions"]
+__all__ = ["CAPTIONS_SUFFIX", "EMBEDDERS", "captions_path", "has_captions", "IMAGE_EXTENSIONS", "build_index", "image_embedder", "sharded_embedder", "nearest_in_bank", "sscd_nearest", "list_images", "load_captions", "load_image", "read_captions"]

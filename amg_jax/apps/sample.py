@@ -27,7 +27,7 @@ from amg_jax.index import load_bank
 from amg_jax.apps.sweep.config import CI_BOOT, SSCD_STRICT, SSCD_THRESHOLD
 from amg_jax.evaluation.metrics import similarity_report
 from amg_jax.evaluation.prompt_stats import aggregate_cis, prompt_csv, prompt_rows
-from amg_jax.index_build import has_captions, load_captions, nearest_in_bank, sharded_embedder
+from amg_jax.index_build import has_captions, load_captions, sscd_nearest
 from amg_jax.jsonio import write_atomic, write_json
 from amg_jax.models import stable_diffusion as sdm
 from amg_jax.models.sd_amg import DETECTOR_KINDS, SD_AMG, bank_conditions, latent_detector
@@ -149,7 +149,7 @@ def run_sample(run: SampleRun, *, progress: bool = True, echo=print) -> dict:
         if kind == "sscd":
             weights = sscd.load_params(weights)
         captions = load_captions(run.bank) if has_captions(run.bank) else []
-    measure = _measurer(run) if run.measure else None       # a bad bank or SSCD file fails before the model loads
+    measure = sscd_nearest(run.bank, run.measure.partition(":")[2], "sample") if run.measure else None       # a bad bank or SSCD file fails before the model loads
     sd = spec.load(run.dtype)
     den = sdm.sd_denoiser(sd, run.height, run.width)
     sampler = sdm.sd_sampler_config(sd, run.steps, run.sampler)
@@ -201,16 +201,6 @@ def run_sample(run: SampleRun, *, progress: bool = True, echo=print) -> dict:
     if state["report"] is None:          # every batch was done before
         state["report"] = _write_outputs(run, traces, records, seconds, done=True)
     return state["report"]
-
-
-def _measurer(run: SampleRun):
-    """``measure(u8 [b, H, W, 3]) -> (SSCD cosine to the nearest bank row [b], its source index [b])``."""
-    bank = load_bank(run.bank)
-    params, config = sscd.load_params(run.measure.partition(":")[2])
-    if bank.dim != config.embed_dim:
-        raise ValueError(f"sample: bank {run.bank!r} has rows of {bank.dim}, the SSCD of --measure embeds to "
-                         f"{config.embed_dim}: build the bank with the same SSCD (amg index build --embedder sscd:...)")
-    return nearest_in_bank(sharded_embedder(sscd.make_embed_fn(config), params), bank, "the SSCD of --measure")
 
 
 def _summary(run: SampleRun, records: list) -> tuple[dict, str]:

@@ -34,12 +34,10 @@ from amg_jax.apps.sweep.config import SSCD_THRESHOLD, read_prompts
 from amg_jax.evaluation.detection import calibrate_threshold, detection_report, recall, screen_signals
 from amg_jax.guidance import CFG
 from amg_jax.guidance.screen import Anisotropy, ScreenedGuidance, get_screen
-from amg_jax.index import load_bank
-from amg_jax.index_build import nearest_in_bank, sharded_embedder
+from amg_jax.index_build import sscd_nearest
 from amg_jax.jsonio import write_atomic, write_json
 from amg_jax.models import stable_diffusion as sdm
 from amg_jax.samplers import keys_from_seeds
-from amg_jax.similarity import sscd
 
 PROMPT_LEVEL = ("noise_magnitude_first", "noise_magnitude", "anisotropy")
 
@@ -130,11 +128,7 @@ def load_config(path: str) -> SDDetectionConfig:
 
 def _measurer(c: SDDetectionConfig):
     """``per_batch(u8, idx) -> {"sim": SSCD cosine to the nearest bank image}`` (``run_method``)."""
-    bank = load_bank(c.bank)
-    params, config = sscd.load_params(c.sscd)
-    if bank.dim != config.embed_dim:
-        raise ValueError(f"[detection] bank {c.bank!r} has rows of {bank.dim}; the SSCD embeds to {config.embed_dim}")
-    measure = nearest_in_bank(sharded_embedder(sscd.make_embed_fn(config), params), bank, "the SSCD")
+    measure = sscd_nearest(c.bank, c.sscd, "[detection]")
     return lambda u8, idx: {"sim": measure(u8)[0]}
 
 
