@@ -40,13 +40,9 @@ SD_AMG = {"c1": 4.0, "c2": 3.0, "c3": 100.0, "c3_units": "raw"}       # the pape
 
 @functools.lru_cache(maxsize=None)
 def _decoder(static: Any):
-    vae, (_, scaling, dtype) = static.model, static.key
-
     def decode(vae_params, latents: Array) -> Array:
         """latents [B, h, w, C] -> pixels [B, 8h, 8w, 3] (float32, not clipped: differentiable)."""
-        z = (latents.astype(jnp.float32) / scaling).astype(sdm.DTYPES[dtype])
-        img = vae.apply({"params": vae_params}, z, method=vae.decode).sample
-        return jnp.transpose(img, (0, 2, 3, 1)).astype(jnp.float32)
+        return sdm.vae_decode_raw(static, vae_params, latents)
 
     return decode
 
@@ -54,7 +50,7 @@ def _decoder(static: Any):
 def latent_decoder(sd) -> Any:
     """The VAE decoder of ``sd`` as a stable function ``(vae_params, latents [B, h, w, C]) -> pixels
     [B, H, W, 3]`` (one object per VAE config / scaling / dtype, so jit caches hit)."""
-    return _decoder(sdm._Static((sdm._config_key(sd.vae), sd.vae_scaling_factor, sd.dtype), sd.vae))
+    return _decoder(sdm.vae_static(sd.vae, sd.vae_scaling_factor, sd.dtype))
 
 
 def _embedder(kind: str, weights):

@@ -1,25 +1,32 @@
-"""Stable Diffusion (diffusers' Flax UNet + VAE + transformers' Flax CLIP text encoder) as one ``Denoiser``.
+"""Stable Diffusion 1.x / 2.x and SDXL as one ``Denoiser``, on amg_jax's own Flax modules.
 
-- ``load_stable_diffusion(path_or_hub_id, dtype=...)``: a diffusers SD 1.x / 2.x directory (or a
-  hub id, downloaded with ``huggingface_hub``) -> a frozen ``StableDiffusion`` bundle. Flax
-  weights are used when present, else the PyTorch weights (``.safetensors`` or ``.bin``) are
-  converted (``from_pt``). The layout is checked first: missing folders / files, another
-  pipeline class or an unsupported UNet raise FileNotFoundError / ValueError naming them.
-- ``encode_prompts(sd, prompts) -> [B, 77, D]``: CLIP text embeddings exactly as diffusers'
-  pipelines compute them (padded to 77 tokens, over-long prompts truncated with a warning);
-  ``sd.null_embedding`` [77, D] is the empty prompt's, CFG's unconditional.
-- ``sd_denoiser(sd, height, width) -> Denoiser`` on latents [B, h/8, w/8, 4] (NHWC; the Flax UNet
-  is NCHW, transposed inside ``eps_fn``). v-prediction models are converted to eps with the
-  schedule. ``decode``: latents -> pixels [B, H, W, 3] in [-1, 1] via the VAE. Two loads of one
-  model give equal denoisers (``UNetEps`` and ``VAEDecode`` are values), so they share compiled loops.
+- ``load_stable_diffusion(path_or_hub_id, dtype=..., attention=...)``: a diffusers pipeline folder
+  (``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``, Flax or PyTorch class names) or a hub
+  id (downloaded with ``huggingface_hub``) -> a frozen ``StableDiffusion`` bundle. The networks are
+  ``sd_unet.UNet2DCondition``, ``sd_vae.AutoencoderKL`` and ``clip_text.ClipTextEncoder`` (SDXL: two);
+  their weights are read as published: PyTorch ``.safetensors`` (read directly, no torch; sharded
+  and ``.fp16`` variants too), ``.bin`` (torch) or Flax ``.msgpack`` (``sd_weights``). No diffusers or
+  transformers Flax model class is imported: those libraries give the tokenizer and, in the tests,
+  the parity oracles. The layout, every config and every weight's shape are checked before any model
+  runs; errors name the file and the field.
+- ``encode_prompts(sd, prompts)``: the UNet's condition exactly as diffusers' pipelines compute it.
+  SD 1.x / 2.x: the text encoder's last hidden state [B, 77, D]. SDXL: both encoders' penultimate
+  hidden states concatenated [B, 77, D1 + D2], plus one row holding the second encoder's pooled
+  projection (zero-padded): [B, 78, D1 + D2], so every method that mixes or perturbs conditions
+  treats SDXL's pooled embedding as part of the text condition. ``sd.null_embedding`` is the empty
+  prompt's (SDXL with ``force_zeros_for_empty_prompt``: zeros, as its pipeline does).
+- ``sd_denoiser(sd, height, width) -> Denoiser`` on latents [B, h/8, w/8, 4] (NHWC throughout).
+  v-prediction models are converted to eps with the schedule; SDXL's micro-conditioning (original
+  size, crop (0, 0), target size) is the run's image size. ``decode``: latents -> pixels in [-1, 1].
+  Two loads of one model give equal denoisers (``UNetEps`` and ``VAEDecode`` are values).
 - ``sd_sampler_config(sd, num_steps, name)``: the ``SamplerConfig`` that diffusers' class for ``name``
-  (DDIM / DDPM / DPMSolverMultistepScheduler) builds ``from_config`` the model's scheduler_config.json,
-  missing keys at that class's defaults; keys whose steps amg_jax does not implement are refused.
-- ``write_tiny_sd(directory, seed, framework)``: a tiny random-weight SD in diffusers format
-  (Flax or PyTorch weights) that ``FlaxStableDiffusionPipeline.from_pretrained`` also loads.
+  (DDIM / DDPM / DPMSolverMultistepScheduler) builds ``from_config`` the model's scheduler_config.json.
+- ``write_tiny_sd(directory, seed, framework, variant)``: a tiny random-weight SD 1.x / 2.x (v-prediction)
+  / SDXL in diffusers' layout, with PyTorch (``.safetensors``) or Flax (``.msgpack``) weights.
 
-dtype: params (and the networks' computation) in float32 / bfloat16 / float16; the sampler
-state, eps and the decoded pixels are float32.
+dtype: params and the networks' computation in float32 / bfloat16 / float16; the sampler state, eps
+and the decoded pixels are float32. attention: ``attention.ATTENTION_IMPLEMENTATIONS`` ("auto": cuDNN's
+fused kernel on NVIDIA GPUs for 16-bit models, XLA elsewhere).
 """
 from __future__ import annotations
 
@@ -36,25 +43,40 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.serialization import to_bytes
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from amg_jax.models.attention import check_attention
 from amg_jax.models.base import Denoiser
+from amg_jax.models.clip_text import ClipTextConfig, ClipTextEncoder
+from amg_jax.models.sd_unet import UNet2DCondition, UNetConfig
+from amg_jax.models.sd_vae import AutoencoderKL, VAEConfig
+from amg_jax.models.sd_weights import expected_tree, read_state, to_params, weight_files
 from amg_jax.samplers import DDPM_VARIANCE_TYPES, FINAL_SIGMAS_TYPES, SamplerConfig
 from amg_jax.schedules import SPACINGS, Schedule
 
 Array = jax.Array
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-PIPELINE_CLASSES = ("StableDiffusionPipeline", "FlaxStableDiffusionPipeline")
+# model_index.json _class_name -> the kind of pipeline
+PIPELINES = {"StableDiffusionPipeline": "sd", "FlaxStableDiffusionPipeline": "sd",
+             "StableDiffusionXLPipeline": "sdxl", "FlaxStableDiffusionXLPipeline": "sdxl"}
+PIPELINE_CLASSES = tuple(PIPELINES)
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+KIND_COMPONENTS = {"sd": COMPONENTS, "sdxl": COMPONENTS + ("text_encoder_2", "tokenizer_2")}
 CONFIG_FILES = {"unet": ("config.json",), "vae": ("config.json",), "text_encoder": ("config.json",),
-                "tokenizer": ("vocab.json", "merges.txt"), "scheduler": ("scheduler_config.json",)}
+                "text_encoder_2": ("config.json",), "tokenizer": ("vocab.json", "merges.txt"),
+                "tokenizer_2": ("vocab.json", "merges.txt"), "scheduler": ("scheduler_config.json",)}
 FLAX_WEIGHTS = {"unet": ("diffusion_flax_model.msgpack",), "vae": ("diffusion_flax_model.msgpack",),
-                "text_encoder": ("flax_model.msgpack",)}
+                "text_encoder": ("flax_model.msgpack",), "text_encoder_2": ("flax_model.msgpack",)}
 PT_WEIGHTS = {"unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
               "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
-              "text_encoder": ("model.safetensors", "pytorch_model.bin")}
+              "text_encoder": ("model.safetensors", "pytorch_model.bin"),
+              "text_encoder_2": ("model.safetensors", "pytorch_model.bin")}
+# today's PyTorch VAE files name the mid block's attention as diffusers' Attention does; the Flax tree
+# keeps the names of the older files (and of diffusers' Flax VAE)
+VAE_ALIASES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out_0": "proj_attn"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -78,19 +100,32 @@ def quiet_libraries():
         yield
 
 
+
 # ----------------------------------------------------------------------------- the bundle
+
+
+def _config_key(model) -> str:
+    """A module's architecture as a string (type, config, dtype, attention): equal for two loads of one
+    model, so they share compiled functions."""
+    return f"{type(model).__name__}({model.config!r}, {jnp.dtype(model.dtype).name}, {model.attention})"
 
 
 @dataclasses.dataclass(frozen=True)
 class UNetEps:
     """The denoiser contract on SD latents (a callable, hashable by value: two loads of one model
-    share compiled functions): ``(params, x_t [B, h, w, C] NHWC, t [B] int32, cond [B, L, D]) -> eps``
-    in x_t's dtype. The UNet runs in ``dtype`` on NCHW; v-prediction is converted to eps."""
+    share compiled functions): ``(params, x_t [B, h, w, C], t [B] int32, cond) -> eps`` in x_t's dtype.
+
+    cond: [B, L, D] text embeddings; SDXL (``pooled_dim`` > 0): [B, L + 1, D], the last row's first
+    ``pooled_dim`` entries the pooled text embedding, and ``time_ids`` the micro-conditioning
+    (original h, w, crop top, left, target h, w). The UNet runs in ``dtype``; v-prediction is
+    converted to eps."""
 
     unet: Any = dataclasses.field(compare=False)
     prediction_type: str
     schedule: Schedule
     dtype: str = "float32"
+    time_ids: tuple = ()
+    pooled_dim: int = 0
     config_key: str = ""
 
     def __post_init__(self):
@@ -98,10 +133,13 @@ class UNetEps:
 
     def __call__(self, params, x_t: Array, t: Array, cond: Array) -> Array:
         dt = DTYPES[self.dtype]
-        x = jnp.transpose(x_t, (0, 3, 1, 2)).astype(dt)
-        out = self.unet.apply({"params": params}, x, jnp.asarray(t, jnp.int32),
-                              encoder_hidden_states=jnp.asarray(cond).astype(dt)).sample
-        out = jnp.transpose(out, (0, 2, 3, 1)).astype(x_t.dtype)
+        cond, added = jnp.asarray(cond), None
+        if self.pooled_dim:
+            cond, pooled = cond[:, :-1], cond[:, -1, :self.pooled_dim]
+            ids = jnp.broadcast_to(jnp.asarray(self.time_ids, jnp.float32), (x_t.shape[0], len(self.time_ids)))
+            added = (pooled.astype(dt), ids)
+        out = self.unet.apply({"params": params}, x_t.astype(dt), jnp.asarray(t, jnp.int32), cond.astype(dt),
+                              added).astype(x_t.dtype)
         if self.prediction_type == "epsilon":
             return out
         ab = jnp.take(jnp.asarray(self.schedule.alphas_cumprod(), x_t.dtype), jnp.asarray(t, jnp.int32))
@@ -111,8 +149,7 @@ class UNetEps:
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
-    """A model as a jit static argument, equal by (config, dtype): loaded configs hold lists, so the
-    Flax modules themselves are unhashable."""
+    """A model as a jit static argument, equal by its key (the params are not part of it)."""
 
     key: tuple
     model: Any = dataclasses.field(compare=False)
@@ -136,34 +173,25 @@ class VAEDecode:
 
 _BUNDLE_IDS = itertools.count()
 
-_META_KEYS = ("architectures", "transformers_version", "torch_dtype", "dtype", "name_or_path", "model_type")
-
-
-def _config_key(model) -> str:
-    """The architecture part of a model's config as a string (bookkeeping keys dropped, so the Flax and
-    the PyTorch copies of one model share compiled functions)."""
-    config = model.config
-    config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    config = {k: v for k, v in config.items() if not k.startswith("_") and k not in _META_KEYS}
-    return type(model).__name__ + json.dumps(config, sort_keys=True, default=str)
-
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class StableDiffusion:
     """A loaded Stable Diffusion (hashable by identity).
 
-    unet / vae / text_encoder: diffusers' FlaxUNet2DConditionModel, FlaxAutoencoderKL and
-    transformers' FlaxCLIPTextModel (built with ``dtype``); *_params: their params, cast to
-    ``dtype``; tokenizer: CLIPTokenizer; schedule: the training noise schedule;
-    scheduler_config: scheduler_config.json (a dict; read only); prediction_type: "epsilon" |
-    "v_prediction"; vae_scaling_factor: latents = VAE latents * this; latent_channels: C of the
-    latents; vae_factor: pixels per latent (8); image_size: default pixel size (unet
-    sample_size * vae_factor); null_embedding: [L, D] float32, the empty prompt's embedding;
-    eps_fn: the ``UNetEps`` denoiser function; dtype: "float32" | "bfloat16" | "float16";
+    unet / vae / text_encoder (/ text_encoder_2, SDXL): amg_jax's ``UNet2DCondition``,
+    ``AutoencoderKL`` and ``ClipTextEncoder`` modules (built with ``dtype`` and ``attention``);
+    *_params: their params, in ``dtype``; tokenizer (/ tokenizer_2): CLIPTokenizer; schedule: the
+    training noise schedule; scheduler_config: scheduler_config.json (a dict; read only);
+    prediction_type: "epsilon" | "v_prediction"; vae_scaling_factor: latents = VAE latents * this;
+    latent_channels: C of the latents; vae_factor: pixels per latent (8); image_size: default pixel
+    size (unet sample_size * vae_factor); null_embedding: the empty prompt's condition [L(+1), D]
+    float32; eps_fn: the ``UNetEps`` denoiser function; dtype: "float32" | "bfloat16" | "float16";
     source: where it was loaded from; vae_weights_id: what ``vae_params`` were loaded from (the weights
     file's real path, size and mtime, set by ``load_stable_diffusion``): two bundles with the same one
     have equal ``vae_decoder``s. Empty (a bundle built in memory): the decoder is this bundle's own.
-    ``dataclasses.replace`` with other ``vae_params`` must reset it.
+    ``dataclasses.replace`` with other ``vae_params`` must reset it. configs: the components'
+    config.json dicts as read (for tools that rebuild the model elsewhere, e.g. the bench's reference
+    pipelines); attention: the attention implementation.
     """
 
     unet: Any
@@ -185,6 +213,15 @@ class StableDiffusion:
     dtype: str = "float32"
     source: str = ""
     vae_weights_id: tuple = ()
+    text_encoder_2: Any = None
+    text_params_2: Any = None
+    tokenizer_2: Any = None
+    configs: dict = dataclasses.field(default_factory=dict)
+    attention: str = "auto"
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
 
     @property
     def compute_dtype(self):
@@ -196,9 +233,9 @@ class StableDiffusion:
 
     @property
     def size_multiple(self) -> int:
-        """Pixel sizes must be multiples of this: the VAE factor times the Flax UNet's downsampling
-        (the Flax UNet, unlike the PyTorch one, cannot upsample back to odd latent sizes)."""
-        return self.vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        """Pixel sizes must be multiples of this: the VAE factor times the UNet's downsampling (its
+        nearest-neighbour upsampling doubles, so odd latent sizes cannot come back up)."""
+        return self.vae_factor * self.unet.config.downsampling
 
     def decode(self, latents: Array) -> Array:
         """latents [B, h, w, C] -> pixels [B, h*f, w*f, 3] float32, clipped to [-1, 1] (as the pipeline
@@ -215,11 +252,24 @@ class StableDiffusion:
 
     @functools.cached_property
     def _vae_static(self) -> "_Static":
-        return _Static((_config_key(self.vae), self.vae_scaling_factor, self.dtype), self.vae)
+        return vae_static(self.vae, self.vae_scaling_factor, self.dtype)
 
     @functools.cached_property
     def _text_static(self) -> "_Static":
-        return _text_model(self.text_encoder, self.dtype)
+        return _text_model(self.text_encoder, self.text_encoder_2)
+
+    @property
+    def _text_params(self):
+        return (self.text_params, self.text_params_2)
+
+    @property
+    def _tokenizers(self):
+        return (self.tokenizer,) if self.tokenizer_2 is None else (self.tokenizer, self.tokenizer_2)
+
+
+def vae_static(vae, scaling: float, dtype: str) -> _Static:
+    """The VAE as a jit static argument, keyed by (config, scaling factor, dtype)."""
+    return _Static((_config_key(vae), scaling, dtype), vae)
 
 
 def _onto_params_device(x, params):
@@ -237,21 +287,34 @@ def _onto_params_device(x, params):
     return x
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _vae_decode(static: _Static, params, latents: Array) -> Array:
+def vae_decode_raw(static: _Static, params, latents: Array) -> Array:
+    """latents [B, h, w, C] -> pixels [B, h*f, w*f, 3] float32, not clipped (differentiable)."""
     vae, (_, scaling, dtype) = static.model, static.key
     z = (latents.astype(jnp.float32) / scaling).astype(DTYPES[dtype])
-    img = vae.apply({"params": params}, z, method=vae.decode).sample      # [B, 3, H, W]
-    return jnp.clip(jnp.transpose(img, (0, 2, 3, 1)).astype(jnp.float32), -1.0, 1.0)
+    return vae.apply({"params": params}, z, method="decode").astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _text_forward(text: _Static, params, ids: Array) -> Array:
-    return text.model(ids, params=params)[0].astype(jnp.float32)
+def _vae_decode(static: _Static, params, latents: Array) -> Array:
+    return jnp.clip(vae_decode_raw(static, params, latents), -1.0, 1.0)
 
 
-def _text_model(text_encoder, dtype: str) -> _Static:
-    return _Static((_config_key(text_encoder), dtype), text_encoder)
+@functools.partial(jax.jit, static_argnums=0)
+def _text_forward(text: _Static, params, ids) -> Array:
+    enc, enc2 = text.model
+    out = enc.apply({"params": params[0]}, ids[0])
+    if enc2 is None:
+        return out.last.astype(jnp.float32)
+    out2 = enc2.apply({"params": params[1]}, ids[1])
+    emb = jnp.concatenate([out.penultimate, out2.penultimate], axis=-1).astype(jnp.float32)
+    pooled = out2.projected.astype(jnp.float32)
+    row = jnp.pad(pooled, ((0, 0), (0, emb.shape[-1] - pooled.shape[-1])))[:, None]
+    return jnp.concatenate([emb, row], axis=1)
+
+
+def _text_model(text_encoder, text_encoder_2=None) -> _Static:
+    key = (_config_key(text_encoder), None if text_encoder_2 is None else _config_key(text_encoder_2))
+    return _Static(key, (text_encoder, text_encoder_2))
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -271,22 +334,27 @@ def tokenize(tokenizer, prompts: Sequence[str]) -> np.ndarray:
     return np.asarray(ids, np.int32)
 
 
-def _encode(text: _Static, text_params, tokenizer, prompts) -> Array:
+def _encode(text: _Static, text_params, tokenizers, prompts) -> Array:
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts = list(prompts)
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
-    return _text_forward(text, text_params, jnp.asarray(tokenize(tokenizer, prompts)))
+    ids = [jnp.asarray(tokenize(tokenizers[0], prompts))]
+    if len(tokenizers) > 1:
+        with warnings.catch_warnings():      # the first tokenizer has warned about over-long prompts
+            warnings.simplefilter("ignore", UserWarning)
+            ids.append(jnp.asarray(tokenize(tokenizers[1], prompts)))
+    return _text_forward(text, text_params, tuple(ids) + (None,) * (2 - len(ids)))
 
 
 def encode_prompts(sd: StableDiffusion, prompts: str | Sequence[str], *, batch: int = 64) -> Array:
-    """CLIP text embeddings [B, 77, D] float32 of ``prompts`` (the UNet's ``encoder_hidden_states``),
-    encoded ``batch`` prompts at a time (bounds the text encoder's memory for long prompt lists)."""
+    """The UNet's condition for ``prompts`` (module docstring): [B, 77, D] float32 (SDXL: [B, 78, D]),
+    encoded ``batch`` prompts at a time (bounds the text encoders' memory for long prompt lists)."""
     if isinstance(prompts, str) or len(prompts) <= batch:
-        return _encode(sd._text_static, sd.text_params, sd.tokenizer, prompts)
+        return _encode(sd._text_static, sd._text_params, sd._tokenizers, prompts)
     prompts = list(prompts)
-    return jnp.concatenate([_encode(sd._text_static, sd.text_params, sd.tokenizer, prompts[i:i + batch])
+    return jnp.concatenate([_encode(sd._text_static, sd._text_params, sd._tokenizers, prompts[i:i + batch])
                             for i in range(0, len(prompts), batch)])
 
 
@@ -304,22 +372,26 @@ def check_image_size(sd: StableDiffusion, height: int, width: int) -> None:
                              f"downsampling factor)")
         if v % m:
             raise ValueError(f"Stable Diffusion {field}={v} is not a multiple of {m}: the VAE downsamples by "
-                             f"{sd.vae_factor} and the Flax UNet by {m // sd.vae_factor} more")
+                             f"{sd.vae_factor} and the UNet by {m // sd.vae_factor} more")
 
 
 def sd_denoiser(sd: StableDiffusion, height: int | None = None, width: int | None = None,
                 name: str = "stable-diffusion") -> Denoiser:
     """``sd`` as a ``Denoiser`` on latents [B, height/f, width/f, C] (f = ``sd.vae_factor``, 8).
 
-    params: the UNet's; cond: text embeddings [B, L, D] (``encode_prompts``); null_cond: the empty
-    prompt's [L, D]; decode: latents -> pixels [B, height, width, 3] in [-1, 1].
-    height / width default to ``sd.image_size``.
+    params: the UNet's; cond: the text condition (``encode_prompts``); null_cond: the empty prompt's;
+    decode: latents -> pixels [B, height, width, 3] in [-1, 1]. height / width default to
+    ``sd.image_size``; SDXL's micro-conditioning is (height, width, 0, 0, height, width), as its
+    pipeline's default.
     """
     height = sd.image_size if height is None else height
     width = sd.image_size if width is None else width
     check_image_size(sd, height, width)
     f = sd.vae_factor
-    return Denoiser(params=sd.unet_params, null_cond=sd.null_embedding, eps_fn=sd.eps_fn,
+    eps_fn = sd.eps_fn
+    if eps_fn.pooled_dim:
+        eps_fn = dataclasses.replace(eps_fn, time_ids=(height, width, 0, 0, height, width))
+    return Denoiser(params=sd.unet_params, null_cond=sd.null_embedding, eps_fn=eps_fn,
                     sample_shape=(height // f, width // f, sd.latent_channels), schedule=sd.schedule,
                     num_conditions=None, decode=sd.vae_decoder, name=name)
 
@@ -442,6 +514,7 @@ def sd_sampler_config(sd: StableDiffusion, num_steps: int = 50, name: str = "ddi
                                          **overrides)
 
 
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -463,11 +536,10 @@ def _read_json(path: str) -> dict:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
 
 
+
+
 def _first_existing(folder: str, names: Sequence[str]) -> str | None:
-    for n in names:
-        if os.path.isfile(os.path.join(folder, n)):
-            return os.path.join(folder, n)
-    return None
+    return weight_files(folder, names)
 
 
 def _weights_id(folder: str, names: Sequence[str]) -> tuple:
@@ -478,23 +550,29 @@ def _weights_id(folder: str, names: Sequence[str]) -> tuple:
     return os.path.realpath(path), st.st_size, st.st_mtime_ns
 
 
+def pipeline_kind(path: str) -> str:
+    """"sd" or "sdxl": the kind of the pipeline folder ``path`` (its model_index.json _class_name)."""
+    index_file = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index_file):
+        raise FileNotFoundError(f"{path!r} is not a diffusers pipeline directory: it has no model_index.json")
+    cls = _read_json(index_file).get("_class_name")
+    if cls not in PIPELINES:
+        raise ValueError(f"{index_file}: _class_name is {cls!r}, not a Stable Diffusion text-to-image pipeline "
+                         f"(expected one of {list(PIPELINE_CLASSES)})")
+    return PIPELINES[cls]
+
+
 def check_layout(path: str, from_pt: bool | None = None) -> bool:
-    """Validate a local diffusers Stable Diffusion directory; returns ``from_pt`` (resolved when None:
-    Flax weights when all three are present, else PyTorch weights).
+    """Validate a local diffusers Stable Diffusion (1.x / 2.x / XL) directory; returns ``from_pt``
+    (resolved when None: Flax weights when every network has them, else PyTorch weights).
 
     Raises FileNotFoundError naming the missing folder / file, ValueError for another pipeline class.
     """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"Stable Diffusion directory {path!r} does not exist")
-    index_file = os.path.join(path, "model_index.json")
-    if not os.path.isfile(index_file):
-        raise FileNotFoundError(f"{path!r} is not a diffusers pipeline directory: it has no model_index.json")
-    index = _read_json(index_file)
-    cls = index.get("_class_name")
-    if cls not in PIPELINE_CLASSES:
-        raise ValueError(f"{index_file}: _class_name is {cls!r}, not a Stable Diffusion text-to-image pipeline "
-                         f"(expected one of {list(PIPELINE_CLASSES)})")
-    for comp in COMPONENTS:
+    kind = pipeline_kind(path)
+    comps = KIND_COMPONENTS[kind]
+    for comp in comps:
         folder = os.path.join(path, comp)
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"Stable Diffusion directory {path!r} has no {comp}/ subfolder")
@@ -504,7 +582,7 @@ def check_layout(path: str, from_pt: bool | None = None) -> bool:
 
     def missing(table):
         return [f"{c}/{' or '.join(names)}" for c, names in table.items()
-                if _first_existing(os.path.join(path, c), names) is None]
+                if c in comps and _first_existing(os.path.join(path, c), names) is None]
 
     flax_missing, pt_missing = missing(FLAX_WEIGHTS), missing(PT_WEIGHTS)
     if from_pt is None:
@@ -523,8 +601,16 @@ def check_layout(path: str, from_pt: bool | None = None) -> bool:
     return bool(from_pt)
 
 
+def _variants(name: str) -> list[str]:
+    """The file names ``weight_files`` accepts for ``name`` (sharded / fp16 variants of .safetensors)."""
+    if not name.endswith(".safetensors"):
+        return [name]
+    stem = name[: -len(".safetensors")]
+    return [name, name + ".index.json", stem + ".fp16.safetensors", stem + ".fp16.safetensors.index.json"]
+
+
 def _download(repo_id: str, revision: str | None, from_pt: bool | None) -> tuple[str, bool]:
-    """Fetch the files of a hub repo that loading needs (configs, tokenizer, one set of weights)."""
+    """Fetch the files of a hub repo that loading needs (configs, tokenizers, one set of weights)."""
     from huggingface_hub import list_repo_files, snapshot_download
 
     try:
@@ -532,18 +618,25 @@ def _download(repo_id: str, revision: str | None, from_pt: bool | None) -> tuple
     except Exception as e:   # not found, gated, offline, ...: say what was tried
         raise FileNotFoundError(f"{repo_id!r} is not a local directory, and listing it as a hub repo "
                                 f"(revision={revision!r}) failed: {type(e).__name__}: {e}") from e
+    comps = [c for c in FLAX_WEIGHTS if c in {f.split("/")[0] for f in files}]
+
+    def present(c, names):
+        return [v for n in names for v in _variants(n) if f"{c}/{v}" in files]
 
     def complete(table):
-        return all(any(f"{c}/{n}" in files for n in names) for c, names in table.items())
+        return all(present(c, table[c]) for c in comps)
 
     if from_pt is None:
         from_pt = not complete(FLAX_WEIGHTS)
     table = PT_WEIGHTS if from_pt else FLAX_WEIGHTS
     weights = []
-    for c, names in table.items():
-        present = [n for n in names if f"{c}/{n}" in files]
-        weights += [f"{c}/{present[0]}"] if present else []
-    patterns = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*"] + weights
+    for c in comps:
+        hit = present(c, table[c])
+        if hit:
+            weights.append(f"{c}/{hit[0]}")
+            if hit[0].endswith(".index.json"):       # its shards
+                weights.append(f"{c}/{hit[0][: -len('.safetensors.index.json')]}-*.safetensors")
+    patterns = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*", "tokenizer_2/*"] + weights
     return snapshot_download(repo_id, revision=revision, allow_patterns=patterns), from_pt
 
 
@@ -556,63 +649,13 @@ def _cast(params, dtype):
     return jax.tree.map(cast, params)
 
 
-def _check_converted(state: dict, expected: dict, weights_file: str):
-    """Keep the converted weights the Flax model expects; ValueError naming missing / mismatched ones."""
-
-    for key, leaf in expected.items():
-        if key in state and tuple(state[key].shape) != tuple(leaf.shape):
-            raise ValueError(f"{weights_file}: weight {'.'.join(key)} has shape {tuple(state[key].shape)}, the "
-                             f"Flax model expects {tuple(leaf.shape)}")
-    absent = sorted(".".join(k) for k in set(expected) - set(state))
-    if absent:
-        raise ValueError(f"{weights_file}: missing {len(absent)} weights, e.g. {absent[:3]}")
-    return unflatten_dict({k: jnp.asarray(v, jnp.float32) for k, v in state.items() if k in expected})
-
-
-def _convert_pt(model, weights_file: str):
-    """PyTorch weights (.safetensors / .bin) -> the Flax params of ``model`` (a diffusers Flax model),
-    with diffusers' own renaming (its from_pt reads only .bin files)."""
-    from diffusers.models.modeling_flax_pytorch_utils import rename_key, rename_key_and_reshape_tensor  # heavy / optional
-
-    if weights_file.endswith(".safetensors"):
-        from safetensors.numpy import load_file    # only to read .safetensors weights
-        state = load_file(weights_file)
-    else:
-        import torch    # optional (the torch extra): only to read PyTorch weights
-        state = {k: v.float().numpy() for k, v in torch.load(weights_file, map_location="cpu",
-                                                              weights_only=True).items()}
-    expected = flatten_dict(jax.eval_shape(model.init_weights, jax.random.PRNGKey(0)))
-    out = {}
-    for pt_key, tensor in state.items():
-        key, tensor = rename_key_and_reshape_tensor(tuple(rename_key(pt_key).split(".")), np.asarray(tensor),
-                                                    expected)
-        out[key] = tensor
-    return _check_converted(out, expected, weights_file)
-
-
-def _load_text_encoder(folder: str, dtype, from_pt: bool):
-    """(FlaxCLIPTextModel, params) without running its random init (transformers' from_pt would)."""
-    from transformers import CLIPTextConfig, FlaxCLIPTextModel  # heavy / optional
-
-    if not from_pt:
-        return FlaxCLIPTextModel.from_pretrained(folder, dtype=dtype, _do_init=False)
-    import types
-    from transformers.modeling_flax_pytorch_utils import load_pytorch_checkpoint_in_flax_state_dict  # heavy / optional
-
-    model = FlaxCLIPTextModel(CLIPTextConfig.from_pretrained(folder), dtype=dtype, _do_init=False)
-    shapes = model.params_shape_tree
-    weights_file = _first_existing(folder, PT_WEIGHTS["text_encoder"])
-    proxy = types.SimpleNamespace(params=shapes, base_model_prefix=model.base_model_prefix)
-    state = flatten_dict(load_pytorch_checkpoint_in_flax_state_dict(proxy, weights_file, is_sharded=False))
-    return model, _check_converted(state, flatten_dict(shapes), weights_file)
-
-
-def _load_diffusers_model(cls, folder: str, dtype, from_pt: bool):
-    if not from_pt:
-        return cls.from_pretrained(folder, dtype=dtype)
-    config = cls.load_config(folder)
-    model = cls.from_config(config, dtype=dtype)
-    return model, _convert_pt(model, _first_existing(folder, PT_WEIGHTS[os.path.basename(folder)]))
+def _load_params(path: str, comp: str, module, init_args: tuple, dtype, from_pt: bool, aliases=None):
+    """``module``'s params from ``path/comp``'s weights file (PyTorch or Flax), checked against the tree
+    the module's config builds (ValueError naming the file and the weight) and cast to ``dtype``."""
+    folder = os.path.join(path, comp)
+    file = _first_existing(folder, (PT_WEIGHTS if from_pt else FLAX_WEIGHTS)[comp])
+    state = read_state(file)
+    return to_params(state, expected_tree(module, *init_args), file, aliases, dtype)
 
 
 def _scheduler_settings(config: dict, where: str) -> tuple[Schedule, str]:
@@ -632,17 +675,49 @@ def _scheduler_settings(config: dict, where: str) -> tuple[Schedule, str]:
     return schedule, prediction
 
 
+def _check_configs(path: str, kind: str, unet: UNetConfig, vae: VAEConfig, texts: list) -> None:
+    """The components' configs must fit together (ValueError naming the file and the field)."""
+    where = os.path.join(path, "unet", "config.json")
+    if kind == "sd" and unet.is_sdxl:
+        raise ValueError(f"{where}: addition_embed_type='text_time' is an SDXL UNet, but model_index.json names "
+                         "a StableDiffusionPipeline (one text encoder, no pooled embedding)")
+    if kind == "sdxl" and not unet.is_sdxl:
+        raise ValueError(f"{where}: addition_embed_type must be 'text_time' in a StableDiffusionXLPipeline")
+    if unet.in_channels != unet.out_channels:
+        raise ValueError(f"{where}: in_channels={unet.in_channels} != out_channels={unet.out_channels} (an "
+                         "inpainting / depth UNet) is not supported")
+    if unet.in_channels != vae.latent_channels:
+        raise ValueError(f"{where}: in_channels={unet.in_channels} does not match the VAE's "
+                         f"latent_channels={vae.latent_channels}")
+    width = sum(t.hidden_size for t in texts)
+    if unet.cross_attention_dim != width:
+        what = " + ".join(f"{t.hidden_size}" for t in texts)
+        raise ValueError(f"{where}: cross_attention_dim={unet.cross_attention_dim} does not match the text "
+                         f"encoder{'s' if len(texts) > 1 else ''}' hidden_size {what}")
+    if kind == "sdxl":
+        need = 6 * unet.addition_time_embed_dim + texts[1].projection_dim
+        if unet.projection_class_embeddings_input_dim != need:
+            raise ValueError(f"{where}: projection_class_embeddings_input_dim="
+                             f"{unet.projection_class_embeddings_input_dim} != 6 x addition_time_embed_dim "
+                             f"({unet.addition_time_embed_dim}) + text_encoder_2's projection_dim "
+                             f"({texts[1].projection_dim}) = {need}")
+        if texts[1].projection_dim > width:
+            raise ValueError(f"{os.path.join(path, 'text_encoder_2', 'config.json')}: projection_dim="
+                             f"{texts[1].projection_dim} is wider than the condition ({width})")
+
+
 def load_stable_diffusion(path_or_hub_id: str | os.PathLike, *, dtype="float32", from_pt: bool | None = None,
-                          revision: str | None = None) -> StableDiffusion:
-    """Load a diffusers Stable Diffusion (1.x / 2.x) from a local directory or a hub id.
+                          revision: str | None = None, attention: str = "auto") -> StableDiffusion:
+    """Load a diffusers Stable Diffusion (1.x / 2.x / XL) from a local directory or a hub id.
 
     dtype: "float32" | "bfloat16" | "float16" (params cast to it; the networks compute in it).
-    from_pt: None = Flax weights when present, else convert the PyTorch ones; True / False forces.
-    revision: a hub branch / tag / commit (hub ids only).
-    Raises ValueError (bad dtype, not an SD layout, unsupported model) or FileNotFoundError
-    (missing folder / file, naming it) before any model is built.
+    from_pt: None = Flax weights when present, else the PyTorch ones; True / False forces.
+    revision: a hub branch / tag / commit (hub ids only). attention: "auto" | "xla" | "cudnn".
+    Raises ValueError (bad dtype, not an SD layout, unsupported model, a config that does not match
+    the weights) or FileNotFoundError (missing folder / file, naming it) before any model runs.
     """
     dtype = _dtype_name(dtype)
+    check_attention(attention)
     source = os.fspath(path_or_hub_id)
     if os.path.isdir(source):
         if revision is not None:
@@ -656,47 +731,51 @@ def load_stable_diffusion(path_or_hub_id: str | os.PathLike, *, dtype="float32",
     else:
         raise FileNotFoundError(f"Stable Diffusion directory {source!r} does not exist (and is not a hub id "
                                 "such as 'owner/name')")
-
+    kind = pipeline_kind(path)
+    index = _read_json(os.path.join(path, "model_index.json"))
     sched_file = os.path.join(path, "scheduler", "scheduler_config.json")
     sched_cfg = _read_json(sched_file)
     schedule, prediction = _scheduler_settings(sched_cfg, sched_file)
-    unet_cfg = _read_json(os.path.join(path, "unet", "config.json"))
-    text_cfg = _read_json(os.path.join(path, "text_encoder", "config.json"))
-    vae_cfg = _read_json(os.path.join(path, "vae", "config.json"))
-    where = os.path.join(path, "unet", "config.json")
-    if unet_cfg.get("addition_embed_type") is not None:
-        raise ValueError(f"{where}: addition_embed_type={unet_cfg['addition_embed_type']!r} (an SDXL-style UNet) "
-                         "is not supported")
-    if unet_cfg.get("in_channels", 4) != unet_cfg.get("out_channels", 4):
-        raise ValueError(f"{where}: in_channels={unet_cfg.get('in_channels')} != out_channels="
-                         f"{unet_cfg.get('out_channels')} (an inpainting / depth UNet) is not supported")
-    if unet_cfg.get("in_channels", 4) != vae_cfg.get("latent_channels", 4):
-        raise ValueError(f"{where}: in_channels={unet_cfg.get('in_channels')} does not match the VAE's "
-                         f"latent_channels={vae_cfg.get('latent_channels')}")
-    if unet_cfg.get("cross_attention_dim") != text_cfg.get("hidden_size"):
-        raise ValueError(f"{where}: cross_attention_dim={unet_cfg.get('cross_attention_dim')} does not match the "
-                         f"text encoder's hidden_size={text_cfg.get('hidden_size')}")
+    text_comps = ("text_encoder",) + (("text_encoder_2",) if kind == "sdxl" else ())
+    raw = {c: _read_json(os.path.join(path, c, "config.json")) for c in ("unet", "vae") + text_comps}
+    unet_cfg = UNetConfig.from_dict(raw["unet"], os.path.join(path, "unet", "config.json"))
+    vae_cfg = VAEConfig.from_dict(raw["vae"], os.path.join(path, "vae", "config.json"))
+    text_cfgs = [ClipTextConfig.from_dict(raw[c], os.path.join(path, c, "config.json")) for c in text_comps]
+    _check_configs(path, kind, unet_cfg, vae_cfg, text_cfgs)
 
     jdt = DTYPES[dtype]
-    with quiet_libraries():   # diffusers' Flax modules log a deprecation warning when imported
-        from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # heavy / optional
-        from transformers import CLIPTokenizer  # heavy / optional
+    unet = UNet2DCondition(unet_cfg, jdt, attention)
+    vae = AutoencoderKL(vae_cfg, jdt, attention)
+    texts = [ClipTextEncoder(t, jdt, attention, projection=(c == "text_encoder_2")) for c, t in zip(text_comps, text_cfgs)]
+    s, f = unet_cfg.downsampling, vae_cfg.factor
+    pooled_dim = text_cfgs[1].projection_dim if kind == "sdxl" else 0
+    added = ((jnp.zeros((1, pooled_dim)), jnp.zeros((1, 6))) if kind == "sdxl" else None)
+    unet_params = _load_params(path, "unet", unet, (jnp.zeros((1, s, s, unet_cfg.in_channels)), jnp.zeros((1,), jnp.int32),
+                                                   jnp.zeros((1, 1, unet_cfg.cross_attention_dim)), added), jdt, from_pt)
+    vae_params = _load_params(path, "vae", vae, (jnp.zeros((1, f, f, vae_cfg.in_channels)),), jdt, from_pt, VAE_ALIASES)
+    text_params = [_load_params(path, c, m, (jnp.zeros((1, t.max_position_embeddings), jnp.int32),), jdt, from_pt)
+                   for c, m, t in zip(text_comps, texts, text_cfgs)]
+    with quiet_libraries():
+        from transformers import CLIPTokenizer  # heavy / optional: the tokenizers only
 
-        unet, unet_params = _load_diffusers_model(FlaxUNet2DConditionModel, os.path.join(path, "unet"), jdt, from_pt)
-        vae, vae_params = _load_diffusers_model(FlaxAutoencoderKL, os.path.join(path, "vae"), jdt, from_pt)
-        text_encoder, text_params = _load_text_encoder(os.path.join(path, "text_encoder"), jdt, from_pt)
-        tokenizer = CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
-    unet_params, vae_params = _cast(unet_params, jdt), _cast(vae_params, jdt)
-    text_params = _cast(text_params, jdt)
-    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    null = _encode(_text_model(text_encoder, dtype), text_params, tokenizer, [""])[0]
+        tokenizers = [CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer" + c[len("text_encoder"):]))
+                      for c in text_comps]
+    text2 = texts[1] if kind == "sdxl" else None
+    static = _text_model(texts[0], text2)
+    params2 = text_params[1] if kind == "sdxl" else None
+    if kind == "sdxl" and index.get("force_zeros_for_empty_prompt", True):
+        null = jnp.zeros((tokenizers[0].model_max_length + 1, unet_cfg.cross_attention_dim), jnp.float32)
+    else:
+        null = _encode(static, (text_params[0], params2), tokenizers, [""])[0]
     return StableDiffusion(
-        unet=unet, unet_params=unet_params, vae=vae, vae_params=vae_params, text_encoder=text_encoder,
-        text_params=text_params, tokenizer=tokenizer, schedule=schedule, scheduler_config=dict(sched_cfg),
-        prediction_type=prediction, vae_scaling_factor=float(vae.config.scaling_factor),
-        latent_channels=int(vae.config.latent_channels), vae_factor=vae_factor,
-        image_size=int(unet.config.sample_size) * vae_factor, null_embedding=null,
-        eps_fn=UNetEps(unet, prediction, schedule, dtype), dtype=dtype, source=source,
+        unet=unet, unet_params=unet_params, vae=vae, vae_params=vae_params, text_encoder=texts[0],
+        text_params=text_params[0], tokenizer=tokenizers[0], schedule=schedule, scheduler_config=dict(sched_cfg),
+        prediction_type=prediction, vae_scaling_factor=vae_cfg.scaling_factor,
+        latent_channels=vae_cfg.latent_channels, vae_factor=f, image_size=unet_cfg.sample_size * f,
+        null_embedding=null, eps_fn=UNetEps(unet, prediction, schedule, dtype, pooled_dim=pooled_dim, time_ids=(
+            (size := unet_cfg.sample_size * f), size, 0, 0, size, size) if pooled_dim else ()), dtype=dtype,
+        source=source, text_encoder_2=text2, text_params_2=params2,
+        tokenizer_2=tokenizers[1] if kind == "sdxl" else None, configs=raw, attention=attention,
         vae_weights_id=_weights_id(os.path.join(path, "vae"), (PT_WEIGHTS if from_pt else FLAX_WEIGHTS)["vae"]))
 
 
@@ -708,20 +787,48 @@ SD_V1_SCHEDULER = {
     "clip_sample": False, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
     "steps_offset": 1, "trained_betas": None,
 }
+# SD 2.x's (stabilityai/stable-diffusion-2-1): DDIM keys, v-prediction
+SD_V2_SCHEDULER = dict(SD_V1_SCHEDULER, _class_name="DDIMScheduler", prediction_type="v_prediction")
+# SDXL's (stabilityai/stable-diffusion-xl-base-1.0)
+SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear", "num_train_timesteps": 1000,
+    "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True,
+    "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
+}
+VARIANTS = ("sd1", "sd2", "sdxl")
+SCHEDULERS = {"sd1": SD_V1_SCHEDULER, "sd2": SD_V2_SCHEDULER, "sdxl": SDXL_SCHEDULER}
 
 
-def tiny_configs(sample_size: int = 8, text_dim: int = 32, vocab_size: int = 1000) -> dict:
-    """Configs of a tiny SD: UNet (32, 64) channels, 4-block VAE (factor 8), 2-layer CLIP text encoder."""
+def tiny_configs(sample_size: int = 8, text_dim: int = 32, vocab_size: int = 1000, variant: str = "sd1") -> dict:
+    """Configs of a tiny SD (diffusers / transformers config.json keys): UNet (32, 64) channels, 4-block
+    VAE (factor 8), 2-layer CLIP text encoder(s). ``variant``: "sd1" (conv projections, quick-GELU text
+    encoder), "sd2" (linear projections, per-block heads, GELU text encoder; its scheduler is
+    v-prediction) or "sdxl" (SDXL's block order, 2 transformer layers in the attention level, the
+    ``text_time`` conditioning, a second text encoder with a projection)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"tiny_configs: variant must be one of {list(VARIANTS)}, got {variant!r}")
     unet = dict(sample_size=sample_size, in_channels=4, out_channels=4,
                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(32, 64),
-                layers_per_block=1, attention_head_dim=4, cross_attention_dim=text_dim)
+                layers_per_block=1, attention_head_dim=4, cross_attention_dim=text_dim, norm_num_groups=32)
     vae = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 16, 16, 16), layers_per_block=1,
                latent_channels=4, norm_num_groups=8, sample_size=sample_size * 8)
     text = dict(vocab_size=vocab_size, hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=2,
                 num_attention_heads=4, max_position_embeddings=77, projection_dim=text_dim, hidden_act="quick_gelu")
-    return {"unet": unet, "vae": vae, "text_encoder": text}
+    out = {"unet": unet, "vae": vae, "text_encoder": text}
+    if variant in ("sd2", "sdxl"):
+        unet.update(use_linear_projection=True, attention_head_dim=(2, 4))
+        text.update(hidden_act="gelu")
+    if variant == "sdxl":
+        unet.update(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
+                    cross_attention_dim=2 * text_dim, addition_embed_type="text_time", addition_time_embed_dim=8,
+                    projection_class_embeddings_input_dim=text_dim + 6 * 8)
+        vae.update(scaling_factor=0.13025)
+        out["text_encoder_2"] = dict(text, hidden_act="gelu")
+    return out
 
 
 def random_params(init_fn, rng: np.random.Generator):
@@ -746,11 +853,42 @@ def random_params(init_fn, rng: np.random.Generator):
     return unflatten_dict(out)
 
 
+def module_inits(configs: dict) -> dict:
+    """{component: (module, init args)} of amg_jax's modules for diffusers-style ``configs`` (float32)."""
+    unet_cfg = UNetConfig.from_dict(configs["unet"])
+    vae_cfg = VAEConfig.from_dict(configs["vae"])
+    s, f = unet_cfg.downsampling, vae_cfg.factor
+    out = {}
+    added = None
+    if "text_encoder_2" in configs:
+        p = ClipTextConfig.from_dict(configs["text_encoder_2"]).projection_dim
+        added = (jnp.zeros((1, p)), jnp.zeros((1, 6)))
+    out["unet"] = (UNet2DCondition(unet_cfg), (jnp.zeros((1, s, s, unet_cfg.in_channels)), jnp.zeros((1,), jnp.int32),
+                                               jnp.zeros((1, 1, unet_cfg.cross_attention_dim)), added))
+    out["vae"] = (AutoencoderKL(vae_cfg), (jnp.zeros((1, f, f, vae_cfg.in_channels)),))
+    for c in ("text_encoder", "text_encoder_2"):
+        if c in configs:
+            t = ClipTextConfig.from_dict(configs[c])
+            out[c] = (ClipTextEncoder(t, projection=c == "text_encoder_2"),
+                      (jnp.zeros((1, t.max_position_embeddings), jnp.int32),))
+    return out
+
+
+def random_sd_params(configs: dict, rng: np.random.Generator) -> dict:
+    """{component: random params} (``random_params``) of ``module_inits(configs)``; the VAE decoder's
+    output layer is scaled by 0.3, which keeps the random decoder's pixels mostly inside [-1, 1]."""
+    out = {c: random_params(lambda k, m=m, a=a: m.init(k, *a)["params"], rng)
+           for c, (m, a) in module_inits(configs).items()}
+    conv_out = out["vae"]["decoder"]["conv_out"]
+    conv_out["kernel"] = 0.3 * conv_out["kernel"]
+    return out
+
+
 def write_tiny_tokenizer(directory: str, extra_merges: int = 200):
     """A CLIPTokenizer (vocab.json + merges.txt) with CLIP's 512 byte-level symbols, ``extra_merges``
     merges of frequent English letter pairs, and the start / end tokens (end = the highest id, as in
     CLIP). Any text tokenizes without unknown tokens. Returns the tokenizer."""
-    from transformers import CLIPTokenizer    # heavy; used only when a model is built from it (and for its configs)
+    from transformers import CLIPTokenizer    # heavy: the tokenizer only
     from transformers.models.clip.tokenization_clip import bytes_to_unicode  # heavy / optional
 
     os.makedirs(directory, exist_ok=True)
@@ -774,80 +912,97 @@ def write_tiny_tokenizer(directory: str, extra_merges: int = 200):
     return tok
 
 
+def _write_json(path: str, obj: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
 def write_tiny_sd(directory: str | os.PathLike, seed: int = 0, *, framework: str = "flax",
-                  sample_size: int = 8, scheduler_config: dict | None = None) -> str:
+                  sample_size: int = 8, scheduler_config: dict | None = None, variant: str = "sd1") -> str:
     """Write a tiny random-weight Stable Diffusion in diffusers' layout; returns the directory.
 
-    framework: "flax" (diffusion_flax_model.msgpack / flax_model.msgpack) or "pt" (diffusers'
-    UNet2DConditionModel / AutoencoderKL and transformers' CLIPTextModel, .safetensors; needs torch).
-    sample_size: latent size (the image is 8x larger). scheduler_config: replaces SD v1.x's
-    (PNDM, scaled_linear, steps_offset 1, set_alpha_to_one False, clip_sample False) keys.
-    ``FlaxStableDiffusionPipeline.from_pretrained(directory, safety_checker=None,
-    feature_extractor=None)`` loads the Flax one.
+    framework: "flax" (amg_jax's modules' random params as diffusion_flax_model.msgpack /
+    flax_model.msgpack, in diffusers' / transformers' Flax trees) or "pt" (diffusers'
+    UNet2DConditionModel / AutoencoderKL and transformers' CLIPTextModel(WithProjection), .safetensors;
+    needs torch). variant: "sd1", "sd2" (v-prediction) or "sdxl" (``tiny_configs``). sample_size: latent
+    size (the image is 8x larger). scheduler_config: replaces keys of the variant's scheduler config.
     """
     if framework not in ("flax", "pt"):
         raise ValueError(f"write_tiny_sd: framework must be 'flax' or 'pt', got {framework!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"write_tiny_sd: variant must be one of {list(VARIANTS)}, got {variant!r}")
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    tok = write_tiny_tokenizer(os.path.join(directory, "tokenizer"))
-    vocab = tok.get_vocab()
-    cfg = tiny_configs(sample_size=sample_size, vocab_size=len(vocab))
-    cfg["text_encoder"].update(bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-                               pad_token_id=vocab["<|endoftext|>"])
-    sched = dict(SD_V1_SCHEDULER, **(scheduler_config or {}))
+    xl = variant == "sdxl"
+    toks = ["tokenizer"] + (["tokenizer_2"] if xl else [])
+    vocab = {}
+    for name in toks:
+        vocab = write_tiny_tokenizer(os.path.join(directory, name)).get_vocab()
+    cfg = tiny_configs(sample_size=sample_size, vocab_size=len(vocab), variant=variant)
+    texts = [c for c in ("text_encoder", "text_encoder_2") if c in cfg]
+    for c in texts:
+        cfg[c].update(bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                      pad_token_id=vocab["<|endoftext|>"])
+    sched = dict(SCHEDULERS[variant], **(scheduler_config or {}))
+    flax = "Flax" if framework == "flax" else ""
+    text_classes = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
     with quiet_libraries():
-        from transformers import CLIPTextConfig  # heavy / optional
-        text_config = CLIPTextConfig(**cfg["text_encoder"])
-        if framework == "flax":
-            from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel  # heavy / optional
-            from transformers import FlaxCLIPTextModel  # heavy / optional
+        import diffusers    # for its version string and, with "pt", its PyTorch classes
+        from transformers import CLIPTextConfig  # a config class (no model)
 
-            rng = np.random.default_rng(seed)
-            unet = FlaxUNet2DConditionModel(**cfg["unet"])
-            unet.save_pretrained(os.path.join(directory, "unet"), params=random_params(unet.init_weights, rng))
-            vae = FlaxAutoencoderKL(**cfg["vae"])
-            vae_params = random_params(vae.init_weights, rng)
-            # a smaller output layer keeps the random decoder's pixels mostly inside [-1, 1]
-            out = vae_params["decoder"]["conv_out"]
-            out["kernel"] = 0.3 * out["kernel"]
-            vae.save_pretrained(os.path.join(directory, "vae"), params=vae_params)
-            text = FlaxCLIPTextModel(text_config, _do_init=False)
-            text.save_pretrained(os.path.join(directory, "text_encoder"),
-                                 params=random_params(lambda k: text.init_weights(k, (1, 77)), rng))
+        if framework == "flax":
+            params = random_sd_params(cfg, np.random.default_rng(seed))
+            for c in ("unet", "vae"):
+                _write_json(os.path.join(directory, c, "config.json"),
+                            dict(cfg[c], _class_name=f"Flax{'UNet2DConditionModel' if c == 'unet' else 'AutoencoderKL'}",
+                                 _diffusers_version=diffusers.__version__))
+                with open(os.path.join(directory, c, "diffusion_flax_model.msgpack"), "wb") as f:
+                    f.write(to_bytes(params[c]))
+            for c in texts:
+                conf = CLIPTextConfig(**cfg[c])
+                conf.architectures = ["Flax" + text_classes[c]]
+                conf.save_pretrained(os.path.join(directory, c))
+                with open(os.path.join(directory, c, "flax_model.msgpack"), "wb") as f:
+                    f.write(to_bytes(params[c]))
         else:
-            import torch    # optional (the torch extra): only to read PyTorch weights
-            from diffusers import AutoencoderKL, UNet2DConditionModel  # heavy / optional
-            from transformers import CLIPTextModel  # heavy / optional
+            import torch    # optional (the torch extra): only to write PyTorch weights
+            from diffusers import AutoencoderKL as TorchVAE, UNet2DConditionModel  # heavy / optional
+            import transformers
 
             torch.manual_seed(seed)
-            UNet2DConditionModel(**cfg["unet"], norm_num_groups=32).save_pretrained(os.path.join(directory, "unet"))
-            vae = AutoencoderKL(**cfg["vae"])
+            UNet2DConditionModel(**cfg["unet"]).save_pretrained(os.path.join(directory, "unet"))
+            vae = TorchVAE(**cfg["vae"])
             with torch.no_grad():
                 vae.decoder.conv_out.weight.mul_(0.3)   # as for Flax: pixels mostly inside [-1, 1]
             vae.save_pretrained(os.path.join(directory, "vae"))
-            CLIPTextModel(text_config).save_pretrained(os.path.join(directory, "text_encoder"))
-    os.makedirs(os.path.join(directory, "scheduler"), exist_ok=True)
-    with open(os.path.join(directory, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump(sched, f, indent=2)
-    import diffusers    # heavy; used only when a model is built from it (and for its configs)
-
+            for c in texts:
+                getattr(transformers, text_classes[c])(CLIPTextConfig(**cfg[c])).save_pretrained(
+                    os.path.join(directory, c))
+    _write_json(os.path.join(directory, "scheduler", "scheduler_config.json"), sched)
     # what each library's pipeline.save_pretrained writes: Flax class names for Flax weights
-    flax = "Flax" if framework == "flax" else ""
-    index = {"_class_name": f"{flax}StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
-             "feature_extractor": [None, None], "safety_checker": [None, None],
+    index = {"_class_name": f"{flax}StableDiffusion{'XL' if xl else ''}Pipeline",
+             "_diffusers_version": diffusers.__version__,
              "scheduler": ["diffusers", flax + sched["_class_name"]],
-             "text_encoder": ["transformers", f"{flax}CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
              "unet": ["diffusers", f"{flax}UNet2DConditionModel"], "vae": ["diffusers", f"{flax}AutoencoderKL"]}
-    if framework == "pt":
-        index["requires_safety_checker"] = False
-    with open(os.path.join(directory, "model_index.json"), "w") as f:
-        json.dump(index, f, indent=2)
+    for c in texts:
+        index[c] = ["transformers", flax + text_classes[c]]
+    for t in toks:
+        index[t] = ["transformers", "CLIPTokenizer"]
+    if xl:
+        index["force_zeros_for_empty_prompt"] = True
+    else:
+        index.update(feature_extractor=[None, None], safety_checker=[None, None])
+        if framework == "pt":
+            index["requires_safety_checker"] = False
+    _write_json(os.path.join(directory, "model_index.json"), index)
     return directory
 
 
 __all__ = [
-    "DTYPES", "SD_V1_SCHEDULER", "StableDiffusion", "check_image_size", "check_layout", "encode_prompts",
-    "load_stable_diffusion", "quiet_libraries", "sampler_config_from_scheduler", "sd_denoiser", "sd_sampler_config",
-    "tiny_configs", "tokenize", "write_tiny_sd", "write_tiny_tokenizer", "random_params", "SCHEDULER_DEFAULTS",
-    "UNetEps", "VAEDecode",
+    "DTYPES", "PIPELINES", "SD_V1_SCHEDULER", "SD_V2_SCHEDULER", "SDXL_SCHEDULER", "StableDiffusion",
+    "check_image_size", "check_layout", "encode_prompts", "load_stable_diffusion", "module_inits", "pipeline_kind",
+    "quiet_libraries", "random_params", "random_sd_params", "sampler_config_from_scheduler", "sd_denoiser",
+    "sd_sampler_config", "tiny_configs", "tokenize", "write_tiny_sd", "write_tiny_tokenizer", "SCHEDULER_DEFAULTS",
+    "UNetEps", "VAEDecode", "vae_decode_raw", "vae_static",
 ]
