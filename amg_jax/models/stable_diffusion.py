@@ -35,8 +35,10 @@ import dataclasses
 import functools
 import itertools
 import json
+import logging
 import os
 import re
+import sys
 import warnings
 from typing import Any, Sequence
 
@@ -86,13 +88,17 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 @contextlib.contextmanager
 def quiet_libraries():
     """Silence diffusers' / transformers' "Flax classes are deprecated" messages: their loggers are
-    set to errors only (and left so: diffusers' Flax attention modules log it each time they are
-    traced), and Future / Deprecation warnings are ignored inside the block."""
-    import diffusers    # heavy; used only when a model is built from it (and for its configs)
-    import transformers    # heavy; used only when a model is built from it (and for its configs)
+    set to errors only (and left so: diffusers' Flax attention modules, which the bench's reference
+    pipeline uses, log it each time they are traced), and Future / Deprecation warnings are ignored
+    inside the block. diffusers is not imported here (``import diffusers`` alone loads transformers'
+    Flax modules): its logger is set through ``logging`` unless a caller has imported it."""
+    import transformers    # heavy: the tokenizers (and the test oracles)
 
-    diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
+    if "diffusers" in sys.modules:
+        sys.modules["diffusers"].utils.logging.set_verbosity_error()
+    else:
+        logging.getLogger("diffusers").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -947,8 +953,9 @@ def write_tiny_sd(directory: str | os.PathLike, seed: int = 0, *, framework: str
     sched = dict(SCHEDULERS[variant], **(scheduler_config or {}))
     flax = "Flax" if framework == "flax" else ""
     text_classes = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
+    import diffusers    # for its version string and, with "pt", its PyTorch classes
+
     with quiet_libraries():
-        import diffusers    # for its version string and, with "pt", its PyTorch classes
         from transformers import CLIPTextConfig  # a config class (no model)
 
         if framework == "flax":
