@@ -8,7 +8,6 @@ truncation, image sizes, v-prediction and bfloat16.
 import json
 import math
 import os
-import types
 
 import chex
 import jax
@@ -138,42 +137,11 @@ def test_matches_flax_pipeline(sd, tiny_dir, prompts, latents, ours):
     assert 0.05 < got.std() and np.mean((got > 0) & (got < 1)) > 0.9   # not saturated: a real comparison
     diff = float(np.abs(got - want).max())
     print(f"\nmax |ours - FlaxStableDiffusionPipeline| on [0, 1] images: {diff:.3g}")
-    assert diff < 1e-4
-
-
-@pytest.mark.torch
-def test_from_pt_matches_torch_pipeline(tmp_path, prompts, latents):
-    """PyTorch weights (.safetensors) are converted on load (auto-detected); our sample + decode
-    matches diffusers' PyTorch StableDiffusionPipeline with DDIMScheduler.from_config."""
-    import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    path = sdm.write_tiny_sd(tmp_path / "pt", seed=1, framework="pt")
-    assert not os.path.exists(os.path.join(path, "unet", "diffusion_flax_model.msgpack"))
-    assert sdm.check_layout(path) is True
-    sd = sdm.load_stable_diffusion(path)
-    den = sdm.sd_denoiser(sd)
-    res = sample(den, make_guidance("cfg", scale=SCALE), sdm.sd_sampler_config(sd, STEPS),
-                 keys_from_seeds(range(len(prompts))), sdm.encode_prompts(sd, prompts), x_T=latents)
-    got = np.asarray(den.decode(res.x0)) / 2 + 0.5
-
-    with sdm.quiet_libraries():
-        pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny ops: thread hand-offs would cost 100x the work on busy cores
-    try:
-        with torch.no_grad():
-            want = pipe(prompts, num_inference_steps=STEPS, guidance_scale=SCALE, height=64, width=64,
-                        latents=torch.from_numpy(np.asarray(latents).transpose(0, 3, 1, 2).copy()),
-                        output_type="np").images
-    finally:
-        torch.set_num_threads(threads)
-    assert 0.05 < got.std() and np.mean((got > 0) & (got < 1)) > 0.9
-    diff = float(np.abs(got - want).max())
-    print(f"\nmax |ours (from_pt) - torch StableDiffusionPipeline| on [0, 1] images: {diff:.3g}")
-    assert diff < 1e-4
+    # amg_jax's modules follow diffusers' PyTorch UNet (tests/models/test_sd_parity.py: within 1.5e-6 of
+    # its pipeline); diffusers' Flax UNet differs from it by design: tanh-approximated GELU in the
+    # feed-forward and eps 1e-5 (PyTorch 1e-6) in the transformers' GroupNorm, O(1e-4) in the images
+    # after 10 steps (measured 1.0e-4). 1e-3 holds that with 10x margin; a wrong weight is O(0.1).
+    assert diff < 1e-3
 
 
 def test_bfloat16_loads_and_samples(tiny_dir, prompts, latents):
@@ -193,11 +161,11 @@ def test_v_prediction_is_converted_to_eps():
     v = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 4))
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 4, 4))
 
-    class FakeUNet:   # returns v (NCHW, as the Flax UNet does) whatever its input
-        config = {"name": "fake"}
+    class FakeUNet:   # returns v whatever its input
+        config, dtype, attention = "fake", jnp.float32, "xla"
 
-        def apply(self, params, sample, t, encoder_hidden_states):
-            return types.SimpleNamespace(sample=jnp.transpose(v, (0, 3, 1, 2)))
+        def apply(self, params, sample, t, context, added):
+            return v
 
     schedule = Schedule("scaled_linear", 1000, 0.00085, 0.012)
     t = jnp.array([999, 10], jnp.int32)
@@ -209,7 +177,7 @@ def test_v_prediction_is_converted_to_eps():
     # 2 ulps; swapped v / x_t coefficients are off by O(1).
     np.testing.assert_allclose(np.asarray(x0_from_eps), np.sqrt(ab) * x - np.sqrt(1 - ab) * v, atol=1e-4)
     same = sdm.UNetEps(FakeUNet(), "epsilon", schedule)(None, x, t, jnp.zeros((2, 3, 8)))
-    np.testing.assert_array_equal(np.asarray(same), np.asarray(v))      # passed through (a transpose): exact
+    np.testing.assert_array_equal(np.asarray(same), np.asarray(v))      # passed through: exact
 
 
 def test_image_size_errors(sd):
@@ -243,8 +211,11 @@ def test_loading_errors(tiny_dir, tmp_path):
         sdm.load_stable_diffusion(tmp_path)
     with pytest.raises(FileNotFoundError, match="no unet/ subfolder"):
         sdm.load_stable_diffusion(_layout_copy(tiny_dir, tmp_path / "a", skip=("unet",)))
-    with pytest.raises(ValueError, match="StableDiffusionXLPipeline.*not a Stable Diffusion"):
+    with pytest.raises(ValueError, match="StableDiffusionImg2ImgPipeline.*not a Stable Diffusion"):
         sdm.load_stable_diffusion(_layout_copy(tiny_dir, tmp_path / "b",
+                                               index={"_class_name": "StableDiffusionImg2ImgPipeline"}))
+    with pytest.raises(FileNotFoundError, match="no text_encoder_2/ subfolder"):      # an SDXL index, SD 1 parts
+        sdm.load_stable_diffusion(_layout_copy(tiny_dir, tmp_path / "b2",
                                                index={"_class_name": "StableDiffusionXLPipeline"}))
     with pytest.raises(FileNotFoundError, match="missing PyTorch weights unet/diffusion_pytorch_model"):
         sdm.load_stable_diffusion(tiny_dir, from_pt=True)
@@ -309,3 +280,72 @@ def test_latents_sharded_over_devices_are_gathered_onto_the_params_device():
     local = jnp.ones((2, 1))
     assert sdm._onto_params_device(local, params) is local
     jax.jit(lambda v: sdm._onto_params_device(v, params))(local)          # a tracer passes through
+
+
+def _pt_copy(src, dst, replace=None, config=None):
+    """dst: a copy of the PyTorch-layout folder ``src``; ``replace``: {relative path: file to put there};
+    ``config``: {component: keys to change in its config.json}."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    for rel, f in (replace or {}).items():
+        shutil.copyfile(f, os.path.join(dst, rel))
+    for comp, keys in (config or {}).items():
+        p = os.path.join(dst, comp, "config.json")
+        with open(p) as fh:
+            cfg = json.load(fh)
+        with open(p, "w") as fh:
+            json.dump(dict(cfg, **keys), fh)
+    return str(dst)
+
+
+@pytest.mark.torch
+def test_broken_pytorch_folders_name_the_file_and_the_field(tmp_path):
+    """Hub-layout (.safetensors) folders that are broken fail in load_stable_diffusion, before any
+    sampling, naming the file and the weight / config field."""
+    good = sdm.write_tiny_sd(tmp_path / "good", seed=0, framework="pt")
+    xl = sdm.write_tiny_sd(tmp_path / "xl", seed=0, framework="pt", variant="sdxl")
+    unet_w = os.path.join("unet", "diffusion_pytorch_model.safetensors")
+    # weights of another architecture (SDXL's UNet in an SD 1 folder): the first weight that differs is named
+    other = _pt_copy(good, tmp_path / "other", replace={unet_w: os.path.join(xl, unet_w)})
+    with pytest.raises(ValueError, match=r"unet/diffusion_pytorch_model.safetensors: weight 'mid_block.attentions.0."
+                                         r"proj_in.weight' has shape \(64, 64\); the model its config.json describes "
+                                         r"needs mid_block.attentions_0.proj_in.kernel of shape \(1, 1, 64, 64\)"):
+        sdm.load_stable_diffusion(other)
+    # ... and a file that lacks weights the config needs (a VAE's in place of the UNet's)
+    vae_in_unet = _pt_copy(good, tmp_path / "vae_in_unet", replace={
+        unet_w: os.path.join(good, "vae", "diffusion_pytorch_model.safetensors")})
+    with pytest.raises(ValueError, match=r"unet/diffusion_pytorch_model.safetensors: \d+ weights the model its "
+                                         r"config.json describes needs are not in the file"):
+        sdm.load_stable_diffusion(vae_in_unet)
+    # a config that does not match the weights' shapes: the weight and both shapes named
+    wide = _pt_copy(good, tmp_path / "wide", config={"unet": {"block_out_channels": [32, 96]}})
+    with pytest.raises(ValueError, match=r"unet/diffusion_pytorch_model.safetensors: weight 'down_blocks.1.*' "
+                                         r"has shape .* needs .* of shape"):
+        sdm.load_stable_diffusion(wide)
+    text = _pt_copy(good, tmp_path / "text", config={"text_encoder": {"intermediate_size": 48}})
+    with pytest.raises(ValueError, match=r"text_encoder/model.safetensors: weight 'text_model.encoder.layers.0."
+                                         r"mlp.fc1.(weight|bias)' has shape \(64.*needs .* of shape \((32, )?48,?\)"):
+        sdm.load_stable_diffusion(text)
+    # configs that do not fit together, or that amg_jax does not implement: file and field
+    chans = _pt_copy(good, tmp_path / "chans", config={"vae": {"latent_channels": 8}})
+    with pytest.raises(ValueError, match=r"unet/config.json: in_channels=4 does not match the VAE's latent_channels=8"):
+        sdm.load_stable_diffusion(chans)
+    xlunet = _pt_copy(good, tmp_path / "xlunet", replace={"unet/config.json": os.path.join(xl, "unet", "config.json")})
+    with pytest.raises(ValueError, match=r"unet/config.json: addition_embed_type='text_time' is an SDXL UNet"):
+        sdm.load_stable_diffusion(xlunet)
+    shift = _pt_copy(good, tmp_path / "shift", config={"unet": {"resnet_time_scale_shift": "scale_shift"}})
+    with pytest.raises(ValueError, match=r"unet/config.json: resnet_time_scale_shift='scale_shift' is not supported"):
+        sdm.load_stable_diffusion(shift)
+    # a damaged weights file
+    cut = _pt_copy(good, tmp_path / "cut")
+    vae_w = os.path.join(cut, "vae", "diffusion_pytorch_model.safetensors")
+    with open(vae_w, "r+b") as f:
+        f.truncate(os.path.getsize(vae_w) // 2)
+    with pytest.raises(ValueError, match=r"vae/diffusion_pytorch_model.safetensors: tensor .* is truncated"):
+        sdm.load_stable_diffusion(cut)
+    # an SDXL folder without its second text encoder's weights
+    no2 = _pt_copy(xl, tmp_path / "no2")
+    os.remove(os.path.join(no2, "text_encoder_2", "model.safetensors"))
+    with pytest.raises(FileNotFoundError, match=r"text_encoder_2/model.safetensors or pytorch_model.bin"):
+        sdm.load_stable_diffusion(no2)
