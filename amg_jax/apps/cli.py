@@ -27,6 +27,7 @@ from amg_jax.guidance.amg import C3_UNITS, GRADIENTS, SCORES, THRESHOLDS, AMGCon
 from amg_jax.index_fetch import fetch_images, read_prompt_list
 from amg_jax.index_build import EMBEDDERS, build_index, captions_path, image_embedder, list_images
 from amg_jax.models import zoo
+from amg_jax.models.attention import ATTENTION_IMPLEMENTATIONS
 from amg_jax.prompt_baselines import PROMPT_BASELINES
 from amg_jax.samplers import SAMPLERS
 from amg_jax.sharding import maybe_initialize_distributed
@@ -177,9 +178,13 @@ def _add_bench(sub) -> None:
     b.set_defaults(func=_run_bench)
     b.add_argument("--out", default="bench_out", help="output directory")
     b.add_argument("--quick", action="store_true", help="tiny settings: the tiny SD, 3 steps, no gate-open loops (about 2 minutes on 2 CPU cores)")
-    b.add_argument("--parts", default=None, help="comma-separated parts: pipeline, amg, search, devices")
-    b.add_argument("--sd-size", choices=("tiny", "1.5"), default="tiny",
-                   help="Stable Diffusion UNet size for the pipeline / SSCD parts (1.5: random SD-1.5-sized, GPU)")
+    b.add_argument("--parts", default=None, help="comma-separated parts: pipeline, kernels, amg, search, devices")
+    b.add_argument("--sd-size", choices=("tiny", "1.5", "xl"), default="tiny",
+                   help="Stable Diffusion size for the SD parts (1.5 / xl: random SD-1.5- / SDXL-sized, GPU)")
+    b.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="the SD networks' dtype")
+    b.add_argument("--attention", choices=ATTENTION_IMPLEMENTATIONS, default="auto",
+                   help="attention kernel: auto (cuDNN's fused one on NVIDIA GPUs for 16-bit models), xla, cudnn")
     b.add_argument("--sd", dest="sd_path", help="a local diffusers SD directory to benchmark instead")
     b.add_argument("--steps", type=_positive_int, help="sampling steps")
     b.add_argument("--batch", type=_positive_int, help="images per call")
@@ -190,7 +195,8 @@ def _run_bench(args, parser) -> None:
     _check_out(parser, args.out, "--out")
     try:
         res = bench.main(args.out, quick=args.quick, parts=args.parts, sd_size=args.sd_size, sd_path=args.sd_path,
-                         steps=args.steps, batch=args.batch, repeats=args.repeats)
+                         steps=args.steps, batch=args.batch, repeats=args.repeats, dtype=args.dtype,
+                         attention=args.attention)
     except (ValueError, OSError) as err:
         parser.error(str(err))
     print(f"wrote {args.out}/bench.json and bench.md ({len(res.get('parts', {}))} parts)")
@@ -252,6 +258,8 @@ def _add_sample(sub) -> None:
     s.add_argument("--height", type=_positive_int, help="image height (default: the model's)")
     s.add_argument("--width", type=_positive_int, help="image width (default: the model's)")
     s.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="compute dtype")
+    s.add_argument("--attention", choices=ATTENTION_IMPLEMENTATIONS, default="auto",
+                   help="attention kernel: auto (cuDNN's fused one on NVIDIA GPUs for 16-bit models), xla, cudnn")
     s.add_argument("--batch", type=_positive_int, default=8, help="images per sampler call")
     s.add_argument("--baseline", choices=sorted(PROMPT_BASELINES),
                    help="a Somepalli et al. mitigation on the prompts (gni: noise on the text embedding)")
@@ -285,7 +293,8 @@ def _run_sample(args, parser) -> None:
             raise ValueError(f"sample: --prompts-file {args.prompts_file} has no prompts")
         run = SampleRun(model=args.model, prompts=tuple(prompts), out=args.out, seeds=args.seeds, seed=args.seed,
                         method=args.method, base=args.base, scale=args.scale, sampler=args.sampler, steps=args.steps,
-                        height=args.height, width=args.width, dtype=args.dtype, detector=args.detector,
+                        height=args.height, width=args.width, dtype=args.dtype, attention=args.attention,
+                        detector=args.detector,
                         bank=args.bank, amg=amg, baseline=args.baseline, batch=args.batch, screen=args.screen,
                         screen_threshold=args.screen_threshold, measure=args.measure)
         report = run_sample(run)

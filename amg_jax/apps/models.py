@@ -364,8 +364,8 @@ class StableDiffusionSpec:
             settings["dedup"] = False
         return settings
 
-    def load(self, dtype: str = "float32"):
-        return sdm.load_stable_diffusion(self.source, dtype=dtype)
+    def load(self, dtype: str = "float32", attention: str = "auto"):
+        return sdm.load_stable_diffusion(self.source, dtype=dtype, attention=attention)
 
     def guidance(self, method: str, scale: float, *, detector=None, neighbour_conds=None, base: str | None = None,
                  amg: dict | None = None, screen=None, screen_threshold: float | None = None):

@@ -30,6 +30,7 @@ from amg_jax.evaluation.prompt_stats import aggregate_cis, prompt_csv, prompt_ro
 from amg_jax.index_build import has_captions, load_captions, sscd_nearest
 from amg_jax.jsonio import write_atomic, write_json
 from amg_jax.models import stable_diffusion as sdm
+from amg_jax.models.attention import ATTENTION_IMPLEMENTATIONS
 from amg_jax.models.sd_amg import DETECTOR_KINDS, SD_AMG, bank_conditions, latent_detector
 from amg_jax.prompt_baselines import EMBEDDING_BASELINES, PROMPT_BASELINES, apply_baseline
 from amg_jax.samplers import keys_from_seeds
@@ -55,6 +56,7 @@ class SampleRun:
     height: int | None = None
     width: int | None = None
     dtype: str = "float32"
+    attention: str = "auto"
     detector: str | None = None
     bank: str | None = None
     amg: tuple = ()
@@ -80,6 +82,8 @@ class SampleRun:
                 fail(field, f"must be an integer >= 1, got {v!r}")
         if self.dtype not in sdm.DTYPES:
             fail("dtype", f"must be one of {list(sdm.DTYPES)}, got {self.dtype!r}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            fail("attention", f"must be one of {list(ATTENTION_IMPLEMENTATIONS)}, got {self.attention!r}")
         check_screen_choice(self.screen, self.screen_threshold, fail)
         bank_free = self.method == "amg" and not self.detector and not self.bank and self.screen not in ("auto", "none")
         if self.method == "amg" and not bank_free:
@@ -150,7 +154,7 @@ def run_sample(run: SampleRun, *, progress: bool = True, echo=print) -> dict:
             weights = sscd.load_params(weights)
         captions = load_captions(run.bank) if has_captions(run.bank) else []
     measure = sscd_nearest(run.bank, run.measure.partition(":")[2], "sample") if run.measure else None       # a bad bank or SSCD file fails before the model loads
-    sd = spec.load(run.dtype)
+    sd = spec.load(run.dtype, run.attention)
     den = sdm.sd_denoiser(sd, run.height, run.width)
     sampler = sdm.sd_sampler_config(sd, run.steps, run.sampler)
     det = conds = None

@@ -785,6 +785,23 @@ def load_stable_diffusion(path_or_hub_id: str | os.PathLike, *, dtype="float32",
         vae_weights_id=_weights_id(os.path.join(path, "vae"), (PT_WEIGHTS if from_pt else FLAX_WEIGHTS)["vae"]))
 
 
+def with_settings(sd: StableDiffusion, *, dtype: str | None = None, attention: str | None = None) -> StableDiffusion:
+    """``sd`` with its networks rebuilt for another ``dtype`` and / or ``attention`` implementation (the
+    params cast from the loaded ones; casting down and back up loses what the lower precision drops)."""
+    dtype = sd.dtype if dtype is None else _dtype_name(dtype)
+    attention = sd.attention if attention is None else check_attention(attention)
+    jdt = DTYPES[dtype]
+    rebuild = lambda m: None if m is None else dataclasses.replace(m, dtype=jdt, attention=attention)  # noqa: E731
+    unet, vae = rebuild(sd.unet), rebuild(sd.vae)
+    text, text2 = rebuild(sd.text_encoder), rebuild(sd.text_encoder_2)
+    return dataclasses.replace(
+        sd, unet=unet, unet_params=_cast(sd.unet_params, jdt), vae=vae, vae_params=_cast(sd.vae_params, jdt),
+        text_encoder=text, text_params=_cast(sd.text_params, jdt), text_encoder_2=text2,
+        text_params_2=None if text2 is None else _cast(sd.text_params_2, jdt), dtype=dtype, attention=attention,
+        eps_fn=dataclasses.replace(sd.eps_fn, unet=unet, dtype=dtype),
+        vae_weights_id=sd.vae_weights_id + (dtype,) if sd.vae_weights_id else ())
+
+
 # ----------------------------------------------------------------------------- a tiny SD for tests
 
 
@@ -1011,5 +1028,5 @@ __all__ = [
     "check_image_size", "check_layout", "encode_prompts", "load_stable_diffusion", "module_inits", "pipeline_kind",
     "quiet_libraries", "random_params", "random_sd_params", "sampler_config_from_scheduler", "sd_denoiser",
     "sd_sampler_config", "tiny_configs", "tokenize", "write_tiny_sd", "write_tiny_tokenizer", "SCHEDULER_DEFAULTS",
-    "UNetEps", "VAEDecode", "vae_decode_raw", "vae_static",
+    "UNetEps", "VAEDecode", "vae_decode_raw", "vae_static", "with_settings",
 ]

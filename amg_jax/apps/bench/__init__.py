@@ -44,7 +44,9 @@ branch to compile): the tests' setting, for the plumbing, not for AMG's cost.
 
 from amg_jax.apps.bench.amg import SPE_ONLY, _components, flop_bound, out_of_reach, part_amg, sd_open_rows
 from amg_jax.apps.bench.devices import part_devices
-from amg_jax.apps.bench.models import _Shared, build_sd, diffusers_pipeline, random_sd, sd15_configs
+from amg_jax.apps.bench.kernels import kernel_rows, part_kernels
+from amg_jax.apps.bench.models import (_Shared, build_sd, diffusers_pipeline, random_sd, sd15_configs, sdxl_configs,
+                                       torch_pipeline)
 from amg_jax.apps.bench.pipeline import part_pipeline
 from amg_jax.apps.bench.report import _COLUMNS, markdown
 from amg_jax.apps.bench.runner import PART_FUNCTIONS, main
@@ -56,4 +58,4 @@ __all__ = ["DEVICE_COUNTS", "FORMAT", "FORMAT_VERSION", "PARTS", "PART_FUNCTIONS
            "Settings", "_COLUMNS", "_Shared", "_components", "build_sd", "diffusers_pipeline", "flop_bound", "machine",
            "main", "markdown", "out_of_reach", "parse_parts", "part_amg", "part_devices", "part_pipeline",
            "part_search", "peak_memory_bytes", "random_bank", "random_sd", "sd15_configs", "sd_open_rows", "settings",
-           "timed", "xla_gflops"]
+           "timed", "xla_gflops", "kernel_rows", "part_kernels", "sdxl_configs", "torch_pipeline"]

@@ -12,8 +12,11 @@ import flax
 import jax
 import numpy as np
 
-PARTS = ("pipeline", "amg", "search", "devices")
-SD_SIZES = ("tiny", "1.5")
+from amg_jax.models.attention import check_attention
+
+PARTS = ("pipeline", "kernels", "amg", "search", "devices")
+SD_SIZES = ("tiny", "1.5", "xl")
+BENCH_DTYPES = ("float32", "bfloat16", "float16")
 FORMAT = "amg_jax.bench"
 FORMAT_VERSION = 1
 GUIDANCE_SCALE = 7.5            # CFG scale on SD (both sides of the pipeline comparison)
@@ -25,13 +28,17 @@ PROMPT_WORDS = ("a red cube", "a blue sphere on grass", "a photo of a cat", "a w
                 "an oil painting of a ship", "a green apple", "a city street in the rain", "a yellow flower")
 
 TARGETS = {
-    "pipeline": "plain CFG sampling >= 1.2x the images/s of diffusers' FlaxStableDiffusionPipeline",
+    "pipeline": "plain CFG sampling >= 1.2x the images/s of diffusers' FlaxStableDiffusionPipeline (1.3x on a GPU "
+                "at SD-1.5 size, bfloat16) and faster than diffusers' PyTorch StableDiffusionPipeline",
+    "kernels": "none (the UNet's CFG sampling loop per attention kernel and dtype: fused vs plain attention, "
+               "bfloat16 vs float32; compile time and peak memory)",
     "amg": "AMG with the gate closed <= 1.15x plain CFG's time (pixel detector), <= 1.6x (SSCD through the VAE)",
     "search": f"top-1 search in a 1M-row bank <= {SEARCH_FRACTION:.0%} of one SD denoiser step, on a GPU",
     "devices": "none (images/s as the device count grows, the global batch fixed)",
 }
 RATIO_MEANING = {
-    "pipeline": "images/s relative to diffusers' pipeline",
+    "pipeline": "images/s relative to diffusers' Flax pipeline",
+    "kernels": "images/s relative to the float32 plain-XLA-attention row",
     "amg": "time relative to plain CFG on the same model, batch and seeds (components: relative to one CFG step)",
     "search": "time of one search call (8 queries) relative to one CFG denoiser call of the SD UNet",
     "devices": "images/s relative to one device",
@@ -51,6 +58,7 @@ class Settings:
     repeats:            timed calls after the warm-up call (the median is reported).
     bank_sizes:         search bank rows; 1M is dropped when memory does not allow it.
     sscd_resnet50:      also time AMG with the full ResNet-50 SSCD on SD.
+    dtype / attention:  the SD networks' dtype and attention implementation (``attention.attend``).
     """
 
     quick: bool
@@ -66,6 +74,8 @@ class Settings:
     bank_sizes: tuple
     sscd_resnet50: bool
     seed: int = 0
+    dtype: str = "float32"
+    attention: str = "auto"
 
 
 def _positive_int(name: str, v) -> int:
@@ -92,13 +102,16 @@ def parse_parts(parts) -> tuple:
 
 def settings(*, quick: bool = False, tiny: bool = False, sd_size: str = "tiny", sd_path: str | None = None,
              steps: int | None = None, batch: int | None = None, repeats: int | None = None,
-             seed: int = 0) -> Settings:
+             seed: int = 0, dtype: str = "float32", attention: str = "auto") -> Settings:
     """The run's ``Settings``: full (50 steps, batch 8, banks to 1M), ``quick`` (tiny SD, 3 steps,
     batch 4, banks to 10k) or ``tiny`` (2 steps, batch 2, a 1k bank: the tests' setting);
     ``steps`` / ``batch`` / ``repeats`` override the SD runs' values. Quick and tiny runs use
     the tiny SD whatever ``sd_size`` says. ValueError naming a bad value."""
     if sd_size not in SD_SIZES:
         raise ValueError(f"bench: sd_size must be one of {list(SD_SIZES)}, got {sd_size!r}")
+    if dtype not in BENCH_DTYPES:
+        raise ValueError(f"bench: dtype must be one of {list(BENCH_DTYPES)}, got {dtype!r}")
+    check_attention(attention)
     if sd_path is not None and not os.path.isdir(os.fspath(sd_path)):
         raise ValueError(f"bench: sd_path {sd_path!r} is not a directory (a diffusers Stable Diffusion layout)")
     if tiny:
@@ -119,7 +132,8 @@ def settings(*, quick: bool = False, tiny: bool = False, sd_size: str = "tiny", 
         base["repeats"] = _positive_int("repeats", repeats)
     size = "tiny" if (quick or tiny) and sd_path is None else sd_size
     return Settings(quick=bool(quick), tiny=bool(tiny), sd_size=size,
-                    sd_path=None if sd_path is None else os.fspath(sd_path), seed=int(seed), **base)
+                    sd_path=None if sd_path is None else os.fspath(sd_path), seed=int(seed), dtype=dtype,
+                    attention=attention, **base)
 
 
 # ----------------------------------------------------------------------------- timing

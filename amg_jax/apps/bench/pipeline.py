@@ -1,11 +1,12 @@
-"""The ``pipeline`` part: plain CFG sampling against diffusers' FlaxStableDiffusionPipeline."""
+"""The ``pipeline`` part: plain CFG sampling against diffusers' FlaxStableDiffusionPipeline and its PyTorch
+StableDiffusionPipeline (the basin paper's official code runs that one), same model, batch, steps and latents."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amg_jax.apps.bench.models import _rate_row, _Shared, diffusers_pipeline
+from amg_jax.apps.bench.models import _rate_row, _Shared, diffusers_pipeline, torch_pipeline
 from amg_jax.apps.bench.config import GUIDANCE_SCALE, timed
 from amg_jax.guidance import CFG
 from amg_jax.models import stable_diffusion as sdm
@@ -30,43 +31,83 @@ def part_pipeline(env: _Shared) -> dict:
     def loop():
         return sample(den, guidance, sampler, keys, cond, x_T=x_T).x0
 
-    pipe, p_params = diffusers_pipeline(sd)
-    latents = jnp.transpose(x_T, (0, 3, 1, 2))[None]                  # [1 device, B, C, h, w]
-    rng = jax.random.split(jax.random.PRNGKey(s.seed), 1)
-    h = w = sd.image_size
-
-    def theirs():
-        ids = pipe.prepare_inputs(prompts)[None]                       # shard: [1 device, B, 77]
-        with sdm.quiet_libraries():
-            return pipe(ids, p_params, rng, n, h, w, guidance_scale=GUIDANCE_SCALE, latents=latents,
-                        jit=True).images
-
     t_ours, img_ours = timed(ours, s.repeats)
     env.echo(f"[pipeline] amg_jax (encode + sample + decode): {t_ours['seconds']:.3f} s per batch of {b}")
     t_loop, _ = timed(loop, s.repeats)
     env.echo(f"[pipeline] amg_jax sampling loop only: {t_loop['seconds']:.3f} s")
-    t_theirs, img_theirs = timed(theirs, s.repeats)
-    env.echo(f"[pipeline] diffusers FlaxStableDiffusionPipeline: {t_theirs['seconds']:.3f} s")
-    ref = b / t_theirs["seconds"]
+    h = w = sd.image_size
+    rows, notes, diffs = [], [], {}
+    t_theirs = img_theirs = None
+    if sd.is_sdxl:
+        notes.append("SDXL: diffusers' Flax SDXL pipeline encodes an empty negative prompt where its PyTorch one "
+                     "(and amg_jax) use zeros, so it is not a like-for-like reference; no Flax row")
+    else:
+        pipe, p_params = diffusers_pipeline(sd)
+        latents = jnp.transpose(x_T, (0, 3, 1, 2))[None]                  # [1 device, B, C, h, w]
+        rng = jax.random.split(jax.random.PRNGKey(s.seed), 1)
+
+        def theirs():
+            ids = pipe.prepare_inputs(prompts)[None]                       # shard: [1 device, B, 77]
+            with sdm.quiet_libraries():
+                return pipe(ids, p_params, rng, n, h, w, guidance_scale=GUIDANCE_SCALE, latents=latents,
+                            jit=True).images
+
+        t_theirs, img_theirs = timed(theirs, s.repeats)
+        env.echo(f"[pipeline] diffusers FlaxStableDiffusionPipeline: {t_theirs['seconds']:.3f} s")
+    torch_pipe = torch_pipeline(sd) if sd.dtype == "float32" and jax.default_backend() == "cpu" else None
+    t_torch = img_torch = None
+    if torch_pipe is not None:
+        import torch
+
+        lat_t = torch.from_numpy(np.asarray(jnp.transpose(x_T, (0, 3, 1, 2))).copy())
+
+        def torch_run():
+            with torch.no_grad():
+                return torch_pipe(prompts, num_inference_steps=n, guidance_scale=GUIDANCE_SCALE, height=h, width=w,
+                                  latents=lat_t, output_type="np").images
+
+        t_torch, img_torch = timed(torch_run, s.repeats)
+        env.echo(f"[pipeline] diffusers PyTorch {type(torch_pipe).__name__} (CPU, {torch.get_num_threads()} "
+                 f"threads): {t_torch['seconds']:.3f} s")
+    else:
+        notes.append("no PyTorch row: it needs torch, float32, the CPU and a model folder with PyTorch weights "
+                     "(the tiny SD, or --sd with a PyTorch-layout folder)")
+    ref_t = t_theirs if t_theirs is not None else (t_torch if t_torch is not None else t_loop)
+    ref = b / ref_t["seconds"]
+    ref_name = ("diffusers FlaxStableDiffusionPipeline" if t_theirs is not None else
+                "diffusers PyTorch pipeline" if t_torch is not None else "amg_jax's loop")
     rows = [
         _rate_row("amg_jax: encode + sample (CFG, DDIM) + VAE decode", t_ours, b, ratio=(b / t_ours["seconds"]) / ref),
         _rate_row("amg_jax: sampling loop only (jit + lax.scan)", dict(t_loop, compile_s=None), b,
                   ratio=(b / t_loop["seconds"]) / ref),
-        _rate_row("diffusers FlaxStableDiffusionPipeline (pmap, jit=True, 1 device)", t_theirs, b, ratio=1.0,
-                  reference=True),
     ]
+    if t_theirs is not None:
+        rows.append(_rate_row("diffusers FlaxStableDiffusionPipeline (pmap, jit=True, 1 device)", t_theirs, b,
+                              ratio=1.0, reference=True))
+    if t_torch is not None:
+        rows.append(_rate_row(f"diffusers PyTorch {type(torch_pipe).__name__} (CPU, float32)", t_torch, b,
+                              ratio=(b / t_torch["seconds"]) / ref, reference=t_theirs is None))
     ours01 = (np.asarray(img_ours, np.float32) + 1.0) / 2.0
-    theirs01 = np.asarray(img_theirs, np.float32).reshape(ours01.shape)
-    diff = float(np.abs(ours01 - theirs01).max())
+    if img_theirs is not None:
+        diffs["flax"] = float(np.abs(ours01 - np.asarray(img_theirs, np.float32).reshape(ours01.shape)).max())
+    if img_torch is not None:
+        diffs["torch"] = float(np.abs(ours01 - np.asarray(img_torch, np.float32).reshape(ours01.shape)).max())
     ratio = rows[0]["ratio"]
-    return {"title": "plain CFG sampling vs diffusers' FlaxStableDiffusionPipeline",
+    vs_torch = None if t_torch is None else t_torch["seconds"] / t_ours["seconds"]
+    headline = f"ours / {ref_name} images/s = {ratio:.2f}x" + (
+        "" if vs_torch is None or t_theirs is None else f"; ours / PyTorch pipeline = {vs_torch:.2f}x")
+    return {"title": "plain CFG sampling vs diffusers' Flax and PyTorch pipelines",
             "model": env.sd_label(), "image_size": sd.image_size, "batch": b, "steps": n, "sampler": "ddim",
-            "guidance_scale": GUIDANCE_SCALE, "rows": rows, "max_abs_diff": diff, "met": bool(ratio >= 1.2),
-            "headline": f"ours / pipeline images/s = {ratio:.2f}x",
-            "notes": ["both sides tokenize + encode the prompts, sample from the same initial latents and decode to "
+            "dtype": sd.dtype, "attention": sd.attention,
+            "guidance_scale": GUIDANCE_SCALE, "rows": rows, "max_abs_diff": diffs.get("flax", diffs.get("torch")),
+            "max_abs_diff_by_reference": diffs, "vs_torch": vs_torch,
+            "met": bool(ratio >= 1.2 and (vs_torch is None or vs_torch > 1.0)) if t_theirs is not None else None,
+            "headline": headline,
+            "notes": ["every side tokenizes + encodes the prompts, samples from the same initial latents and decodes to "
                       "host images; max_abs_diff compares their [0, 1] pixels",
-                      "the pipeline is built from the same modules and params (FlaxDDIMScheduler from the model's "
-                      "scheduler config, no safety checker)"]
+                      "the Flax pipeline is diffusers' own Flax modules built from the model's configs on the same "
+                      "params (FlaxDDIMScheduler from the model's scheduler config, no safety checker); the PyTorch "
+                      "one loads the same folder with DDIMScheduler.from_config"] + notes
             + (["on the tiny SD a call is a few ms of model work, so fixed host work (tokenizing, input checks, "
                 "separate encode / sample / decode dispatches) weighs in; the loop-only row is the sampler itself"]
                if s.sd_size == "tiny" and s.sd_path is None and env.given_sd is None else [])}

@@ -33,6 +33,10 @@ _COLUMNS = {
     "pipeline": [("run", "name", str), ("s / batch", "seconds", _fmt), ("s / image", "s_per_image", _fmt),
                  ("images/s", "images_per_s", _fmt), ("x pipeline", "ratio", lambda v: f"{v:.2f}x"),
                  ("compile s", "compile_s", lambda v: f"{v:.1f}")],
+    "kernels": [("run", "name", str), ("s / batch", "seconds", _fmt), ("images/s", "images_per_s", _fmt),
+                ("x float32 xla", "ratio", lambda v: f"{v:.2f}x"), ("compile s", "compile_s", lambda v: f"{v:.1f}"),
+                ("peak GiB", "peak_memory_bytes", lambda v: f"{v / 2**30:.2f}"),
+                ("max |px diff|", "max_abs_diff_vs_reference", lambda v: f"{v:.1e}")],
     "amg": [("model / detector", "group", str), ("run", "name", str), ("s", "seconds", _fmt),
             ("x CFG", "ratio", lambda v: f"{v:.2f}x"), ("compile s", "compile_s", lambda v: f"{v:.1f}"),
             ("gate open", "gate_open", _pct), ("steps any open", "steps_any_open", _pct),
@@ -82,7 +86,9 @@ def markdown(report: dict) -> str:
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
         extra = []
-        if "max_abs_diff" in part:
+        for ref, d in (part.get("max_abs_diff_by_reference") or {}).items():
+            extra.append(f"same latents, max |[0, 1] pixel difference| ours vs diffusers' {ref} pipeline: {d:.2e}")
+        if "max_abs_diff" in part and "max_abs_diff_by_reference" not in part and part["max_abs_diff"] is not None:
             extra.append(f"same latents, max |pixel difference| ours vs pipeline: {part['max_abs_diff']:.2e}")
         mem = part.get("peak_memory_bytes")
         extra.append("peak device memory so far: " + ("n/a (not reported by this backend)" if mem is None

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from amg_jax.apps.bench.amg import part_amg
 from amg_jax.apps.bench.devices import part_devices
+from amg_jax.apps.bench.kernels import part_kernels
 from amg_jax.apps.bench.models import _Shared
 from amg_jax.apps.bench.pipeline import part_pipeline
 from amg_jax.apps.bench.report import _clean, _met_text, markdown
@@ -19,7 +20,7 @@ from amg_jax.apps.bench.config import (FORMAT, FORMAT_VERSION, RATIO_MEANING, TA
                                          peak_memory_bytes, settings)
 from amg_jax.jsonio import write_atomic, write_json
 
-PART_FUNCTIONS = {"pipeline": part_pipeline, "amg": part_amg, "search": part_search, "devices": part_devices}
+PART_FUNCTIONS = {"pipeline": part_pipeline, "kernels": part_kernels, "amg": part_amg, "search": part_search, "devices": part_devices}
 
 
 # ----------------------------------------------------------------------------- report
@@ -28,16 +29,18 @@ PART_FUNCTIONS = {"pipeline": part_pipeline, "amg": part_amg, "search": part_sea
 
 def main(out_dir, *, quick: bool = False, parts=None, echo: Callable[[str], Any] = print, tiny: bool = False,
          sd_size: str = "tiny", sd_path: str | None = None, sd=None, steps: int | None = None,
-         batch: int | None = None, repeats: int | None = None, seed: int = 0) -> dict:
+         batch: int | None = None, repeats: int | None = None, seed: int = 0, dtype: str = "float32",
+         attention: str = "auto") -> dict:
     """Run the bench ``parts`` (default all of ``PARTS``) and write ``out_dir/bench.json`` and
     ``out_dir/bench.md``; returns the report (the JSON's content).
 
     quick:   the tiny SD, 3 steps, batch 4, banks up to 10k (< 2 minutes on 2 CPU cores).
     tiny:    smaller still (2 steps, batch 2, one 1k bank, one repeat): the tests' setting.
-    sd_size: "tiny" | "1.5" (a random SD-1.5-sized model; only meaningful on an accelerator;
+    sd_size: "tiny" | "1.5" | "xl" (a random SD-1.5- / SDXL-sized model; only meaningful on an accelerator;
              quick / tiny runs use the tiny one). sd_path: a diffusers SD directory instead;
              sd: an already loaded ``StableDiffusion`` (``load_stable_diffusion``) instead.
     steps / batch / repeats: override the SD runs' DDIM steps, batch and timed repeats.
+    dtype / attention: the SD networks' dtype and attention implementation ("auto" | "xla" | "cudnn").
     echo:    progress lines (``print``; ``lambda *_: None`` for silence).
     Everything is validated (ValueError naming the bad part / value) before any work. A part
     that fails is recorded with its error and the others still run; the files are rewritten
@@ -47,7 +50,7 @@ def main(out_dir, *, quick: bool = False, parts=None, echo: Callable[[str], Any]
     if sd is not None and not hasattr(sd, "unet_params"):
         raise ValueError(f"bench: sd must be a loaded StableDiffusion (load_stable_diffusion), got {type(sd).__name__}")
     s = settings(quick=quick, tiny=tiny, sd_size=sd_size, sd_path=sd_path, steps=steps, batch=batch,
-                 repeats=repeats, seed=seed)
+                 repeats=repeats, seed=seed, dtype=dtype, attention=attention)
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     report = {"format": FORMAT, "version": FORMAT_VERSION,
