@@ -97,11 +97,11 @@ def _walk_files(path: str) -> list:
 
 
 # The files of a diffusers Stable Diffusion folder that decide its samples: the weights and configs
-# of the three networks, the scheduler and tokenizer configs and model_index.json (not the safety
+# of the networks (SDXL: four), the scheduler and tokenizer configs and model_index.json (not the safety
 # checker, feature extractor, README, ...).
-SD_WEIGHT_FOLDERS = ("unet", "vae", "text_encoder")
+SD_WEIGHT_FOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2")
 SD_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".msgpack", ".json")
-SD_CONFIG_FOLDERS = ("scheduler", "tokenizer")
+SD_CONFIG_FOLDERS = ("scheduler", "tokenizer", "tokenizer_2")
 
 
 def _sd_weight_files(path: str) -> list:
