@@ -74,6 +74,11 @@ def test_bad_arguments_raise_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="sd must be a loaded StableDiffusion"):
         bench.main(tmp_path / "x", sd="runwayml/stable-diffusion-v1-5")
     assert not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        bench.main(tmp_path / "x", dtype="float64")
+    with pytest.raises(ValueError, match="attention implementation must be one of"):
+        bench.main(tmp_path / "x", attention="flash")
+    assert not (tmp_path / "x").exists()
     assert bench.parse_parts(None) == bench.PARTS
     assert bench.parse_parts("search, amg,search") == ("search", "amg")
 
@@ -97,6 +102,31 @@ def test_pipeline_part(tmp_path, sd):
     # steps in two programs: 1.3e-6 measured on [0, 1] pixels; a different latent or step is >1e-2 off)
     assert part["max_abs_diff"] < 1e-3
     assert any("[pipeline]" in x for x in lines)
+
+
+def test_kernels_part(tmp_path, sd):
+    report, lines = run(tmp_path, sd, "kernels")
+    check_report(report, tmp_path / "out", ["kernels"])
+    part = report["parts"]["kernels"]
+    platform = jax.default_backend()
+    assert [(r["dtype"], r["attention"]) for r in part["rows"]] == bench.kernel_rows(platform)
+    ref = part["rows"][0]
+    assert ref["reference"] and ref["ratio"] == 1.0 and ref["max_abs_diff_vs_reference"] == 0.0
+    # bfloat16 weights and activations over 2 DDIM steps of the tiny UNet + VAE: ~1e-2 on [0, 1]
+    # pixels (8 mantissa bits); far above float32 round-off, far below a wrong model (~0.3)
+    bf16 = part["rows"][1]
+    assert 0.0 < bf16["max_abs_diff_vs_reference"] < 0.1, bf16
+    assert ("no fused kernel" in part["headline"]) == (platform != "gpu")
+    assert sum("[kernels]" in x for x in lines) == len(part["rows"])
+
+
+def test_pipeline_target():
+    """At least as fast as the Flax pipeline; 1.3x only where a fused kernel exists (GPU, 16-bit)."""
+    from types import SimpleNamespace
+
+    assert bench.pipeline_target(SimpleNamespace(dtype="float32")) == 1.0
+    on_gpu = jax.default_backend() == "gpu"
+    assert bench.pipeline_target(SimpleNamespace(dtype="bfloat16")) == (1.3 if on_gpu else 1.0)
 
 
 def test_amg_part(tmp_path, sd):
@@ -158,6 +188,25 @@ def test_random_sd_builds_in_memory(tmp_path):
     assert jax.eval_shape(den.eps_fn, den.params, x, t, c).shape == (2,) + den.sample_shape
     big = bench.sd15_configs(1000)
     assert big["unet"]["cross_attention_dim"] == big["text_encoder"]["hidden_size"] == 768
+
+
+def test_random_sdxl_builds_in_memory(tmp_path):
+    """random_sd with "text_encoder_2": an SDXL (pooled row appended, zeros as the null condition,
+    micro-conditioning from the image size), in bfloat16 with XLA attention; shapes only."""
+    cfg = sdm.tiny_configs(variant="sdxl")
+    sd = bench.random_sd(str(tmp_path), cfg, source="tiny XL in memory", dtype="bfloat16", attention="xla")
+    assert sd.is_sdxl and sd.dtype == "bfloat16" and sd.attention == "xla"
+    d = cfg["text_encoder"]["hidden_size"] + cfg["text_encoder_2"]["hidden_size"]
+    assert sd.null_embedding.shape == (78, d) and not np.asarray(sd.null_embedding).any()
+    den = sdm.sd_denoiser(sd)
+    c = sdm.encode_prompts(sd, ["a red cube", "a photo of a cat"])
+    assert c.shape == (2, 78, d)
+    x = jax.ShapeDtypeStruct((2,) + den.sample_shape, np.float32)
+    t = jax.ShapeDtypeStruct((2,), np.int32)
+    assert jax.eval_shape(den.eps_fn, den.params, x, t, c).shape == (2,) + den.sample_shape
+    xl = bench.sdxl_configs(1000)
+    assert xl["unet"]["cross_attention_dim"] == 768 + xl["text_encoder_2"]["hidden_size"] == 2048
+    assert xl["unet"]["projection_class_embeddings_input_dim"] == 6 * 256 + xl["text_encoder_2"]["projection_dim"]
 
 
 def test_components_time_each_part_of_a_step(tmp_path):

@@ -8,9 +8,15 @@ Parts (``PARTS``; ``main(..., parts=[...])`` runs a subset):
 
 - ``pipeline``: plain CFG sampling (DDIM) with ``samplers.sample`` on ``sd_denoiser`` against
   diffusers' ``FlaxStableDiffusionPipeline`` on the same random-weight SD and batch, through its
-  documented ``pmap`` path (``jit=True``, replicated params, sharded prompt ids; one device). Both
-  sides encode the prompts, sample from the same initial latents and VAE-decode to host images,
-  so the images must agree (``max_abs_diff``, on [0, 1] pixels). Target: ours >= 1.2x its images/s.
+  documented ``pmap`` path (``jit=True``, replicated params, sharded prompt ids; one device), and
+  against diffusers' PyTorch ``StableDiffusionPipeline`` (CPU, float32, when torch is installed and
+  the folder has PyTorch weights). Every side encodes the prompts, samples from the same initial
+  latents and VAE-decodes to host images, so the images must agree (``max_abs_diff``, on [0, 1]
+  pixels). Target: ours >= 1.0x the Flax pipeline's images/s (1.3x on a GPU in 16-bit) and faster
+  than the PyTorch one.
+- ``kernels``: the CFG sampling loop per dtype and attention kernel (float32 / bfloat16 with XLA's
+  attention; bfloat16 with cuDNN's fused attention on an NVIDIA GPU): images/s, compile time,
+  peak memory, pixel difference to the float32 row.
 - ``amg``: AMG against plain CFG on the same model, batch and seeds: gate closed all the way
   (thresholds no sample reaches), open every step (``threshold="always"``, full and cheap
   gradient), and the realistic mix (the trained ``unet-text`` with its bank and default distance
@@ -47,7 +53,7 @@ from amg_jax.apps.bench.devices import part_devices
 from amg_jax.apps.bench.kernels import kernel_rows, part_kernels
 from amg_jax.apps.bench.models import (_Shared, build_sd, diffusers_pipeline, random_sd, sd15_configs, sdxl_configs,
                                        torch_pipeline)
-from amg_jax.apps.bench.pipeline import part_pipeline
+from amg_jax.apps.bench.pipeline import part_pipeline, pipeline_target
 from amg_jax.apps.bench.report import _COLUMNS, markdown
 from amg_jax.apps.bench.runner import PART_FUNCTIONS, main
 from amg_jax.apps.bench.search import part_search, random_bank
@@ -58,4 +64,4 @@ __all__ = ["DEVICE_COUNTS", "FORMAT", "FORMAT_VERSION", "PARTS", "PART_FUNCTIONS
            "Settings", "_COLUMNS", "_Shared", "_components", "build_sd", "diffusers_pipeline", "flop_bound", "machine",
            "main", "markdown", "out_of_reach", "parse_parts", "part_amg", "part_devices", "part_pipeline",
            "part_search", "peak_memory_bytes", "random_bank", "random_sd", "sd15_configs", "sd_open_rows", "settings",
-           "timed", "xla_gflops", "kernel_rows", "part_kernels", "sdxl_configs", "torch_pipeline"]
+           "timed", "xla_gflops", "kernel_rows", "part_kernels", "pipeline_target", "sdxl_configs", "torch_pipeline"]

@@ -7,10 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from amg_jax.apps.bench.models import _rate_row, _Shared, diffusers_pipeline, torch_pipeline
-from amg_jax.apps.bench.config import GUIDANCE_SCALE, timed
+from amg_jax.apps.bench.config import GUIDANCE_SCALE, timed_together
 from amg_jax.guidance import CFG
 from amg_jax.models import stable_diffusion as sdm
 from amg_jax.samplers import initial_noise, sample
+
+
+def pipeline_target(sd) -> float:
+    """The images/s ratio over diffusers' Flax pipeline the part asks for: 1.3x on a GPU in 16-bit
+    (where the fused attention kernel is the lever), else at least as fast (1.0x)."""
+    return 1.3 if jax.default_backend() == "gpu" and sd.dtype in ("bfloat16", "float16") else 1.0
+
 
 def part_pipeline(env: _Shared) -> dict:
     """amg_jax's CFG sampling against diffusers' Flax pipeline (same model, batch, latents)."""
@@ -31,13 +38,9 @@ def part_pipeline(env: _Shared) -> dict:
     def loop():
         return sample(den, guidance, sampler, keys, cond, x_T=x_T).x0
 
-    t_ours, img_ours = timed(ours, s.repeats)
-    env.echo(f"[pipeline] amg_jax (encode + sample + decode): {t_ours['seconds']:.3f} s per batch of {b}")
-    t_loop, _ = timed(loop, s.repeats)
-    env.echo(f"[pipeline] amg_jax sampling loop only: {t_loop['seconds']:.3f} s")
     h = w = sd.image_size
-    rows, notes, diffs = [], [], {}
-    t_theirs = img_theirs = None
+    notes = []
+    sides = {"ours": ours, "loop": loop}
     if sd.is_sdxl:
         notes.append("SDXL: diffusers' Flax SDXL pipeline encodes an empty negative prompt where its PyTorch one "
                      "(and amg_jax) use zeros, so it is not a like-for-like reference; no Flax row")
@@ -52,13 +55,13 @@ def part_pipeline(env: _Shared) -> dict:
                 return pipe(ids, p_params, rng, n, h, w, guidance_scale=GUIDANCE_SCALE, latents=latents,
                             jit=True).images
 
-        t_theirs, img_theirs = timed(theirs, s.repeats)
-        env.echo(f"[pipeline] diffusers FlaxStableDiffusionPipeline: {t_theirs['seconds']:.3f} s")
+        sides["flax"] = theirs
     torch_pipe = torch_pipeline(sd) if sd.dtype == "float32" and jax.default_backend() == "cpu" else None
-    t_torch = img_torch = None
+    threads = None
     if torch_pipe is not None:
-        import torch
+        import torch    # the PyTorch reference (optional dependency)
 
+        threads = torch.get_num_threads()
         lat_t = torch.from_numpy(np.asarray(jnp.transpose(x_T, (0, 3, 1, 2))).copy())
 
         def torch_run():
@@ -66,12 +69,22 @@ def part_pipeline(env: _Shared) -> dict:
                 return torch_pipe(prompts, num_inference_steps=n, guidance_scale=GUIDANCE_SCALE, height=h, width=w,
                                   latents=lat_t, output_type="np").images
 
-        t_torch, img_torch = timed(torch_run, s.repeats)
-        env.echo(f"[pipeline] diffusers PyTorch {type(torch_pipe).__name__} (CPU, {torch.get_num_threads()} "
-                 f"threads): {t_torch['seconds']:.3f} s")
+        sides["torch"] = torch_run
     else:
         notes.append("no PyTorch row: it needs torch, float32, the CPU and a model folder with PyTorch weights "
                      "(the tiny SD, or --sd with a PyTorch-layout folder)")
+    timings = timed_together(sides, s.repeats)
+    (t_ours, img_ours), (t_loop, _) = timings["ours"], timings["loop"]
+    t_theirs, img_theirs = timings.get("flax", (None, None))
+    t_torch, img_torch = timings.get("torch", (None, None))
+    env.echo(f"[pipeline] amg_jax (encode + sample + decode): {t_ours['seconds']:.3f} s per batch of {b}")
+    env.echo(f"[pipeline] amg_jax sampling loop only: {t_loop['seconds']:.3f} s")
+    if t_theirs is not None:
+        env.echo(f"[pipeline] diffusers FlaxStableDiffusionPipeline: {t_theirs['seconds']:.3f} s")
+    if t_torch is not None:
+        env.echo(f"[pipeline] diffusers PyTorch {type(torch_pipe).__name__} (CPU, {threads} threads): "
+                 f"{t_torch['seconds']:.3f} s")
+    diffs = {}
     ref_t = t_theirs if t_theirs is not None else (t_torch if t_torch is not None else t_loop)
     ref = b / ref_t["seconds"]
     ref_name = ("diffusers FlaxStableDiffusionPipeline" if t_theirs is not None else
@@ -101,7 +114,8 @@ def part_pipeline(env: _Shared) -> dict:
             "dtype": sd.dtype, "attention": sd.attention,
             "guidance_scale": GUIDANCE_SCALE, "rows": rows, "max_abs_diff": diffs.get("flax", diffs.get("torch")),
             "max_abs_diff_by_reference": diffs, "vs_torch": vs_torch,
-            "met": bool(ratio >= 1.2 and (vs_torch is None or vs_torch > 1.0)) if t_theirs is not None else None,
+            "met": bool(ratio >= pipeline_target(sd) and (vs_torch is None or vs_torch > 1.0))
+            if t_theirs is not None else None,
             "headline": headline,
             "notes": ["every side tokenizes + encodes the prompts, samples from the same initial latents and decodes to "
                       "host images; max_abs_diff compares their [0, 1] pixels",
