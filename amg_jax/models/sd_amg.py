@@ -36,6 +36,7 @@ Array = jax.Array
 DETECTOR_KINDS = ("sscd", "clip")
 DEFAULT_THRESHOLDS = {"sscd": (0.2, 0.5), "clip": (0.7, 0.9)}
 SD_AMG = {"c1": 4.0, "c2": 3.0, "c3": 100.0, "c3_units": "raw"}       # the papers' SD settings
+CHECKPOINT_POLICIES = ("full", "blocks", "dots", "none")              # latent_detector's ``remat``
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,10 +48,12 @@ def _decoder(static: Any):
     return decode
 
 
-def latent_decoder(sd) -> Any:
+def latent_decoder(sd, *, remat_blocks: bool = False) -> Any:
     """The VAE decoder of ``sd`` as a stable function ``(vae_params, latents [B, h, w, C]) -> pixels
-    [B, H, W, 3]`` (one object per VAE config / scaling / dtype, so jit caches hit)."""
-    return _decoder(sdm.vae_static(sd.vae, sd.vae_scaling_factor, sd.dtype))
+    [B, H, W, 3]`` (one object per VAE config / scaling / dtype / ``remat_blocks``, so jit caches hit);
+    ``remat_blocks``: each decoder block under ``nn.remat`` (the "blocks" checkpoint policy)."""
+    vae = sd.vae.clone(remat_blocks=True) if remat_blocks else sd.vae
+    return _decoder(sdm.vae_static(vae, sd.vae_scaling_factor, sd.dtype))
 
 
 def _embedder(kind: str, weights):
@@ -63,14 +66,22 @@ def _embedder(kind: str, weights):
 
 
 def latent_detector(sd, kind: str, weights, bank, *, thresholds: tuple | None = None,
-                    remat: bool = True) -> EmbeddingDetector:
+                    remat: bool | str = "full") -> EmbeddingDetector:
     """AMG's detector on SD latents: VAE decode -> ``kind`` ("sscd" | "clip") -> cosine to ``bank``.
 
     weights: SSCD: a params file from ``amg convert sscd`` or ``(params, SSCDConfig)``; CLIP: a
              model directory / hub id or a ``ClipBundle``.
     bank:    an embedding ``ReferenceBank`` (or its ``.npz`` path, ``amg index build``) of the
              same embedder; thresholds: AMG's default gate (default ``DEFAULT_THRESHOLDS[kind]``).
+    remat:   the ``jax.checkpoint`` policy of the VAE decoder + embedder under ``G_sim``'s gradient
+             (``CHECKPOINT_POLICIES``): "full" (default; recompute both in the backward pass), "blocks"
+             ("full", and inside it each decoder block rematerialised on its own: the least memory),
+             "dots" (keep convolution / matmul outputs: less recomputation, more memory), "none".
     """
+    if isinstance(remat, bool):
+        remat = "full" if remat else "none"
+    if remat not in CHECKPOINT_POLICIES:
+        raise ValueError(f"latent detector: remat must be one of {list(CHECKPOINT_POLICIES)}, got {remat!r}")
     if kind not in DETECTOR_KINDS:
         raise ValueError(f"latent detector: kind must be one of {DETECTOR_KINDS}, got {kind!r}")
     if isinstance(bank, (str, os.PathLike)):
@@ -79,7 +90,8 @@ def latent_detector(sd, kind: str, weights, bank, *, thresholds: tuple | None = 
         raise ValueError(f"latent detector: the bank must be an embedding bank (amg index build --embedder "
                          f"{kind}:...), got {getattr(bank, 'kind', type(bank).__name__)!r}")
     embed_fn, params = _embedder(kind, weights)
-    fn = through_decoder(latent_decoder(sd), embed_fn, remat)
+    blocks = remat == "blocks"
+    fn = through_decoder(latent_decoder(sd, remat_blocks=blocks), embed_fn, "full" if blocks else remat)
     det = embedding_detector(fn, (sd.vae_params, params), bank,
                              thresholds=DEFAULT_THRESHOLDS[kind] if thresholds is None else thresholds)
     probe = jax.eval_shape(det.embed_fn, det.embed_params,
@@ -99,4 +111,4 @@ def bank_conditions(sd, captions: Sequence[str], *, batch: int = 64) -> Array:
     return sdm.encode_prompts(sd, captions, batch=batch)
 
 
-__all__ = ["DEFAULT_THRESHOLDS", "DETECTOR_KINDS", "SD_AMG", "bank_conditions", "latent_decoder", "latent_detector"]
+__all__ = ["CHECKPOINT_POLICIES", "DEFAULT_THRESHOLDS", "DETECTOR_KINDS", "SD_AMG", "bank_conditions", "latent_decoder", "latent_detector"]

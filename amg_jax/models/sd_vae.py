@@ -83,17 +83,23 @@ class VAEAttention(nn.Module):
         return x + dense("proj_attn")(y).reshape(b, h, w, c)
 
 
+def _resnet(remat: bool):
+    return nn.remat(ResnetBlock) if remat else ResnetBlock
+
+
 class VAEMid(nn.Module):
     channels: int
     groups: int
     dtype: Any = jnp.float32
     attention: str = "auto"
+    remat: bool = False         # each resnet / attention under nn.remat
 
     @nn.compact
     def __call__(self, x):
-        x = ResnetBlock(self.channels, self.groups, 1e-6, self.dtype, name="resnets_0")(x)
-        x = VAEAttention(self.groups, self.dtype, self.attention, name="attentions_0")(x)
-        return ResnetBlock(self.channels, self.groups, 1e-6, self.dtype, name="resnets_1")(x)
+        res, att = _resnet(self.remat), nn.remat(VAEAttention) if self.remat else VAEAttention
+        x = res(self.channels, self.groups, 1e-6, self.dtype, name="resnets_0")(x)
+        x = att(self.groups, self.dtype, self.attention, name="attentions_0")(x)
+        return res(self.channels, self.groups, 1e-6, self.dtype, name="resnets_1")(x)
 
 
 class VAEBlock(nn.Module):
@@ -105,11 +111,13 @@ class VAEBlock(nn.Module):
     up: bool
     resample: bool
     dtype: Any = jnp.float32
+    remat: bool = False         # each resnet under nn.remat
 
     @nn.compact
     def __call__(self, x):
+        res = _resnet(self.remat)
         for j in range(self.layers):
-            x = ResnetBlock(self.channels, self.groups, 1e-6, self.dtype, name=f"resnets_{j}")(x)
+            x = res(self.channels, self.groups, 1e-6, self.dtype, name=f"resnets_{j}")(x)
         if self.resample and self.up:
             x = Upsample(self.channels, self.dtype, name="upsamplers_0")(x)
         elif self.resample:    # diffusers' VAE pads right / bottom by one, then a VALID stride-2 conv
@@ -134,18 +142,25 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
+    """``remat_blocks``: each resnet and attention layer of the mid / up blocks under ``nn.remat`` (same
+    parameters): a backward pass through the decoder then holds one layer's activations at a time
+    (at 512 px a layer of the last block alone holds 128 MiB tensors) instead of all of them."""
+
     config: VAEConfig
     dtype: Any = jnp.float32
     attention: str = "auto"
+    remat_blocks: bool = False
 
     @nn.compact
     def __call__(self, z):
         cfg, dt, n = self.config, self.dtype, len(self.config.block_out_channels)
+        rm = self.remat_blocks
         rev = cfg.block_out_channels[::-1]
         x = conv(rev[0], dtype=dt, name="conv_in")(z.astype(dt))
-        x = VAEMid(rev[0], cfg.norm_num_groups, dt, self.attention, name="mid_block")(x)
+        x = VAEMid(rev[0], cfg.norm_num_groups, dt, self.attention, rm, name="mid_block")(x)
         for i, ch in enumerate(rev):
-            x = VAEBlock(ch, cfg.layers_per_block + 1, cfg.norm_num_groups, True, i < n - 1, dt, name=f"up_blocks_{i}")(x)
+            x = VAEBlock(ch, cfg.layers_per_block + 1, cfg.norm_num_groups, True, i < n - 1, dt, rm,
+                         name=f"up_blocks_{i}")(x)
         x = nn.silu(nn.GroupNorm(cfg.norm_num_groups, epsilon=1e-6, dtype=dt, name="conv_norm_out")(x))
         return conv(cfg.out_channels, dtype=dt, name="conv_out")(x)
 
@@ -156,12 +171,13 @@ class AutoencoderKL(nn.Module):
     config: VAEConfig
     dtype: Any = jnp.float32
     attention: str = "auto"
+    remat_blocks: bool = False      # the decoder's blocks under nn.remat (``Decoder``)
 
     def setup(self):
         self.encoder = Encoder(self.config, self.dtype, self.attention)
         self.quant_conv = nn.Conv(2 * self.config.latent_channels, (1, 1), dtype=self.dtype)
         self.post_quant_conv = nn.Conv(self.config.latent_channels, (1, 1), dtype=self.dtype)
-        self.decoder = Decoder(self.config, self.dtype, self.attention)
+        self.decoder = Decoder(self.config, self.dtype, self.attention, self.remat_blocks)
 
     def encode(self, pixels):
         """pixels [B, H, W, C_in] -> (mean, logvar clipped to [-30, 20]) [B, H/f, W/f, C]."""

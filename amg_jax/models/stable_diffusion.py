@@ -113,7 +113,8 @@ def quiet_libraries():
 def _config_key(model) -> str:
     """A module's architecture as a string (type, config, dtype, attention): equal for two loads of one
     model, so they share compiled functions."""
-    return f"{type(model).__name__}({model.config!r}, {jnp.dtype(model.dtype).name}, {model.attention})"
+    remat = ", remat_blocks" if getattr(model, "remat_blocks", False) else ""
+    return f"{type(model).__name__}({model.config!r}, {jnp.dtype(model.dtype).name}, {model.attention}{remat})"
 
 
 @dataclasses.dataclass(frozen=True)

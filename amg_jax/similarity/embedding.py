@@ -84,21 +84,35 @@ def _details(det: EmbeddingDetector, x0_hat: Array) -> dict:
     return {"sigma": cos[:, 0], "index": src, "label": lab, "cosine": cos[:, 0], "embedding": e}
 
 
+CHECKPOINT_POLICIES = ("none", "full", "dots")
+
+
 @functools.lru_cache(maxsize=None)
-def through_decoder(decode_fn: Callable, embed_fn: Callable, remat: bool = True) -> Callable:
+def through_decoder(decode_fn: Callable, embed_fn: Callable, remat: bool | str = True) -> Callable:
     """``embed_fn`` behind a latent decoder, for detectors on Stable Diffusion latents:
     ``(params, z [B, h, w, c]) -> embed_fn(params[1], decode_fn(params[0], z))`` with
     ``params = (decoder_params, embed_params)``.
 
-    ``remat`` wraps the decoder + embedder in ``jax.checkpoint``: ``G_sim`` differentiates
-    through both, and without it the backward pass keeps every activation of the VAE decoder at
-    full image resolution alive (README, "Design notes": performance rules). Cached: the same
-    ``(decode_fn, embed_fn, remat)`` gives the same function object, so jit caches hit."""
+    ``remat``, the ``jax.checkpoint`` policy of the decoder + embedder (``G_sim`` differentiates
+    through both): "full" (or True) saves nothing and recomputes both in the backward pass, so the
+    UNet's backward never holds the decoder's full-resolution activations beside its own (README,
+    "Design notes": performance rules); "dots" saves the convolution / matmul outputs
+    (``jax.checkpoint_policies.dots_saveable``: less recomputation, more memory); "none" (or False)
+    no checkpoint. Cached: the same arguments give the same function object, so jit caches hit."""
+    policy = {True: "full", False: "none"}.get(remat, remat) if isinstance(remat, bool) else remat
+    if policy not in CHECKPOINT_POLICIES:
+        raise ValueError(f"through_decoder: remat must be one of {list(CHECKPOINT_POLICIES)} (or a bool), "
+                         f"got {remat!r}")
+
     def decoded(params, z):
         dec_params, emb_params = params
         return embed_fn(emb_params, decode_fn(dec_params, z))
 
-    return jax.checkpoint(decoded) if remat else decoded
+    if policy == "none":
+        return decoded
+    if policy == "dots":
+        return jax.checkpoint(decoded, policy=jax.checkpoint_policies.dots_saveable)
+    return jax.checkpoint(decoded)
 
 
 def embedding_detector(embed_fn: Callable, embed_params: Any, bank_or_embeddings, labels=None, *,
