@@ -36,7 +36,7 @@ Array = jax.Array
 DETECTOR_KINDS = ("sscd", "clip")
 DEFAULT_THRESHOLDS = {"sscd": (0.2, 0.5), "clip": (0.7, 0.9)}
 SD_AMG = {"c1": 4.0, "c2": 3.0, "c3": 100.0, "c3_units": "raw"}       # the papers' SD settings
-CHECKPOINT_POLICIES = ("full", "blocks", "dots", "none")              # latent_detector's ``remat``
+CHECKPOINT_POLICIES = ("dots", "full", "blocks", "none")              # latent_detector's ``remat``
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,7 +66,7 @@ def _embedder(kind: str, weights):
 
 
 def latent_detector(sd, kind: str, weights, bank, *, thresholds: tuple | None = None,
-                    remat: bool | str = "full") -> EmbeddingDetector:
+                    remat: bool | str = "dots") -> EmbeddingDetector:
     """AMG's detector on SD latents: VAE decode -> ``kind`` ("sscd" | "clip") -> cosine to ``bank``.
 
     weights: SSCD: a params file from ``amg convert sscd`` or ``(params, SSCDConfig)``; CLIP: a
@@ -74,9 +74,10 @@ def latent_detector(sd, kind: str, weights, bank, *, thresholds: tuple | None = 
     bank:    an embedding ``ReferenceBank`` (or its ``.npz`` path, ``amg index build``) of the
              same embedder; thresholds: AMG's default gate (default ``DEFAULT_THRESHOLDS[kind]``).
     remat:   the ``jax.checkpoint`` policy of the VAE decoder + embedder under ``G_sim``'s gradient
-             (``CHECKPOINT_POLICIES``): "full" (default; recompute both in the backward pass), "blocks"
-             ("full", and inside it each decoder block rematerialised on its own: the least memory),
-             "dots" (keep convolution / matmul outputs: less recomputation, more memory), "none".
+             (``CHECKPOINT_POLICIES``): "dots" (default: keep convolution / matmul outputs, recompute the
+             norms and activations; measured the least memory and time, README "Performance"), "full"
+             (recompute both in the backward pass), "blocks" ("full", and inside it each decoder layer
+             rematerialised on its own), "none".
     """
     if isinstance(remat, bool):
         remat = "full" if remat else "none"
