@@ -3,8 +3,9 @@
 - ``empirical``: the closed-form optimal denoiser of a finite image set (a perfect memorizer);
 - ``mixture``:   the closed-form partial memorizer of a testbed (Gaussians + point masses);
 - ``unet`` / ``text`` / ``zoo``: the trained testbed UNets (``checkpoints/``);
-- ``stable_diffusion``: diffusers' Flax UNet + VAE + CLIP text encoder as a denoiser on latents
-  (diffusers / transformers are imported only when a model is loaded).
+- ``stable_diffusion``: SD / SDXL folders as a denoiser on latents, over amg_jax's own Flax UNet
+  (``sd_unet``), VAE (``sd_vae``) and CLIP text encoders (``clip_text``); ``clip_model`` is the full CLIP
+  the CLIP detector runs (transformers stays for configs and tokenizers, diffusers for scheduler configs).
 """
 from amg_jax.models.base import Denoiser
 from amg_jax.models.empirical import empirical_denoiser

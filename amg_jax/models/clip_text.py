@@ -66,17 +66,19 @@ class ClipTextOutput(NamedTuple):
 
 
 class ClipAttention(nn.Module):
-    """Causal multi-head self-attention (q / k / v / out projections with biases)."""
+    """Multi-head self-attention (q / k / v / out projections with biases); causal in the text tower,
+    not in the vision tower (``clip_model``)."""
 
     config: ClipTextConfig
     dtype: Any = jnp.float32
     attention: str = "auto"
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x):
         c, dt = self.config.hidden_size, self.dtype
         q, k, v = (nn.Dense(c, dtype=dt, name=f"{n}_proj")(x) for n in "qkv")
-        y = attend(q, k, v, self.config.num_attention_heads, self.attention, causal=True)
+        y = attend(q, k, v, self.config.num_attention_heads, self.attention, causal=self.causal)
         return nn.Dense(c, dtype=dt, name="out_proj")(y)
 
 
@@ -96,11 +98,12 @@ class ClipLayer(nn.Module):
     config: ClipTextConfig
     dtype: Any = jnp.float32
     attention: str = "auto"
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x):
         cfg, dt = self.config, self.dtype
-        x = x + ClipAttention(cfg, dt, self.attention, name="self_attn")(
+        x = x + ClipAttention(cfg, dt, self.attention, self.causal, name="self_attn")(
             nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dt, name="layer_norm1")(x))
         return x + ClipMlp(cfg, dt, name="mlp")(nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dt, name="layer_norm2")(x))
 
@@ -112,12 +115,13 @@ class ClipLayers(nn.Module):
     config: ClipTextConfig
     dtype: Any = jnp.float32
     attention: str = "auto"
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x):
         outs = []
         for i in range(self.config.num_hidden_layers):
-            x = ClipLayer(self.config, self.dtype, self.attention, name=str(i))(x)
+            x = ClipLayer(self.config, self.dtype, self.attention, self.causal, name=str(i))(x)
             outs.append(x)
         return outs
 
@@ -154,13 +158,16 @@ class ClipTextTransformer(nn.Module):
 
 
 class ClipEncoder(nn.Module):
+    """The layer stack under transformers' name (``encoder/layers``); every layer's output."""
+
     config: ClipTextConfig
     dtype: Any = jnp.float32
     attention: str = "auto"
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x):
-        return ClipLayers(self.config, self.dtype, self.attention, name="layers")(x)
+        return ClipLayers(self.config, self.dtype, self.attention, self.causal, name="layers")(x)
 
 
 class ClipTextEncoder(nn.Module):
@@ -182,4 +189,4 @@ class ClipTextEncoder(nn.Module):
         return ClipTextOutput(last, penultimate, pooled, projected)
 
 
-__all__ = ["ClipTextConfig", "ClipTextEncoder", "ClipTextOutput"]
+__all__ = ["ACTIVATIONS", "ClipEncoder", "ClipTextConfig", "ClipTextEncoder", "ClipTextOutput", "ClipTextTransformer"]

@@ -9,7 +9,8 @@
 - ``to_params(state, expected, where, aliases)``: PyTorch names / layouts -> the module's tree
   (``a.0.b.weight`` -> ``a_0/b/kernel`` as diffusers' Flax modules name them, or ``a/0/b/kernel`` as
   transformers' do: whichever the module has), linear weights transposed, convolutions OIHW -> HWIO,
-  1x1-conv attention weights of old VAE checkpoints squeezed. A weight of the wrong shape, or one
+  1x1-conv attention weights of old VAE checkpoints squeezed; a bare parameter (no ``.weight`` /
+  ``.bias``, e.g. CLIP's ``logit_scale``) maps to the leaf of its own name. A weight of the wrong shape, or one
   the module needs and the file lacks, raises ValueError naming the file and the weight: the sign of
   another architecture, or of a config that does not match its weights.
 """
@@ -134,6 +135,10 @@ def to_params(state: dict, expected: dict, where: str, aliases: dict | None = No
             key = tuple(name.split("/"))
             if key in want:
                 out[key] = np.asarray(arr)
+                if out[key].shape != tuple(want[key].shape):
+                    raise ValueError(f"{where}: weight {name!r} has shape {out[key].shape}; the model its "
+                                     f"config.json describes needs shape {tuple(want[key].shape)} (the config "
+                                     "does not match the weights, or they are another architecture's)")
             else:
                 unused.append(name)
             continue
@@ -143,6 +148,9 @@ def to_params(state: dict, expected: dict, where: str, aliases: dict | None = No
         arr = np.asarray(arr)
         hit = None
         for cand in _candidates(".".join(path), aliases):
+            if not leaf and cand in want:          # a bare parameter (CLIP's class_embedding, logit_scale)
+                hit = cand
+                break
             for flax_leaf in (("bias",) if leaf == "bias" else ("kernel", "scale", "embedding")):
                 if cand + (flax_leaf,) in want:
                     hit = cand + (flax_leaf,)

@@ -1,6 +1,8 @@
-"""CLIP image / text embeddings (transformers' Flax CLIP), the CLIP detector and the CLIP score.
+"""CLIP image / text embeddings (amg_jax's own Flax CLIP, ``models.clip_model``), the CLIP detector and
+the CLIP score.
 
-- ``load_clip(path_or_hub_id, dtype)`` -> ``ClipBundle``: the ``FlaxCLIPModule``, its params,
+- ``load_clip(path_or_hub_id, dtype)`` -> ``ClipBundle``: the ``ClipModel``, its params (read from
+  ``flax_model.msgpack``, ``model.safetensors`` without torch, or ``pytorch_model.bin`` with it),
   the ``CLIPTokenizer`` and the image preprocessing (resize size, crop size, mean, std) read
   from ``preprocessor_config.json`` (``CLIPImageProcessor`` defaults where it is absent).
 - ``clip_preprocess(x, size, mean, std)``: images ``[B, H, W, C]`` in [-1, 1] -> the model's
@@ -29,7 +31,8 @@ in place of PIL's (both a = -0.5; they differ slightly at the borders when downs
 Measured on the tiny test processor: max abs difference ~1e-2 in normalised units on
 uint8-valued images. One-channel images are repeated to RGB (the processor's convert_rgb).
 
-**Flax / dtype.** The Flax vision tower's position embeddings are fixed to
+**Model / dtype.** transformers stays for the config and the tokenizer only; no transformers Flax
+model class is imported. The vision tower's position embeddings are fixed to
 ``vision_config.image_size``, so the crop size must equal it. ``dtype`` ("float32",
 "bfloat16", "float16") is the computation dtype and the params' dtype; embeddings are
 returned in float32.
@@ -50,6 +53,8 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from amg_jax.index import ReferenceBank
+from amg_jax.models.clip_model import ClipModel, ClipModelConfig
+from amg_jax.models.sd_weights import expected_tree, read_state, to_params, weight_files
 from amg_jax.similarity.embedding import EmbeddingDetector, embedding_detector
 
 Array = jax.Array
@@ -57,7 +62,8 @@ Array = jax.Array
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DTYPES = ("float32", "bfloat16", "float16")
-WEIGHT_FILES = ("flax_model.msgpack", "model.safetensors", "pytorch_model.bin")
+# the first present is loaded (safetensors also sharded / as an fp16 variant: sd_weights.weight_files)
+WEIGHT_FILES = ("model.safetensors", "flax_model.msgpack", "pytorch_model.bin")
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 # the vision params the image tower needs (logit_scale: FlaxCLIPModule.setup declares it eagerly)
 VISION_KEYS = ("vision_model", "visual_projection", "logit_scale")
@@ -78,7 +84,7 @@ def _quiet_transformers():
 class ClipBundle:
     """A loaded CLIP: module, params and everything needed to feed it.
 
-    module:      ``transformers``' ``FlaxCLIPModule`` (a linen module; static).
+    module:      the ``ClipModel`` (a linen module; static).
     params:      its params pytree (``text_model``, ``vision_model``, projections, ``logit_scale``).
     tokenizer:   the ``CLIPTokenizer``.
     config:      the ``CLIPConfig``.
@@ -88,6 +94,7 @@ class ClipBundle:
     max_length:  text tokens per prompt (incl. start/end), prompts longer are truncated.
     dtype:       computation / params dtype name.
     source:      the directory or hub id it was loaded from.
+    attention:   the attention kernel (``models.attention``: "auto", "xla", "cudnn").
     """
 
     module: Any
@@ -101,6 +108,7 @@ class ClipBundle:
     max_length: int
     dtype: str = "float32"
     source: str = ""
+    attention: str = "auto"
 
     @property
     def embed_dim(self) -> int:
@@ -116,7 +124,7 @@ class ClipBundle:
     def key(self) -> tuple:
         """Hashable (config, dtype, preprocessing): the cache key of the compiled embedders."""
         return (self.config.to_json_string(use_diff=False), self.dtype, int(self.resize_size),
-                int(self.image_size), tuple(self.mean), tuple(self.std))
+                int(self.image_size), tuple(self.mean), tuple(self.std), self.attention)
 
     @property
     def embed_fn(self):
@@ -126,50 +134,36 @@ class ClipBundle:
 
 
 @functools.lru_cache(maxsize=None)
-def _module(config_json: str, dtype: str):
-    """The FlaxCLIPModule for a config (cached, so equal configs share one module)."""
-    _quiet_transformers()
-    from transformers import CLIPConfig    # heavy; used only when a model is built from it (and for its configs)
-    from transformers.models.clip.modeling_flax_clip import FlaxCLIPModule  # heavy / optional
-
-    return FlaxCLIPModule(config=CLIPConfig(**json.loads(config_json)), dtype=jnp.dtype(dtype))
-
-
-def _vision_features(module, pixel_values):
-    pooled = module.vision_model(pixel_values=pixel_values, deterministic=True)[1]
-    return module.visual_projection(pooled)
-
-
-def _text_features(module, input_ids, attention_mask, position_ids):
-    pooled = module.text_model(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids, deterministic=True)[1]
-    return module.text_projection(pooled)
+def _module(config_json: str, dtype: str, attention: str = "auto") -> ClipModel:
+    """The ClipModel for a config (cached, so equal configs share one module)."""
+    return ClipModel(ClipModelConfig.from_dict(json.loads(config_json)), dtype=jnp.dtype(dtype), attention=attention)
 
 
 def _embed_images(module, dtype: str, resize_size: int, image_size: int, mean: tuple, std: tuple,
                   params, x: Array) -> Array:
     """x [B, H, W, C] in [-1, 1] -> projected image features [B, D] float32 (not normalised)."""
     px = clip_preprocess(x, resize_size, mean, std, crop_size=image_size).astype(jnp.dtype(dtype))
-    out = module.apply({"params": params}, px, method=_vision_features)
+    out = module.apply({"params": params}, px, method="image_features")
     return out.astype(jnp.float32)
 
 
 @functools.lru_cache(maxsize=None)
 def _image_fns(key: tuple):
     """(embed_fn, jitted embed_fn) for a bundle key."""
-    config_json, dtype, resize_size, image_size, mean, std = key
-    fn = functools.partial(_embed_images, _module(config_json, dtype), dtype, resize_size, image_size, mean, std)
+    config_json, dtype, resize_size, image_size, mean, std, attention = key
+    fn = functools.partial(_embed_images, _module(config_json, dtype, attention), dtype, resize_size, image_size,
+                           mean, std)
     return fn, jax.jit(fn)
 
 
 @functools.lru_cache(maxsize=None)
-def _text_fn(config_json: str, dtype: str):
-    """Jitted (params, ids [B, L], mask [B, L]) -> projected text features [B, D] float32."""
-    module = _module(config_json, dtype)
+def _text_fn(config_json: str, dtype: str, attention: str = "auto"):
+    """Jitted (params, ids [B, L]) -> projected text features [B, D] float32 (causal attention pools at
+    the end token, so the padding mask changes nothing and is not passed)."""
+    module = _module(config_json, dtype, attention)
 
-    def f(params, ids, mask):
-        pos = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
-        return module.apply({"params": params}, ids, mask, pos, method=_text_features).astype(jnp.float32)
+    def f(params, ids):
+        return module.apply({"params": params}, ids, method="text_features").astype(jnp.float32)
 
     return jax.jit(f)
 
@@ -206,7 +200,7 @@ def _check_local(path: str) -> dict:
         got = cfg.get("model_type") if isinstance(cfg, dict) else type(cfg).__name__
         _fail(f"{cfg_path} is not a CLIP config: model_type is {got!r}, expected 'clip' (a full CLIP "
               f"with text and vision towers; CLIPTextModel / CLIPVisionModel directories are not enough)")
-    if not any(os.path.isfile(os.path.join(path, w)) for w in WEIGHT_FILES):
+    if weight_files(path, WEIGHT_FILES) is None:
         _fail(f"{path!r} has no weights: expected one of {', '.join(WEIGHT_FILES)}")
     missing = [t for t in TOKENIZER_FILES if not os.path.isfile(os.path.join(path, t))]
     if missing:
@@ -234,57 +228,78 @@ def _processor_settings(proc, image_size: int) -> tuple[int, tuple, tuple]:
     return resize, mean, std
 
 
-def load_clip(path_or_hub_id: str, dtype: str = "float32") -> ClipBundle:
-    """Loads a transformers CLIP (config + Flax or PyTorch weights + tokenizer + preprocessor
-    config) from a local directory, or from the hub when online. ``dtype``: "float32" |
-    "bfloat16" | "float16" (computation and params). Missing files / a non-CLIP config raise
-    ``ValueError`` before anything is loaded."""
+def _download(repo_id: str) -> str:
+    """The files of a hub CLIP that loading needs (config, tokenizer, preprocessor, one weights file)."""
+    from huggingface_hub import list_repo_files, snapshot_download
+
+    try:
+        files = set(list_repo_files(repo_id))
+    except Exception as e:   # not found, gated, offline, ...: say what was tried
+        _fail(f"{repo_id!r} is not a local directory, and listing it as a hub repo failed: {type(e).__name__}: {e}")
+    weights = [w for w in WEIGHT_FILES if w in files or f"{w}.index.json" in files]
+    if not weights:
+        _fail(f"hub repo {repo_id!r} has none of the weight files {', '.join(WEIGHT_FILES)}")
+    patterns = ["config.json", "preprocessor_config.json", "tokenizer*", "vocab.json", "merges.txt",
+                "special_tokens_map.json", weights[0], weights[0] + ".index.json",
+                weights[0].replace(".safetensors", "-*.safetensors")]
+    return snapshot_download(repo_id, allow_patterns=patterns)
+
+
+def load_clip(path_or_hub_id: str, dtype: str = "float32", *, attention: str = "auto") -> ClipBundle:
+    """Loads a CLIP (config + Flax ``.msgpack`` / PyTorch ``.safetensors`` / ``.bin`` weights + tokenizer +
+    preprocessor config) from a local directory, or from the hub when online, into amg_jax's own
+    ``ClipModel``. ``dtype``: "float32" | "bfloat16" | "float16" (computation and params); ``attention``:
+    the kernel (``models.attention``). Missing files / a non-CLIP config raise ``ValueError`` before
+    anything is loaded; weights that do not fit the config raise naming the file and the weight."""
+    from amg_jax.models.attention import check_attention
+
     name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
     if name not in DTYPES:
         _fail(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    check_attention(attention)
     src = os.fspath(path_or_hub_id)
-    local = os.path.isdir(src)
-    if not local:
+    if not os.path.isdir(src):
         if os.path.isfile(src):
             _fail(f"{src!r} is a file; expected a CLIP directory (config.json, weights, vocab.json, merges.txt)")
         if _looks_like_path(src):
             _fail(f"directory {src!r} does not exist")
-    cfg = _check_local(src) if local else None
+        folder = _download(src)
+    else:
+        folder = src
+    _check_local(folder)
     _quiet_transformers()
-    from transformers import CLIPImageProcessor, CLIPTokenizer, FlaxCLIPModel  # heavy / optional
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPTokenizer  # configs and the tokenizer only
 
-    from_pt = local and not os.path.isfile(os.path.join(src, "flax_model.msgpack"))
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model, params = FlaxCLIPModel.from_pretrained(src, dtype=jnp.dtype(name), from_pt=from_pt,
-                                                          _do_init=False)
-            tokenizer = CLIPTokenizer.from_pretrained(src)
-    except (OSError, EnvironmentError) as e:
-        where = "directory" if local else "hub id (not a local directory)"
-        _fail(f"could not load CLIP from {where} {src!r}: {e}")
-    if cfg is None and model.config.model_type != "clip":
-        _fail(f"{src!r} is not a CLIP model (model_type {model.config.model_type!r})")
-    image_size = int(model.config.vision_config.image_size)
-    has_proc = os.path.isfile(os.path.join(src, "preprocessor_config.json")) if local else True
+        config = CLIPConfig.from_pretrained(folder)
+        tokenizer = CLIPTokenizer.from_pretrained(folder)
+    except (OSError, EnvironmentError, ValueError) as e:
+        _fail(f"could not read the CLIP config / tokenizer in {folder!r}: {e}")
+    where = os.path.join(folder, "config.json")
+    model_cfg = ClipModelConfig.from_dict(config.to_dict(), where)
+    image_size = int(model_cfg.vision.image_size)
     proc = None
-    if has_proc:
+    if os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
         try:
-            proc = CLIPImageProcessor.from_pretrained(src)
+            proc = CLIPImageProcessor.from_pretrained(folder)
         except (OSError, EnvironmentError):
             proc = None
     if proc is None:       # the processor's defaults, sized to the model
         proc = CLIPImageProcessor(size={"shortest_edge": image_size},
                                   crop_size={"height": image_size, "width": image_size})
     resize, mean, std = _processor_settings(proc, image_size)
-    params = jax.tree.map(lambda p: jnp.asarray(p, jnp.dtype(name) if jnp.issubdtype(p.dtype, jnp.floating)
-                                                else p.dtype), params)
-    max_length = int(min(model.config.text_config.max_position_embeddings,
-                         tokenizer.model_max_length or 10 ** 9))
-    module = _module(model.config.to_json_string(use_diff=False), name)
-    return ClipBundle(module=module, params=params, tokenizer=tokenizer, config=model.config,
+    config_json = config.to_json_string(use_diff=False)
+    module = _module(config_json, name, attention)
+    file = weight_files(folder, WEIGHT_FILES)
+    ids = np.zeros((1, model_cfg.text.max_position_embeddings), np.int32)
+    px = np.zeros((1, image_size, image_size, model_cfg.vision.num_channels), np.float32)
+    with warnings.catch_warnings():    # weights the towers do not use (e.g. position_ids buffers) are fine
+        warnings.simplefilter("ignore")
+        params = to_params(read_state(file), expected_tree(module, ids, px), file, dtype=jnp.dtype(name))
+    max_length = int(min(model_cfg.text.max_position_embeddings, tokenizer.model_max_length or 10 ** 9))
+    return ClipBundle(module=module, params=params, tokenizer=tokenizer, config=config,
                       image_size=image_size, resize_size=resize, mean=mean, std=std,
-                      max_length=max_length, dtype=name, source=src)
+                      max_length=max_length, dtype=name, source=src, attention=attention)
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -386,9 +401,9 @@ def clip_text_embed(bundle: ClipBundle, prompts: Sequence[str] | str, *, params=
     The batch is padded with empty prompts to a bucket size (one compilation per bucket)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     n = len(prompts)
-    ids, mask = tokenize(bundle, prompts + [""] * (_bucket(n) - n) if n else prompts)
+    ids, _ = tokenize(bundle, prompts + [""] * (_bucket(n) - n) if n else prompts)
     p = bundle.params if params is None else params
-    e = _text_fn(bundle.key[0], bundle.dtype)(p, jnp.asarray(ids), jnp.asarray(mask))[:n]
+    e = _text_fn(bundle.key[0], bundle.dtype, bundle.attention)(p, jnp.asarray(ids))[:n]
     return _normalize(e) if normalize else e
 
 
@@ -518,8 +533,8 @@ def write_tiny_clip(directory: str, seed: int = 0, *, num_merges: int = 120) -> 
     any text encodes; ``<|startoftext|>`` / ``<|endoftext|>`` have the highest ids, as in CLIP);
     ``preprocessor_config.json`` (short side 32, crop 32, OpenAI mean / std)."""
     _quiet_transformers()
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig  # heavy / optional
-    from transformers import FlaxCLIPModel    # heavy; used only when a model is built from it (and for its configs)
+    from flax.serialization import to_bytes
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig  # configs
 
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
@@ -546,10 +561,12 @@ def write_tiny_clip(directory: str, seed: int = 0, *, num_merges: int = 120) -> 
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                               image_size=32, patch_size=8, num_channels=3)
     config = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = FlaxCLIPModel(config, _do_init=False)
-        model.save_pretrained(directory, params=_tiny_params(model.params_shape_tree, seed))
+    config.architectures = ["CLIPModel"]
+    config.save_pretrained(directory)
+    module = ClipModel(ClipModelConfig.from_dict(config.to_dict()))
+    shapes = expected_tree(module, np.zeros((1, _TINY_MAX_LENGTH), np.int32), np.zeros((1, 32, 32, 3), np.float32))
+    with open(os.path.join(directory, "flax_model.msgpack"), "wb") as f:
+        f.write(to_bytes(_tiny_params(shapes, seed)))
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(directory)
     return directory
 

@@ -283,7 +283,7 @@ def test_latents_sharded_over_devices_are_gathered_onto_the_params_device():
 
 
 def _pt_copy(src, dst, replace=None, config=None):
-    """dst: a copy of the PyTorch-layout folder ``src``; ``replace``: {relative path: file to put there};
+    """dst: a copy of the diffusers-layout folder ``src`` (PyTorch or Flax weights); ``replace``: {relative path: file to put there};
     ``config``: {component: keys to change in its config.json}."""
     import shutil
 
@@ -297,6 +297,15 @@ def _pt_copy(src, dst, replace=None, config=None):
         with open(p, "w") as fh:
             json.dump(dict(cfg, **keys), fh)
     return str(dst)
+
+
+def test_flax_weights_that_do_not_fit_the_config_name_the_file_and_the_weight(tmp_path, tiny_dir):
+    """A Flax (.msgpack) folder whose config.json no longer fits its weights fails at loading, naming the
+    file, the weight and both shapes (not later, inside a compiled call)."""
+    text = _pt_copy(tiny_dir, tmp_path / "text", config={"text_encoder": {"intermediate_size": 48}})
+    with pytest.raises(ValueError, match=r"text_encoder/flax_model.msgpack: weight 'text_model/encoder/layers/0/"
+                                         r"mlp/fc1/(kernel|bias)' has shape \((32, )?64,?\).*needs shape"):
+        sdm.load_stable_diffusion(text)
 
 
 @pytest.mark.torch

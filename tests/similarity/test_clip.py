@@ -219,3 +219,85 @@ def test_torch_clip_parity(tiny_dir, bundle):
     np.testing.assert_allclose(np.asarray(clip.clip_text_embed(bundle, prompts, normalize=False)), tt, atol=1e-4)
     tin = ti / np.linalg.norm(ti, axis=-1, keepdims=True)
     np.testing.assert_allclose(np.asarray(clip.clip_image_embed(bundle, x)), tin, atol=1e-4)
+
+
+@pytest.mark.torch
+def test_pytorch_safetensors_clip_loads_into_our_model(tmp_path, tiny_dir):
+    """A CLIP as the hub publishes it (transformers' PyTorch CLIPModel, ``model.safetensors``, here with
+    OpenCLIP's exact GELU) loads into amg_jax's ClipModel by name (read without torch) and embeds as
+    transformers' PyTorch model does: the bare ``class_embedding`` / ``logit_scale`` parameters, the
+    patch conv (OIHW -> HWIO) and the transposed linears all map."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    cfg = json.load(open(os.path.join(tiny_dir, "config.json")))
+    cfg["vision_config"]["hidden_act"] = cfg["text_config"]["hidden_act"] = "gelu"
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tm = CLIPModel(CLIPConfig(**{k: v for k, v in cfg.items() if k != "transformers_version"})).eval()
+        with torch.no_grad():
+            tm.vision_model.embeddings.class_embedding.normal_()      # transformers' init hides a bad mapping
+            tm.vision_model.embeddings.position_embedding.weight.normal_(std=0.1)
+            tm.logit_scale.fill_(1.5)
+    d = tmp_path / "pt_clip"
+    tm.save_pretrained(d, safe_serialization=True)
+    for f in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
+              "preprocessor_config.json"):
+        shutil.copy(os.path.join(tiny_dir, f), d)
+    assert sorted(p.name for p in d.iterdir() if "model" in p.name) == ["model.safetensors"]
+    b = clip.load_clip(str(d))
+    assert float(b.params["logit_scale"]) == pytest.approx(1.5)
+    x = _images(B, 40)
+    prompts = ["a red circle", "a blue square on a gray background", "", "a photo of a striped dog"]
+    px = np.asarray(clip.clip_preprocess(x, b.resize_size, b.mean, b.std))
+    ids, mask = clip.tokenize(b, prompts)
+    with torch.no_grad():
+        ti = tm.get_image_features(pixel_values=torch.from_numpy(px.transpose(0, 3, 1, 2).copy())).numpy()
+        tt = tm.get_text_features(input_ids=torch.from_numpy(ids).long(),
+                                  attention_mask=torch.from_numpy(mask).long()).numpy()
+    # float32 Flax vs PyTorch (other conv / attention kernels) on |embedding| ~ 1: ~1e-6, atol 1e-4 leaves
+    # ~100x; a wrong mapping (an untransposed kernel, a lost class token) is off by >1e-2
+    assert np.abs(ti).max() > 0.1 and np.abs(tt).max() > 0.1
+    np.testing.assert_allclose(np.asarray(clip.clip_image_embed(b, x, normalize=False)), ti, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(clip.clip_text_embed(b, prompts, normalize=False)), tt, atol=1e-4)
+
+
+def test_weights_of_another_size_are_named(tmp_path, tiny_dir):
+    d = tmp_path / "other"
+    shutil.copytree(tiny_dir, d)
+    cfg = json.load(open(d / "config.json"))
+    cfg["projection_dim"] = 24                          # the weights' projections are 16 wide
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"flax_model.msgpack.*visual_projection|flax_model.msgpack.*text_projection"):
+        clip.load_clip(str(d))
+    cfg["projection_dim"] = 16
+    cfg["vision_config"]["patch_size"] = 5              # 32 is not a multiple of 5
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="patch_size"):
+        clip.load_clip(str(d))
+    with pytest.raises(ValueError, match="attention"):
+        clip.load_clip(tiny_dir, attention="flash")
+
+
+def test_embedding_imports_no_transformers_flax_model(tiny_dir):
+    """In a fresh interpreter: load the CLIP, embed images and text, score; no transformers Flax model
+    module (nor diffusers' Flax) is imported."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+import numpy as np
+from amg_jax.similarity import clip
+b = clip.load_clip({tiny_dir!r})
+x = np.zeros((2, 32, 32, 3), np.float32)
+clip.clip_score(b, x, ["a red circle", "a cat"]).block_until_ready()
+clip.clip_detector(b, x)(x).sigma.block_until_ready()
+bad = sorted(m for m in sys.modules if "modeling_flax" in m or (m.startswith("diffusers.models") and "flax" in m))
+print("FLAX_MODULES", bad)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, XLA_FLAGS=""))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "FLAX_MODULES []" in out.stdout, out.stdout[-2000:]
