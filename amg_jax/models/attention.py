@@ -5,7 +5,8 @@ JAX's ``xla`` path computes the logits and the softmax in float32 whatever the i
 diffusers' ``upcast_attention`` does); cuDNN accumulates in float32 inside the kernel.
 
 implementation (``ATTENTION_IMPLEMENTATIONS``):
-- ``"xla"``: the plain XLA computation (any device, any dtype).
+- ``"xla"``: the plain XLA computation (any device, any dtype; float16 on a CPU computes in float32, as
+  XLA:CPU has no float16 dot with float32 accumulation).
 - ``"cudnn"``: cuDNN's fused flash attention (NVIDIA GPUs, bfloat16 / float16 only; JAX raises otherwise).
 - ``"auto"`` (the default): ``cudnn`` on a GPU for 16-bit inputs with head dim <= 128 (the kernel's
   limits), else ``xla``. On a TPU that is ``xla``: ``jax.nn.dot_product_attention`` has no TPU
@@ -46,9 +47,13 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, implementation:
     b, t, c = q.shape
     d = c // heads
     impl = resolve_attention(implementation, q.dtype, d)
+    dtype = q.dtype
+    if impl == "xla" and dtype == jnp.float16 and jax.default_backend() == "cpu":
+        # XLA:CPU has no float16 dot with float32 accumulation (the xla path's logits): compute in float32
+        q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
     split = lambda x: x.reshape(x.shape[0], x.shape[1], heads, d)                  # noqa: E731
     out = jax.nn.dot_product_attention(split(q), split(k), split(v), is_causal=causal, implementation=impl)
-    return out.reshape(b, t, c)
+    return out.reshape(b, t, c).astype(dtype)
 
 
 __all__ = ["ATTENTION_IMPLEMENTATIONS", "attend", "check_attention", "resolve_attention"]

@@ -53,7 +53,7 @@ def latent_decoder(sd, *, remat_blocks: bool = False) -> Any:
     [B, H, W, 3]`` (one object per VAE config / scaling / dtype / ``remat_blocks``, so jit caches hit);
     ``remat_blocks``: each decoder block under ``nn.remat`` (the "blocks" checkpoint policy)."""
     vae = sd.vae.clone(remat_blocks=True) if remat_blocks else sd.vae
-    return _decoder(sdm.vae_static(vae, sd.vae_scaling_factor, sd.dtype))
+    return _decoder(sdm.vae_static(vae, sd.vae_scaling_factor, jnp.dtype(vae.dtype).name))
 
 
 def _embedder(kind: str, weights):

@@ -235,6 +235,12 @@ class StableDiffusion:
         return DTYPES[self.dtype]
 
     @property
+    def vae_dtype(self) -> str:
+        """The VAE's dtype name: ``dtype``'s, except float32 for a float16 model whose VAE config sets
+        ``force_upcast`` (``vae_dtype_name``)."""
+        return jnp.dtype(self.vae.dtype).name
+
+    @property
     def max_tokens(self) -> int:
         return int(self.tokenizer.model_max_length)
 
@@ -259,7 +265,7 @@ class StableDiffusion:
 
     @functools.cached_property
     def _vae_static(self) -> "_Static":
-        return vae_static(self.vae, self.vae_scaling_factor, self.dtype)
+        return vae_static(self.vae, self.vae_scaling_factor, self.vae_dtype)
 
     @functools.cached_property
     def _text_static(self) -> "_Static":
@@ -272,6 +278,14 @@ class StableDiffusion:
     @property
     def _tokenizers(self):
         return (self.tokenizer,) if self.tokenizer_2 is None else (self.tokenizer, self.tokenizer_2)
+
+
+def vae_dtype_name(dtype: str, vae_config) -> str:
+    """The dtype the VAE runs in for a model in ``dtype``: float32 when ``dtype`` is float16 and the VAE's
+    config sets ``force_upcast`` (its default, as diffusers' pipelines do it: SD's VAE overflows float16's
+    range in its decoder and gives NaN / black images; VAEs fixed for float16 set it false), else ``dtype``.
+    bfloat16 has float32's range and is kept."""
+    return "float32" if dtype == "float16" and vae_config.force_upcast else dtype
 
 
 def vae_static(vae, scaling: float, dtype: str) -> _Static:
@@ -717,7 +731,8 @@ def load_stable_diffusion(path_or_hub_id: str | os.PathLike, *, dtype="float32",
                           revision: str | None = None, attention: str = "auto") -> StableDiffusion:
     """Load a diffusers Stable Diffusion (1.x / 2.x / XL) from a local directory or a hub id.
 
-    dtype: "float32" | "bfloat16" | "float16" (params cast to it; the networks compute in it).
+    dtype: "float32" | "bfloat16" | "float16" (params cast to it; the networks compute in it; with
+    float16 the VAE stays float32 where its config sets ``force_upcast``, as in diffusers: ``vae_dtype_name``).
     from_pt: None = Flax weights when present, else the PyTorch ones; True / False forces.
     revision: a hub branch / tag / commit (hub ids only). attention: "auto" | "xla" | "cudnn".
     Raises ValueError (bad dtype, not an SD layout, unsupported model, a config that does not match
@@ -750,16 +765,16 @@ def load_stable_diffusion(path_or_hub_id: str | os.PathLike, *, dtype="float32",
     text_cfgs = [ClipTextConfig.from_dict(raw[c], os.path.join(path, c, "config.json")) for c in text_comps]
     _check_configs(path, kind, unet_cfg, vae_cfg, text_cfgs)
 
-    jdt = DTYPES[dtype]
+    jdt, vdt = DTYPES[dtype], DTYPES[vae_dtype_name(dtype, vae_cfg)]
     unet = UNet2DCondition(unet_cfg, jdt, attention)
-    vae = AutoencoderKL(vae_cfg, jdt, attention)
+    vae = AutoencoderKL(vae_cfg, vdt, attention)
     texts = [ClipTextEncoder(t, jdt, attention, projection=(c == "text_encoder_2")) for c, t in zip(text_comps, text_cfgs)]
     s, f = unet_cfg.downsampling, vae_cfg.factor
     pooled_dim = text_cfgs[1].projection_dim if kind == "sdxl" else 0
     added = ((jnp.zeros((1, pooled_dim)), jnp.zeros((1, 6))) if kind == "sdxl" else None)
     unet_params = _load_params(path, "unet", unet, (jnp.zeros((1, s, s, unet_cfg.in_channels)), jnp.zeros((1,), jnp.int32),
                                                    jnp.zeros((1, 1, unet_cfg.cross_attention_dim)), added), jdt, from_pt)
-    vae_params = _load_params(path, "vae", vae, (jnp.zeros((1, f, f, vae_cfg.in_channels)),), jdt, from_pt, VAE_ALIASES)
+    vae_params = _load_params(path, "vae", vae, (jnp.zeros((1, f, f, vae_cfg.in_channels)),), vdt, from_pt, VAE_ALIASES)
     text_params = [_load_params(path, c, m, (jnp.zeros((1, t.max_position_embeddings), jnp.int32),), jdt, from_pt)
                    for c, m, t in zip(text_comps, texts, text_cfgs)]
     with quiet_libraries():
@@ -791,12 +806,12 @@ def with_settings(sd: StableDiffusion, *, dtype: str | None = None, attention: s
     params cast from the loaded ones; casting down and back up loses what the lower precision drops)."""
     dtype = sd.dtype if dtype is None else _dtype_name(dtype)
     attention = sd.attention if attention is None else check_attention(attention)
-    jdt = DTYPES[dtype]
-    rebuild = lambda m: None if m is None else dataclasses.replace(m, dtype=jdt, attention=attention)  # noqa: E731
-    unet, vae = rebuild(sd.unet), rebuild(sd.vae)
+    jdt, vdt = DTYPES[dtype], DTYPES[vae_dtype_name(dtype, sd.vae.config)]
+    rebuild = lambda m, dt=jdt: None if m is None else dataclasses.replace(m, dtype=dt, attention=attention)  # noqa: E731
+    unet, vae = rebuild(sd.unet), rebuild(sd.vae, vdt)
     text, text2 = rebuild(sd.text_encoder), rebuild(sd.text_encoder_2)
     return dataclasses.replace(
-        sd, unet=unet, unet_params=_cast(sd.unet_params, jdt), vae=vae, vae_params=_cast(sd.vae_params, jdt),
+        sd, unet=unet, unet_params=_cast(sd.unet_params, jdt), vae=vae, vae_params=_cast(sd.vae_params, vdt),
         text_encoder=text, text_params=_cast(sd.text_params, jdt), text_encoder_2=text2,
         text_params_2=None if text2 is None else _cast(sd.text_params_2, jdt), dtype=dtype, attention=attention,
         eps_fn=dataclasses.replace(sd.eps_fn, unet=unet, dtype=dtype),
@@ -1029,5 +1044,5 @@ __all__ = [
     "check_image_size", "check_layout", "encode_prompts", "load_stable_diffusion", "module_inits", "pipeline_kind",
     "quiet_libraries", "random_params", "random_sd_params", "sampler_config_from_scheduler", "sd_denoiser",
     "sd_sampler_config", "tiny_configs", "tokenize", "write_tiny_sd", "write_tiny_tokenizer", "SCHEDULER_DEFAULTS",
-    "UNetEps", "VAEDecode", "vae_decode_raw", "vae_static", "with_settings",
+    "UNetEps", "VAEDecode", "vae_decode_raw", "vae_dtype_name", "vae_static", "with_settings",
 ]

@@ -358,3 +358,27 @@ def test_broken_pytorch_folders_name_the_file_and_the_field(tmp_path):
     os.remove(os.path.join(no2, "text_encoder_2", "model.safetensors"))
     with pytest.raises(FileNotFoundError, match=r"text_encoder_2/model.safetensors or pytorch_model.bin"):
         sdm.load_stable_diffusion(no2)
+
+
+def test_float16_keeps_the_vae_in_float32_where_its_config_says_force_upcast(tmp_path, tiny_dir):
+    """As diffusers' pipelines: a float16 model decodes with a float32 VAE when vae/config.json sets
+    force_upcast (the default; SD's VAE overflows float16 in its decoder), a float16 one when it is false;
+    bfloat16 (float32's range) is kept. The upcast VAE is the float32 model's, so it decodes the same
+    latents to the same pixels (the same float32 computation on the same weights: exact)."""
+    f32 = sdm.load_stable_diffusion(tiny_dir)
+    f16 = sdm.load_stable_diffusion(tiny_dir, dtype="float16")
+    assert (f16.dtype, f16.vae_dtype, f32.vae_dtype) == ("float16", "float32", "float32")
+    assert {str(p.dtype) for p in jax.tree.leaves(f16.vae_params)} == {"float32"}
+    assert {str(p.dtype) for p in jax.tree.leaves(f16.unet_params)} == {"float16"}
+    lat = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 4))
+    np.testing.assert_array_equal(np.asarray(f16.decode(lat)), np.asarray(f32.decode(lat)))
+    assert sdm.with_settings(f32, dtype="float16").vae_dtype == "float32"
+    assert sdm.with_settings(f32, dtype="bfloat16").vae_dtype == "bfloat16"
+    fixed = _pt_copy(tiny_dir, tmp_path / "fp16_fixed_vae", config={"vae": {"force_upcast": False}})
+    half = sdm.load_stable_diffusion(fixed, dtype="float16")
+    assert half.vae_dtype == "float16" and {str(p.dtype) for p in jax.tree.leaves(half.vae_params)} == {"float16"}
+    assert np.isfinite(np.asarray(half.decode(lat))).all()
+    # float16 samples end to end on a CPU (XLA:CPU's attention computes it in float32)
+    res = sample(sdm.sd_denoiser(f16), make_guidance("cfg", scale=7.5), sdm.sd_sampler_config(f16, 2),
+                 keys_from_seeds([0]), sdm.encode_prompts(f16, ["a cat"]))
+    assert np.isfinite(np.asarray(f16.decode(res.x0))).all()
