@@ -269,6 +269,9 @@ def _add_sample(sub) -> None:
                    help="measure every image's SSCD to --bank (any method): per image in samples.json, "
                         "per prompt (max / mean over seeds, share > 0.5) in OUT/per_prompt.csv, aggregates with "
                         "bootstrap intervals over prompts")
+    s.add_argument("--clip", metavar="DIR_OR_HUB_ID",
+                   help="a CLIP (e.g. openai/clip-vit-large-patch14): every image's CLIP score with its prompt, "
+                        "per image, per prompt and as a mean with its bootstrap interval over prompts")
     _add_screen_args(s)
     a = s.add_argument_group("AMG settings (defaults: the papers' SD settings c1=4, c2=3, c3=100 raw)")
     a.add_argument("--c1", type=_finite_float, help="despecification strength")
@@ -296,7 +299,7 @@ def _run_sample(args, parser) -> None:
                         height=args.height, width=args.width, dtype=args.dtype, attention=args.attention,
                         detector=args.detector,
                         bank=args.bank, amg=amg, baseline=args.baseline, batch=args.batch, screen=args.screen,
-                        screen_threshold=args.screen_threshold, measure=args.measure)
+                        screen_threshold=args.screen_threshold, measure=args.measure, clip=args.clip)
         report = run_sample(run)
     except (ValueError, OSError) as err:
         parser.error(str(err))
@@ -307,6 +310,10 @@ def _run_sample(args, parser) -> None:
         print(f"SSCD to the bank > 0.5: {m['frac_sscd_above_0.5']:.1%} [{lo:.1%}, {hi:.1%}] of images "
               f"({m['prompts']} prompts; 95% bootstrap over prompts), max {m['sscd_top1']:.3f}; per prompt: "
               f"{os.path.join(args.out, 'per_prompt.csv')}")
+    summary = report.get("sscd", report.get("clip", {}))
+    if "clip_score_ci" in summary:
+        lo, hi = summary["clip_score_ci"]
+        print(f"CLIP score: {summary['clip_score']:.2f} [{lo:.2f}, {hi:.2f}] (95% bootstrap over prompts)")
 
 
 def _add_convert(sub) -> None:

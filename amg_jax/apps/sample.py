@@ -25,6 +25,7 @@ from amg_jax.guidance.amg import AMGConfig
 from amg_jax.images import to_uint8
 from amg_jax.index import load_bank
 from amg_jax.apps.sweep.config import CI_BOOT, SSCD_STRICT, SSCD_THRESHOLD
+from amg_jax.evaluation.detection import bootstrap_ci
 from amg_jax.evaluation.metrics import similarity_report
 from amg_jax.evaluation.prompt_stats import aggregate_cis, prompt_csv, prompt_rows
 from amg_jax.index_build import has_captions, load_captions, sscd_nearest
@@ -35,6 +36,7 @@ from amg_jax.models.sd_amg import DETECTOR_KINDS, SD_AMG, bank_conditions, laten
 from amg_jax.prompt_baselines import EMBEDDING_BASELINES, PROMPT_BASELINES, apply_baseline
 from amg_jax.samplers import keys_from_seeds
 from amg_jax.similarity import sscd
+from amg_jax.similarity.clip import clip_score, load_clip
 
 Array = jax.Array
 
@@ -65,6 +67,7 @@ class SampleRun:
     screen: str = "none"
     screen_threshold: float | None = None
     measure: str | None = None          # "sscd:PARAMS.npz": each image's SSCD to --bank, per-prompt stats
+    clip: str | None = None             # a CLIP directory / hub id: each image's CLIP score with its prompt
 
     def __post_init__(self):
         def fail(field, msg):
@@ -112,6 +115,9 @@ class SampleRun:
                 fail("bank", "--measure needs --bank BANK.npz (amg index build --embedder sscd:PARAMS.npz)")
             if not os.path.isfile(self.bank):
                 fail("bank", f"{self.bank!r} does not exist")
+        if self.clip is not None and (not isinstance(self.clip, str) or not self.clip
+                                      or (os.path.exists(self.clip) and not os.path.isdir(self.clip))):
+            fail("clip", f"must be a CLIP directory or hub id (config.json, weights, tokenizer), got {self.clip!r}")
         if self.baseline is not None:
             if self.baseline not in PROMPT_BASELINES:
                 fail("baseline", f"must be one of {sorted(PROMPT_BASELINES)}, got {self.baseline!r}")
@@ -154,6 +160,7 @@ def run_sample(run: SampleRun, *, progress: bool = True, echo=print) -> dict:
             weights = sscd.load_params(weights)
         captions = load_captions(run.bank) if has_captions(run.bank) else []
     measure = sscd_nearest(run.bank, run.measure.partition(":")[2], "sample") if run.measure else None       # a bad bank or SSCD file fails before the model loads
+    scorer = load_clip(run.clip) if run.clip else None          # a broken CLIP fails before the model loads
     sd = spec.load(run.dtype, run.attention)
     den = sdm.sd_denoiser(sd, run.height, run.width)
     sampler = sdm.sd_sampler_config(sd, run.steps, run.sampler)
@@ -193,6 +200,11 @@ def run_sample(run: SampleRun, *, progress: bool = True, echo=print) -> dict:
             sims, nearest = measure(img)
             for j in range(img.shape[0]):
                 records[lo + j].update(sscd=float(sims[j]), sscd_nearest=int(nearest[j]))
+        if scorer is not None:             # with the prompt as the user gave it (not a baseline's rewrite)
+            given = [run.prompts[(lo + j) // run.seeds] for j in range(img.shape[0])]
+            cs = np.asarray(clip_score(scorer, img.astype(np.float32) / 127.5 - 1.0, given))
+            for j in range(img.shape[0]):
+                records[lo + j]["clip_score"] = float(cs[j])
         state["report"] = _write_outputs(run, traces, records, time.time() - t0,
                                          done=lo + img.shape[0] >= len(prompts))
         if progress:
@@ -209,14 +221,27 @@ def run_sample(run: SampleRun, *, progress: bool = True, echo=print) -> dict:
 
 def _summary(run: SampleRun, records: list) -> tuple[dict, str]:
     """(the SSCD aggregates with bootstrap intervals over prompts, the per-prompt CSV) of the
-    measured images so far."""
+    measured images so far; with ``--clip`` the CLIP score is among both."""
     sims = np.asarray([r["sscd"] for r in records])
+    cs = np.asarray([r["clip_score"] for r in records]) if "clip_score" in records[0] else None
     ids = np.arange(len(records)) // run.seeds            # record i is prompt i // seeds
     summary = similarity_report(sims, SSCD_THRESHOLD, SSCD_STRICT, name="sscd")
-    for k, (lo, hi) in aggregate_cis(sims, ids, threshold=SSCD_THRESHOLD, n_boot=CI_BOOT, rng=run.seed).items():
+    if cs is not None:
+        summary["clip_score"] = float(cs.mean())
+    for k, (lo, hi) in aggregate_cis(sims, ids, threshold=SSCD_THRESHOLD, clip=cs, n_boot=CI_BOOT,
+                                     rng=run.seed).items():
         summary[f"{k}_ci"] = [lo, hi]
     summary["prompts"] = int(ids.max()) + 1 if ids.size else 0
-    return summary, prompt_csv(prompt_rows(sims, ids, list(run.prompts), threshold=SSCD_THRESHOLD), SSCD_THRESHOLD)
+    return summary, prompt_csv(prompt_rows(sims, ids, list(run.prompts), threshold=SSCD_THRESHOLD, clip=cs),
+                               SSCD_THRESHOLD)
+
+
+def _clip_summary(run: SampleRun, records: list) -> dict:
+    """The mean CLIP score with its bootstrap interval over prompts (``--clip`` without ``--measure``)."""
+    cs = np.asarray([r["clip_score"] for r in records], np.float64)
+    ids = np.arange(len(records)) // run.seeds
+    lo, hi = bootstrap_ci(lambda rows, _: float(np.mean(cs[rows])), ids, n_boot=CI_BOOT, rng=run.seed)
+    return {"clip_score": float(cs.mean()), "clip_score_ci": [lo, hi], "prompts": int(ids.max()) + 1}
 
 
 def _run_dict(run: SampleRun) -> dict:
@@ -252,6 +277,8 @@ def _write_outputs(run: SampleRun, traces: list, records: list, seconds: float, 
     if records and "sscd" in records[0]:
         report["sscd"], table = _summary(run, records)
         write_atomic(os.path.join(run.out, "per_prompt.csv"), lambda f: f.write(table))
+    elif records and "clip_score" in records[0]:
+        report["clip"] = _clip_summary(run, records)
     write_json(os.path.join(run.out, "samples.json"), report)
     return report
 

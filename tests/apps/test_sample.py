@@ -60,21 +60,25 @@ def test_cli_sample_cfg_and_amg(env, tmp_path, capsys):
 
 def test_cli_sample_measures_sscd_per_prompt(env, tmp_path, capsys):
     """--measure: each stored image's SSCD to the bank, the per-prompt CSV and the aggregates with
-    bootstrap intervals; prompts from a Wen et al.-style .jsonl ("caption" lines)."""
+    bootstrap intervals; --clip: each image's CLIP score with its prompt, in the CSV and the aggregates;
+    prompts from a Wen et al.-style .jsonl ("caption" lines)."""
     import csv
 
     from PIL import Image
 
+    from amg_jax.similarity import clip
+
     root = env["root"]
+    clip_dir = clip.write_tiny_clip(str(tmp_path / "clip"), seed=0)
     plist = tmp_path / "mem.jsonl"
     plist.write_text("".join(json.dumps({"caption": p, "index": i, "url": "http://127.0.0.1:1/x.jpg"}) + "\n"
                              for i, p in enumerate(PROMPTS)))
     out = tmp_path / "measured"
     assert cli.main(["sample", "--model", f"sd:{env['sd_dir']}", "--prompts-file", str(plist), "--seeds", "2",
                      "--steps", str(STEPS), "--batch", "3", "--out", str(out), "--measure", f"sscd:{root / 'sscd.npz'}",
-                     "--bank", str(root / "bank.npz")]) == 0
+                     "--bank", str(root / "bank.npz"), "--clip", clip_dir]) == 0
     printed = capsys.readouterr().out
-    assert "SSCD to the bank > 0.5" in printed and "2 prompts" in printed
+    assert "SSCD to the bank > 0.5" in printed and "2 prompts" in printed and "CLIP score: " in printed
     rep = json.loads((out / "samples.json").read_text())
     assert [s["prompt"] for s in rep["samples"]] == [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2
     png = np.stack([np.asarray(Image.open(out / s["image"]), np.float32) for s in rep["samples"]])
@@ -92,6 +96,15 @@ def test_cli_sample_measures_sscd_per_prompt(env, tmp_path, capsys):
     assert m["prompts"] == 2 and m["frac_sscd_above_0.5"] == np.mean(got > 0.5)
     lo, hi = m["sscd_top1_ci"]
     assert min(got[:2].max(), got[2:].max()) - 1e-9 <= lo <= hi <= got.max() + 1e-9
+    # CLIP scores of the stored PNGs with their prompts: the same float32 computation on the same images
+    # (batch of 3 vs 4, padded to a bucket either way): 1e-4 on a 0-100 scale
+    bundle = clip.load_clip(clip_dir)
+    cs = np.array([s["clip_score"] for s in rep["samples"]])
+    np.testing.assert_allclose(cs, np.asarray(clip.clip_score(bundle, png / 127.5 - 1.0,
+                                                              [s["prompt"] for s in rep["samples"]])), atol=1e-3)
+    assert m["clip_score"] == pytest.approx(cs.mean()) and m["clip_score_ci"][0] <= m["clip_score_ci"][1]
+    for p, r in enumerate(table):
+        assert float(r["clip_score"]) == pytest.approx(cs[2 * p: 2 * p + 2].mean(), abs=1e-9)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -99,6 +112,7 @@ def test_cli_sample_measures_sscd_per_prompt(env, tmp_path, capsys):
     (["--measure", "sscd:/no/sscd.npz"], "does not exist (make it with amg convert sscd)"),
     (["--measure", "sscd:{sscd}"], "--measure needs --bank"),
     (["--model", "unet-text"], "must be sd:PATH_OR_HUB_ID"),
+    (["--clip", "{sscd}"], "must be a CLIP directory or hub id"),
     (["--guidance", "amg"], "AMG needs --detector"),
     (["--guidance", "amg", "--detector", "sscd:{sscd}"], "AMG needs --bank"),
     (["--guidance", "amg", "--detector", "sscd:/no/sscd.npz"], "does not exist (make it with amg convert sscd)"),
