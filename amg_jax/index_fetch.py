@@ -9,7 +9,8 @@ A prompt list names each training image by URL:
 - any other file (one prompt a line) has no URLs and is refused.
 
 ``fetch_images`` downloads each URL (a few at once, timeouts, retries with exponential back-off on
-the failures that can pass: timeouts, dropped connections, HTTP 429 / 5xx), keeps the body only if
+the failures that can pass: timeouts, dropped connections, HTTP 429 / 5xx, waiting at least what a
+``Retry-After`` asks; at most ``per_host`` downloads at once from one host), keeps the body only if
 it decodes as a whole image, and writes ``DIR/<index>.<ext>`` (the server's bytes, unchanged; the
 extension from the decoded format), ``DIR/captions.jsonl`` (``{"file", "caption"}`` lines, which
 ``amg index build DIR`` reads as they are) and ``DIR/fetch_report.json`` (every failure with its
@@ -33,6 +34,7 @@ import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Callable, Sequence
@@ -58,11 +60,47 @@ class Entry:
 
 
 class FetchError(Exception):
-    """A download that failed; ``retry``: whether trying again may help."""
+    """A download that failed; ``retry``: whether trying again may help; ``wait``: the seconds the
+    server asked for before a retry (its ``Retry-After``), 0 if it did not."""
 
-    def __init__(self, reason: str, retry: bool = False):
+    def __init__(self, reason: str, retry: bool = False, wait: float = 0.0):
         super().__init__(reason)
-        self.reason, self.retry = reason, retry
+        self.reason, self.retry, self.wait = reason, retry, wait
+
+
+MAX_RETRY_AFTER = 120.0     # seconds: a longer Retry-After is cut to this
+
+
+def _retry_after(value) -> float:
+    """Seconds of a ``Retry-After`` header (delta-seconds or an HTTP date), 0 when absent / unreadable."""
+    if not value:
+        return 0.0
+    try:
+        return min(max(float(value), 0.0), MAX_RETRY_AFTER)
+    except ValueError:
+        pass
+    try:
+        import email.utils
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return 0.0
+    return min(max(when - time.time(), 0.0), MAX_RETRY_AFTER)
+
+
+class HostLimits:
+    """At most ``per_host`` downloads at once from one host (``scheme://host:port``), whatever the
+    number of workers: a prompt list often names one image host hundreds of times."""
+
+    def __init__(self, per_host: int):
+        self.per_host, self._lock, self._sems = per_host, threading.Lock(), {}
+
+    def __call__(self, url: str) -> threading.Semaphore:
+        parts = urllib.parse.urlsplit(url)
+        key = f"{parts.scheme}://{parts.netloc}".lower()
+        with self._lock:
+            if key not in self._sems:
+                self._sems[key] = threading.BoundedSemaphore(self.per_host)
+            return self._sems[key]
 
 
 # ----------------------------------------------------------------------------- prompt lists
@@ -181,7 +219,8 @@ def download(url: str, *, timeout: float, deadline: float, max_bytes: int) -> tu
     except urllib.error.HTTPError as e:
         if 300 <= e.code < 400:
             raise FetchError(f"redirect loop or too many redirects (HTTP {e.code})") from None
-        raise FetchError(f"HTTP {e.code} {e.reason}", retry=e.code == 429 or e.code >= 500) from None
+        raise FetchError(f"HTTP {e.code} {e.reason}", retry=e.code == 429 or e.code >= 500,
+                         wait=_retry_after(e.headers.get("Retry-After") if e.headers else None)) from None
     except urllib.error.URLError as e:
         r = e.reason
         if isinstance(r, (socket.timeout, TimeoutError)):
@@ -230,16 +269,25 @@ def write_captions(out: str, entries: Sequence[Entry]) -> int:
 
 
 def fetch_one(e: Entry, out: str, *, timeout: float, deadline: float, retries: int, backoff: float,
-              max_bytes: int, sleep: Callable[[float], None] = time.sleep) -> dict:
-    """Download ``e`` into ``out`` with up to ``retries`` retries; a result row for the report."""
+              max_bytes: int, sleep: Callable[[float], None] = time.sleep, host_limit=None) -> dict:
+    """Download ``e`` into ``out`` with up to ``retries`` retries (exponential back-off with jitter, or
+    the server's ``Retry-After`` when longer); a result row for the report. ``host_limit``: a
+    ``HostLimits`` (the host's slot is held while downloading, not while waiting to retry)."""
     attempt = 0
     while True:
         attempt += 1
         try:
-            data, ext = download(e.url, timeout=timeout, deadline=deadline, max_bytes=max_bytes)
+            slot = host_limit(e.url) if host_limit is not None else None
+            if slot is not None:
+                slot.acquire()
+            try:
+                data, ext = download(e.url, timeout=timeout, deadline=deadline, max_bytes=max_bytes)
+            finally:
+                if slot is not None:
+                    slot.release()
         except FetchError as err:
             if err.retry and attempt <= retries:
-                sleep(backoff * 2 ** (attempt - 1) * (1.0 + 0.25 * random.random()))
+                sleep(max(backoff * 2 ** (attempt - 1) * (1.0 + 0.25 * random.random()), err.wait))
                 continue
             return {"index": e.index, "url": e.url, "ok": False, "reason": err.reason, "attempts": attempt}
         name = f"{e.index}.{ext}"
@@ -247,12 +295,14 @@ def fetch_one(e: Entry, out: str, *, timeout: float, deadline: float, retries: i
         return {"index": e.index, "url": e.url, "ok": True, "file": name, "bytes": len(data), "attempts": attempt}
 
 
-def fetch_images(prompts: str, out: str, *, workers: int = 8, timeout: float = 10.0, deadline: float = 60.0,
-                 retries: int = 3, backoff: float = 1.0, max_bytes: int = 64 << 20, progress: bool = True,
-                 echo=print) -> dict:
+def fetch_images(prompts: str, out: str, *, workers: int = 8, per_host: int = 2, timeout: float = 10.0,
+                 deadline: float = 60.0, retries: int = 3, backoff: float = 1.0, max_bytes: int = 64 << 20,
+                 progress: bool = True, echo=print) -> dict:
     """Fetch the images of prompt list ``prompts`` into folder ``out`` (module docstring): the
-    images not there yet, then ``captions.jsonl`` and ``fetch_report.json``. Returns the report."""
-    for name, v, lo in (("workers", workers, 1), ("retries", retries, 0), ("max_bytes", max_bytes, 1)):
+    images not there yet, then ``captions.jsonl`` and ``fetch_report.json``. Returns the report.
+    ``workers`` downloads at once, at most ``per_host`` of them from one host."""
+    for name, v, lo in (("workers", workers, 1), ("per_host", per_host, 1), ("retries", retries, 0),
+                        ("max_bytes", max_bytes, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"index fetch: {name} must be an integer >= {lo}, got {v!r}")
     for name, v in (("timeout", timeout), ("deadline", deadline), ("backoff", backoff)):
@@ -269,7 +319,7 @@ def fetch_images(prompts: str, out: str, *, workers: int = 8, timeout: float = 1
     have = {e.index: existing_file(out, e.index) for e in entries}
     todo = [e for e in entries if have[e.index] is None]
     echo(f"index fetch: {len(entries)} entries in {prompts}; {len(entries) - len(todo)} already in {out}, "
-         f"fetching {len(todo)} ({workers} at once)")
+         f"fetching {len(todo)} ({workers} at once, {per_host} per host)")
     t0 = time.time()
     rows: list[dict] = []
     bar = tqdm(total=len(todo), desc="index fetch", unit="img", disable=not progress or not todo)
@@ -277,7 +327,8 @@ def fetch_images(prompts: str, out: str, *, workers: int = 8, timeout: float = 1
               max_bytes=max_bytes)
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
-        futures = [pool.submit(fetch_one, e, out, **kw) for e in todo]
+        limits = HostLimits(per_host)
+        futures = [pool.submit(fetch_one, e, out, host_limit=limits, **kw) for e in todo]
         for fut in as_completed(futures):
             rows.append(fut.result())
             bar.update(1)
@@ -292,7 +343,7 @@ def fetch_images(prompts: str, out: str, *, workers: int = 8, timeout: float = 1
               "already_present": len(entries) - len(todo), "requested": len(todo),
               "fetched": sum(r["ok"] for r in rows), "failed": len(failed), "images": n_captions,
               "seconds": round(time.time() - t0, 3),
-              "settings": {"workers": workers, **kw},
+              "settings": {"workers": workers, "per_host": per_host, **kw},
               "failures": [{k: r[k] for k in ("index", "url", "reason", "attempts")} for r in failed]}
     _write_atomic(os.path.join(out, REPORT), (json.dumps(report, indent=1, ensure_ascii=False) + "\n").encode())
     return report

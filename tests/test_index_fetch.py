@@ -42,7 +42,9 @@ ROUTES = {
 class Server:
     def __init__(self):
         self.hits = collections.Counter()
-        self.flaky_left = 1
+        self.flaky_left = self.busy_left = 1
+        self.in_flight = self.max_in_flight = 0
+        self.lock = threading.Lock()
         owner = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -64,12 +66,27 @@ class Server:
                     self.send_header("Location", "/loop.jpg")
                     self.end_headers()
                     return
+                if self.path.startswith("/slow/"):         # counts the downloads at once
+                    with owner.lock:
+                        owner.in_flight += 1
+                        owner.max_in_flight = max(owner.max_in_flight, owner.in_flight)
+                    time.sleep(0.2)
+                    with owner.lock:
+                        owner.in_flight -= 1
+                if self.path == "/busy.png" and owner.busy_left > 0:
+                    owner.busy_left -= 1
+                    self.send_response(429)
+                    self.send_header("Retry-After", "1")
+                    self.end_headers()
+                    return
                 if self.path == "/flaky.png":
                     if owner.flaky_left > 0:
                         owner.flaky_left -= 1
                         self.send_response(503)
                         self.end_headers()
                         return
+                    code, ctype, body = 200, "image/png", PNG
+                elif self.path.startswith("/slow/") or self.path == "/busy.png":
                     code, ctype, body = 200, "image/png", PNG
                 else:
                     code, ctype, body = ROUTES.get(self.path, (404, "text/plain", b"no such route"))
@@ -143,6 +160,32 @@ def test_fetch_keeps_good_images_reports_failures_and_resumes(tmp_path, server):
     for route in GOOD.values():
         assert server.hits[route] == before[route], route
     assert server.hits["/missing.jpg"] == before["/missing.jpg"] + 1
+
+
+def test_downloads_per_host_are_limited(tmp_path, server):
+    """6 workers, one host: at most ``per_host`` requests are in flight at once (the server counts);
+    with ``per_host=6`` more are, so the count can tell."""
+    prompts = _write_list(tmp_path / "mem.jsonl", server, {str(i): f"/slow/{i}.png" for i in range(6)})
+    report = fetch_images(prompts, str(tmp_path / "a"), echo=lambda *_: None, **{**FAST, "workers": 6, "per_host": 2})
+    assert report["fetched"] == 6 and report["settings"]["per_host"] == 2
+    assert server.max_in_flight == 2
+    server.max_in_flight = 0
+    fetch_images(prompts, str(tmp_path / "b"), echo=lambda *_: None, **{**FAST, "workers": 6, "per_host": 6})
+    assert server.max_in_flight > 2
+    with pytest.raises(ValueError, match="per_host must be an integer >= 1"):
+        fetch_images(prompts, str(tmp_path / "c"), echo=lambda *_: None, **{**FAST, "per_host": 0})
+
+
+def test_retry_after_is_honoured(tmp_path, server):
+    """An HTTP 429 with ``Retry-After: 1`` is retried after at least 1 s, not after the 0.01 s back-off."""
+    waits = []
+    e = index_fetch.Entry(index="1", caption="c", url=server.url + "/busy.png")
+    row = index_fetch.fetch_one(e, str(tmp_path), timeout=0.5, deadline=5.0, retries=2, backoff=0.01,
+                                max_bytes=1 << 20, sleep=waits.append)
+    assert row["ok"] and row["attempts"] == 2 and waits == [1.0]
+    assert index_fetch._retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0     # a date in the past
+    assert index_fetch._retry_after("99999") == index_fetch.MAX_RETRY_AFTER
+    assert index_fetch._retry_after("soon") == 0.0
 
 
 def test_an_interrupted_run_resumes(tmp_path, server, monkeypatch):

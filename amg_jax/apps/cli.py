@@ -386,6 +386,7 @@ def _add_index(sub) -> None:
     f.add_argument("prompts", help="prompt list with image URLs (.jsonl or .csv)")
     f.add_argument("--out", required=True, help="folder to write the images to")
     f.add_argument("--workers", type=_positive_int, default=8, help="downloads at once")
+    f.add_argument("--per-host", type=_positive_int, default=2, help="downloads at once from one host")
     f.add_argument("--timeout", type=_positive_float, default=10.0, help="seconds a connection or read may stall")
     f.add_argument("--deadline", type=_positive_float, default=60.0, help="seconds for one whole download")
     f.add_argument("--retries", type=_count, default=3,
@@ -410,7 +411,8 @@ def _run_index_fetch(args, parser) -> None:
     _check_out(parser, args.out, "--out")
     try:
         read_prompt_list(args.prompts)              # a bad list fails before any request
-        report = fetch_images(args.prompts, args.out, workers=args.workers, timeout=args.timeout,
+        report = fetch_images(args.prompts, args.out, workers=args.workers, per_host=args.per_host,
+                              timeout=args.timeout,
                               deadline=args.deadline, retries=args.retries, progress=args.progress)
     except (ValueError, OSError) as err:
         parser.error(str(err))
