@@ -24,7 +24,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from amg_jax.models.clip_text import ACTIVATIONS, ClipEncoder, ClipTextConfig, ClipTextTransformer
+from amg_jax.models.clip_text import ClipEncoder, ClipTextConfig, ClipTextTransformer, check_transformer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,14 +41,7 @@ class ClipVisionConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict, where: str = "config.json") -> "ClipVisionConfig":
-        act = cfg.get("hidden_act", "quick_gelu")
-        if act not in ACTIVATIONS:
-            raise ValueError(f"{where}: vision_config.hidden_act={act!r} is not supported; expected one of "
-                             f"{list(ACTIVATIONS)}")
-        hidden, heads = int(cfg.get("hidden_size", 768)), int(cfg.get("num_attention_heads", 12))
-        if hidden % heads:
-            raise ValueError(f"{where}: vision_config.hidden_size={hidden} is not divisible by "
-                             f"num_attention_heads={heads}")
+        act, hidden, heads = check_transformer(cfg, where, "vision_config.")
         size, patch = int(cfg.get("image_size", 224)), int(cfg.get("patch_size", 32))
         if size % patch:
             raise ValueError(f"{where}: vision_config.image_size={size} is not a multiple of patch_size={patch}")

@@ -25,6 +25,18 @@ ACTIVATIONS = {"quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
                "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
 
 
+def check_transformer(cfg: dict, where: str, prefix: str = "") -> tuple[str, int, int]:
+    """(hidden_act, hidden_size, num_attention_heads) of a CLIP tower's config dict, checked: an activation
+    we implement, and heads that divide the width (ValueError naming ``where`` and the field)."""
+    act = cfg.get("hidden_act", "quick_gelu")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"{where}: {prefix}hidden_act={act!r} is not supported; expected one of {list(ACTIVATIONS)}")
+    hidden, heads = int(cfg.get("hidden_size", 768)), int(cfg.get("num_attention_heads", 12))
+    if hidden % heads:
+        raise ValueError(f"{where}: {prefix}hidden_size={hidden} is not divisible by num_attention_heads={heads}")
+    return act, hidden, heads
+
+
 @dataclasses.dataclass(frozen=True)
 class ClipTextConfig:
     vocab_size: int = 49408
@@ -44,12 +56,7 @@ class ClipTextConfig:
             raise ValueError(f"{where}: model_type={cfg['model_type']!r} is not a CLIP text model")
         if "text_config" in cfg:            # a full CLIPModel config: its text half
             cfg = dict(cfg["text_config"], projection_dim=cfg.get("projection_dim", 512))
-        act = cfg.get("hidden_act", "quick_gelu")
-        if act not in ACTIVATIONS:
-            raise ValueError(f"{where}: hidden_act={act!r} is not supported; expected one of {list(ACTIVATIONS)}")
-        hidden, heads = int(cfg.get("hidden_size", 768)), int(cfg.get("num_attention_heads", 12))
-        if hidden % heads:
-            raise ValueError(f"{where}: hidden_size={hidden} is not divisible by num_attention_heads={heads}")
+        act, hidden, heads = check_transformer(cfg, where)
         return cls(vocab_size=int(cfg.get("vocab_size", 49408)), hidden_size=hidden,
                    intermediate_size=int(cfg.get("intermediate_size", 3072)),
                    num_hidden_layers=int(cfg.get("num_hidden_layers", 12)), num_attention_heads=heads,
@@ -189,4 +196,4 @@ class ClipTextEncoder(nn.Module):
         return ClipTextOutput(last, penultimate, pooled, projected)
 
 
-__all__ = ["ACTIVATIONS", "ClipEncoder", "ClipTextConfig", "ClipTextEncoder", "ClipTextOutput", "ClipTextTransformer"]
+__all__ = ["ACTIVATIONS", "check_transformer", "ClipEncoder", "ClipTextConfig", "ClipTextEncoder", "ClipTextOutput", "ClipTextTransformer"]
