@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from amg_jax.apps import bench
-from amg_jax.models import sd_amg
+from amg_jax import sd_amg
 from amg_jax.similarity.embedding import through_decoder
 
 

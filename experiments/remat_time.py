@@ -6,7 +6,7 @@ prints max |gradient - the first policy's| and the median of 3 calls each.
 """
 import tempfile, time, jax, jax.numpy as jnp, numpy as np
 from amg_jax.apps import bench
-from amg_jax.models import sd_amg
+from amg_jax import sd_amg
 from amg_jax.similarity.embedding import through_decoder
 sd = bench.random_sd(tempfile.mkdtemp(), bench.sd15_configs(1000))
 z = jnp.asarray(np.random.default_rng(0).standard_normal((1, 32, 32, 4)), jnp.float32)

@@ -21,7 +21,7 @@ from amg_jax.guidance import CFG, build_method
 from amg_jax.guidance.screen import ScreenedGuidance, get_screen
 from amg_jax.index import build_bank
 from amg_jax.models import stable_diffusion as sdm
-from amg_jax.models.sd_amg import SD_AMG, latent_detector
+from amg_jax.sd_amg import SD_AMG, latent_detector
 from amg_jax.samplers import keys_from_seeds, sample
 from amg_jax.similarity import sscd
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from amg_jax.apps import bench
-from amg_jax.models.sd_amg import latent_detector
+from amg_jax.sd_amg import latent_detector
 from amg_jax.index import build_bank
 from amg_jax.models import stable_diffusion as sdm
 from amg_jax.similarity import sscd

@@ -67,7 +67,7 @@ def small_mixture():
 @pytest.fixture(scope="session")
 def tiny_sd_env(tmp_path_factory):
     """The tiny Stable Diffusion set-up of ``tiny_sd.build_env`` (a random-weight SD, SSCD and a
-    bank written by the tests themselves), shared by tests/models/test_sd_amg.py and
+    bank written by the tests themselves), shared by tests/test_sd_amg.py and
     tests/apps/test_sample.py."""
     from tiny_sd import build_env
 

@@ -420,7 +420,7 @@ def github_anchor(heading: str) -> str:
 
 MODULES = ("amg_jax", "amg_jax.samplers", "amg_jax.guidance", "amg_jax.guidance.base", "amg_jax.guidance.cfg",
            "amg_jax.guidance.amg", "amg_jax.index", "amg_jax.similarity", "amg_jax.similarity.pixel",
-           "amg_jax.evaluation.metrics", "amg_jax.sharding", "amg_jax.models.sd_amg", "amg_jax.apps.sample",
+           "amg_jax.evaluation.metrics", "amg_jax.sharding", "amg_jax.sd_amg", "amg_jax.apps.sample",
            "amg_jax.models.stable_diffusion", "amg_jax.models.zoo")
 ARRAY_TYPES = ("Array", "ndarray", "ArrayLike")
 # parameters that hold arrays (or pytrees of them) whatever their annotation says

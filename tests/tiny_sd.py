@@ -1,6 +1,6 @@
 """A tiny random-weight Stable Diffusion, a tiny SSCD and a bank, written by the tests themselves
 (``tests/`` is on ``sys.path``: pyproject's pytest ``pythonpath``); conftest's ``tiny_sd_env``
-builds it once per session for tests/models/test_sd_amg.py and tests/apps/test_sample.py."""
+builds it once per session for tests/test_sd_amg.py and tests/apps/test_sample.py."""
 import json
 
 import jax

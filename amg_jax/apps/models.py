@@ -29,7 +29,7 @@ from amg_jax.models import stable_diffusion as sdm
 from amg_jax.models.base import WithNull
 from amg_jax.models.empirical import empirical_denoiser
 from amg_jax.models.mixture import fit_mixture
-from amg_jax.models.sd_amg import SD_AMG
+from amg_jax.sd_amg import SD_AMG
 from amg_jax.models.text import CaptionTokenizer
 from amg_jax.models.unet import token_denoiser
 from amg_jax.models.zoo import load_model, read_card

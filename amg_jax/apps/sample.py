@@ -32,7 +32,7 @@ from amg_jax.index_build import has_captions, load_captions, sscd_nearest
 from amg_jax.jsonio import write_atomic, write_json
 from amg_jax.models import stable_diffusion as sdm
 from amg_jax.models.attention import ATTENTION_IMPLEMENTATIONS
-from amg_jax.models.sd_amg import DETECTOR_KINDS, SD_AMG, bank_conditions, latent_detector
+from amg_jax.sd_amg import DETECTOR_KINDS, SD_AMG, bank_conditions, latent_detector
 from amg_jax.prompt_baselines import EMBEDDING_BASELINES, PROMPT_BASELINES, apply_baseline
 from amg_jax.samplers import keys_from_seeds
 from amg_jax.similarity import sscd

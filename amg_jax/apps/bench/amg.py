@@ -18,7 +18,7 @@ from amg_jax.guidance.base import x0_from_eps
 from amg_jax.guidance.screen import get_screen
 from amg_jax.index import build_bank
 from amg_jax.models import stable_diffusion as sdm
-from amg_jax.models.sd_amg import SD_AMG, latent_detector
+from amg_jax.sd_amg import SD_AMG, latent_detector
 from amg_jax.samplers import SamplerConfig, sample
 from amg_jax.similarity import sscd
 

@@ -23,7 +23,7 @@ from amg_jax.index_build import has_captions, list_images, load_captions, load_i
 from amg_jax.evaluation.metrics import frechet_distance, similarity_report
 from amg_jax.evaluation.prompt_stats import aggregate_cis
 from amg_jax.models import stable_diffusion as sdm
-from amg_jax.models.sd_amg import bank_conditions, latent_decoder, latent_detector
+from amg_jax.sd_amg import bank_conditions, latent_decoder, latent_detector
 from amg_jax.prompt_baselines import EMBEDDING_BASELINES, apply_baseline, gni_rows
 from amg_jax.samplers import SamplerConfig, keys_from_seeds
 from amg_jax.sharding import make_mesh

@@ -28,7 +28,7 @@ from amg_jax.models import stable_diffusion as sdm
 from amg_jax.prompt_baselines import (EMBEDDING_BASELINES, GNI_BRANCHES, PROMPT_BASELINES, apply_baseline,
                                       baseline_params)
 from amg_jax.samplers import SAMPLERS
-from amg_jax.models.sd_amg import SD_AMG
+from amg_jax.sd_amg import SD_AMG
 from amg_jax.evaluation import inception as _inception
 from amg_jax.similarity import sscd as _sscd
 

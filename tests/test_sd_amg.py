@@ -1,4 +1,4 @@
-"""AMG on Stable Diffusion latents (``models.sd_amg``): VAE -> SSCD / CLIP detector, caption conditions.
+"""AMG on Stable Diffusion latents (``amg_jax.sd_amg``): VAE -> SSCD / CLIP detector, caption conditions.
 
 All on a tiny random-weight SD, a tiny SSCD and a tiny CLIP written by the tests themselves
 (``tiny_sd``; `amg sample` on them: tests/apps/test_sample.py).
@@ -11,7 +11,7 @@ import pytest
 
 from amg_jax.apps.models import model_spec
 from amg_jax.index import build_bank
-from amg_jax.models import sd_amg as sg
+from amg_jax import sd_amg as sg
 from amg_jax.models import stable_diffusion as sdm
 from amg_jax.samplers import keys_from_seeds, sample
 from tiny_sd import PROMPTS, SSCD_CFG, STEPS
