@@ -20,6 +20,7 @@ import numpy as np
 from amg_jax.guidance import CFG, build_method
 from amg_jax.guidance.screen import ScreenedGuidance, get_screen
 from amg_jax.index import build_bank
+from amg_jax.models import sd_tiny
 from amg_jax.models import stable_diffusion as sdm
 from amg_jax.sd_amg import SD_AMG, latent_detector
 from amg_jax.samplers import keys_from_seeds, sample
@@ -55,7 +56,7 @@ def main():
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--out")
     a = p.parse_args()
-    sd = sdm.load_stable_diffusion(sdm.write_tiny_sd(os.path.join(tempfile.mkdtemp(), "sd"), seed=0))
+    sd = sdm.load_stable_diffusion(sd_tiny.write_tiny_sd(os.path.join(tempfile.mkdtemp(), "sd"), seed=0))
     den = sdm.sd_denoiser(sd)
     sampler = sdm.sd_sampler_config(sd, a.steps, "ddim")
     gs = variants(sd)

@@ -215,13 +215,13 @@ def memorized_list(path: Path, site: Path):
 def workspace(tmp_path_factory):
     """(directory, shared Python namespace) in which the README's examples run."""
     import torch
-    from amg_jax.models import stable_diffusion as sdm
+    from amg_jax.models import sd_tiny
     from amg_jax.similarity import sscd
 
     root = tmp_path_factory.mktemp("readme")
     for name in LINKED:
         (root / name).symlink_to(ROOT / name, target_is_directory=True)
-    sdm.write_tiny_sd(root / "sd-v1-4", seed=0)
+    sd_tiny.write_tiny_sd(root / "sd-v1-4", seed=0)
     torch.save(tiny_sscd_state_dict(sscd.SSCDConfig(stage_sizes=(1, 1), width=4, embed_dim=8)),
                root / "sscd_disc_mixup.torchscript.pt")
     torch.save(random_inception_state_dict(), root / "pt_inception-2015-12-05-6726825d.pth")

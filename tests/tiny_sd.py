@@ -8,6 +8,7 @@ import numpy as np
 
 from amg_jax.apps.models import model_spec
 from amg_jax.index import build_bank, save_bank
+from amg_jax.models import sd_tiny
 from amg_jax.models import stable_diffusion as sdm
 from amg_jax.samplers import keys_from_seeds, sample
 from amg_jax.similarity import sscd
@@ -21,7 +22,7 @@ def build_env(root) -> dict:
     """The tiny SD in ``root``, its CFG samples of ``PROMPTS`` (seed 0 each), a tiny SSCD params file
     and a bank of SSCD embeddings holding those samples (labels 0, 1: the "training images" the CFG
     run copies) and 3 others, with ``PROMPTS`` as its captions."""
-    sd_dir = sdm.write_tiny_sd(root / "tiny-sd", seed=0)
+    sd_dir = sd_tiny.write_tiny_sd(root / "tiny-sd", seed=0)
     sd = sdm.load_stable_diffusion(sd_dir)
     den = sdm.sd_denoiser(sd)
     params = sscd.init_params(SSCD_CFG, seed=0)

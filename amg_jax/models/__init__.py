@@ -10,8 +10,9 @@
 from amg_jax.models.base import Denoiser
 from amg_jax.models.empirical import empirical_denoiser
 from amg_jax.models.mixture import fit_mixture, mixture_denoiser
+from amg_jax.models.sd_tiny import write_tiny_sd
 from amg_jax.models.stable_diffusion import (StableDiffusion, encode_prompts, load_stable_diffusion, sd_denoiser,
-                                             sd_sampler_config, write_tiny_sd)
+                                             sd_sampler_config)
 
 __all__ = ["Denoiser", "StableDiffusion", "empirical_denoiser", "encode_prompts", "fit_mixture",
            "load_stable_diffusion", "mixture_denoiser", "sd_denoiser", "sd_sampler_config", "write_tiny_sd"]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from amg_jax.apps import bench
+from amg_jax.models import sd_tiny
 from amg_jax.models import stable_diffusion as sdm
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("fast_compiles")
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
     """One tiny SD for every part (``main(sd=...)``; ``sd_path`` would load it again each time)."""
-    return sdm.load_stable_diffusion(sdm.write_tiny_sd(tmp_path_factory.mktemp("bench") / "tiny-sd", seed=0))
+    return sdm.load_stable_diffusion(sd_tiny.write_tiny_sd(tmp_path_factory.mktemp("bench") / "tiny-sd", seed=0))
 
 
 def run(tmp_path, sd, part):
@@ -177,7 +178,7 @@ def test_devices_part(tmp_path, sd):
 
 def test_random_sd_builds_in_memory(tmp_path):
     """The in-memory builder behind sd_size="1.5", on the tiny configs (shapes only, nothing compiled)."""
-    cfg = sdm.tiny_configs()
+    cfg = sd_tiny.tiny_configs()
     sd = bench.random_sd(str(tmp_path), cfg, source="tiny in memory")
     den = sdm.sd_denoiser(sd)
     assert den.sample_shape == (8, 8, 4) and sd.image_size == 64
@@ -193,7 +194,7 @@ def test_random_sd_builds_in_memory(tmp_path):
 def test_random_sdxl_builds_in_memory(tmp_path):
     """random_sd with "text_encoder_2": an SDXL (pooled row appended, zeros as the null condition,
     micro-conditioning from the image size), in bfloat16 with XLA attention; shapes only."""
-    cfg = sdm.tiny_configs(variant="sdxl")
+    cfg = sd_tiny.tiny_configs(variant="sdxl")
     sd = bench.random_sd(str(tmp_path), cfg, source="tiny XL in memory", dtype="bfloat16", attention="xla")
     assert sd.is_sdxl and sd.dtype == "bfloat16" and sd.attention == "xla"
     d = cfg["text_encoder"]["hidden_size"] + cfg["text_encoder_2"]["hidden_size"]

@@ -12,6 +12,7 @@ from amg_jax.apps import cli, sweep
 from amg_jax.guidance import make_guidance
 from amg_jax.images import to_uint8
 from amg_jax.index import build_bank, save_bank
+from amg_jax.models import sd_tiny
 from amg_jax.models import stable_diffusion as sdm
 from amg_jax.samplers import keys_from_seeds, sample
 from amg_jax.similarity import sscd
@@ -24,7 +25,7 @@ SSCD_CFG = sscd.SSCDConfig(stage_sizes=(1, 1), width=4, embed_dim=8, image_size=
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("sdxl")
-    sd_dir = sdm.write_tiny_sd(root / "tiny-sdxl", seed=0, variant="sdxl")
+    sd_dir = sd_tiny.write_tiny_sd(root / "tiny-sdxl", seed=0, variant="sdxl")
     sd = sdm.load_stable_diffusion(sd_dir)
     params = sscd.init_params(SSCD_CFG, seed=0)
     sscd.save_params(str(root / "sscd.npz"), params, SSCD_CFG)

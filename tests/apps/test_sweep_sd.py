@@ -17,7 +17,7 @@ from amg_jax.apps import runs
 from amg_jax.apps import sweep
 from amg_jax.apps.sweep import runner as sweep_runner
 from amg_jax.index import build_bank, save_bank
-from amg_jax.models import stable_diffusion as sdm
+from amg_jax.models import sd_tiny
 from amg_jax.evaluation import inception
 from amg_jax.similarity import clip, sscd
 
@@ -82,7 +82,7 @@ def env(tmp_path_factory):
     """Tiny SD / SSCD / CLIP / Inception files; a CFG-only sweep (random bank) whose images become the
     bank's rows; then the CFG + AMG + GNI sweep with CLIP score and FID ("main")."""
     root = tmp_path_factory.mktemp("sdsweep")
-    env = dict(root=root, sd_dir=sdm.write_tiny_sd(root / "tiny-sd", seed=0))
+    env = dict(root=root, sd_dir=sd_tiny.write_tiny_sd(root / "tiny-sd", seed=0))
     sscd.save_params(str(root / "sscd.npz"), sscd.init_params(SSCD_CFG, seed=0), SSCD_CFG)
     env["sscd"], env["bank"] = root / "sscd.npz", root / "bank.npz"
     env["prompts"] = write(root / "prompts.jsonl", "".join(json.dumps(p) + "\n" for p in PROMPTS))

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import torch       # the torch extra: `make test` installs it (a missing torch fails here, not a skip)
 
 from amg_jax.guidance import make_guidance
+from amg_jax.models import sd_tiny
 from amg_jax.models import stable_diffusion as sdm
 from amg_jax.samplers import keys_from_seeds, sample
 
@@ -42,7 +43,7 @@ def one_torch_thread():
 @pytest.fixture(scope="module", params=VARIANTS)
 def tiny(request, tmp_path_factory):
     """(variant, folder, our bundle) of a tiny PyTorch-layout SD of that variant."""
-    path = sdm.write_tiny_sd(tmp_path_factory.mktemp(request.param) / "pt", seed=3, framework="pt",
+    path = sd_tiny.write_tiny_sd(tmp_path_factory.mktemp(request.param) / "pt", seed=3, framework="pt",
                              variant=request.param)
     return request.param, path, sdm.load_stable_diffusion(path)
 
@@ -142,8 +143,8 @@ def test_loading_and_sampling_imports_no_flax_model_class(tmp_path):
     """In a fresh interpreter: load an SDXL folder with PyTorch weights and an SD 2.x folder with Flax
     weights, encode, sample and decode; then no diffusers Flax model module and no transformers
     modeling_flax module is in sys.modules."""
-    path = sdm.write_tiny_sd(tmp_path / "xl", seed=0, framework="pt", variant="sdxl")
-    flax_dir = sdm.write_tiny_sd(tmp_path / "flax", seed=0, framework="flax", variant="sd2")
+    path = sd_tiny.write_tiny_sd(tmp_path / "xl", seed=0, framework="pt", variant="sdxl")
+    flax_dir = sd_tiny.write_tiny_sd(tmp_path / "flax", seed=0, framework="flax", variant="sd2")
     code = f"""
 import sys
 from amg_jax.guidance import make_guidance

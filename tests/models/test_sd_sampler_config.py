@@ -14,11 +14,12 @@ import pytest
 
 from amg_jax import samplers
 from amg_jax.guidance import make_guidance
+from amg_jax.models import sd_tiny
 from amg_jax.models import stable_diffusion as sdm
 from amg_jax.samplers import keys_from_seeds, make_sampler, sample, sampler_timesteps, step_noise
 from amg_jax.schedules import Schedule
 
-SD_V1 = dict(sdm.SD_V1_SCHEDULER)
+SD_V1 = dict(sd_tiny.SD_V1_SCHEDULER)
 SD_V1_SCHEDULE = Schedule("scaled_linear", 1000, 0.00085, 0.012)
 NAMES = ("ddim", "ddpm", "dpm++2m")
 # keys of the three classes that only the training schedule / the denoiser read (``_scheduler_settings``)
@@ -284,7 +285,7 @@ def test_refused_keys_do_change_diffusers_timesteps_or_steps():
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    return sdm.write_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd", seed=0, sample_size=8)
+    return sd_tiny.write_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd", seed=0, sample_size=8)
 
 
 @pytest.mark.usefixtures("fast_compiles")

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from amg_jax.guidance import make_guidance
+from amg_jax.models import sd_tiny
 from amg_jax.models import stable_diffusion as sdm
 from amg_jax.models.base import Denoiser
 from amg_jax.samplers import keys_from_seeds, sample, sampler_timesteps
@@ -34,7 +35,7 @@ def _batch() -> int:
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    return sdm.write_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd", seed=0)
+    return sd_tiny.write_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +232,7 @@ def test_loading_errors(tiny_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing scheduler/scheduler_config.json"):
         sdm.load_stable_diffusion(c)
     with open(os.path.join(c, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump(dict(sdm.SD_V1_SCHEDULER, prediction_type="sample"), f)
+        json.dump(dict(sd_tiny.SD_V1_SCHEDULER, prediction_type="sample"), f)
     with pytest.raises(FileNotFoundError, match="unet/diffusion_flax_model.msgpack"):
         sdm.load_stable_diffusion(c)
     os.symlink(os.path.join(tiny_dir, "unet", "diffusion_flax_model.msgpack"),
@@ -312,8 +313,8 @@ def test_flax_weights_that_do_not_fit_the_config_name_the_file_and_the_weight(tm
 def test_broken_pytorch_folders_name_the_file_and_the_field(tmp_path):
     """Hub-layout (.safetensors) folders that are broken fail in load_stable_diffusion, before any
     sampling, naming the file and the weight / config field."""
-    good = sdm.write_tiny_sd(tmp_path / "good", seed=0, framework="pt")
-    xl = sdm.write_tiny_sd(tmp_path / "xl", seed=0, framework="pt", variant="sdxl")
+    good = sd_tiny.write_tiny_sd(tmp_path / "good", seed=0, framework="pt")
+    xl = sd_tiny.write_tiny_sd(tmp_path / "xl", seed=0, framework="pt", variant="sdxl")
     unet_w = os.path.join("unet", "diffusion_pytorch_model.safetensors")
     # weights of another architecture (SDXL's UNet in an SD 1 folder): the first weight that differs is named
     other = _pt_copy(good, tmp_path / "other", replace={unet_w: os.path.join(xl, unet_w)})

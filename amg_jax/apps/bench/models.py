@@ -15,6 +15,7 @@ from flax.jax_utils import replicate
 
 from amg_jax.apps.bench.config import PROMPT_WORDS, Settings
 from amg_jax.apps.models import get_model
+from amg_jax.models import sd_tiny
 from amg_jax.models import stable_diffusion as sdm
 from amg_jax.samplers import keys_from_seeds
 from amg_jax.schedules import Schedule
@@ -61,7 +62,7 @@ def random_sd(workdir: str, configs: dict | None = None, *, seed: int = 0, dtype
     tokenizer, so an SD-1.5-sized model (1B parameters) is built in seconds."""
     if dtype not in sdm.DTYPES:
         raise ValueError(f"random_sd: dtype must be one of {list(sdm.DTYPES)}, got {dtype!r}")
-    tok = sdm.write_tiny_tokenizer(os.path.join(workdir, "tokenizer"))
+    tok = sd_tiny.write_tiny_tokenizer(os.path.join(workdir, "tokenizer"))
     vocab = tok.get_vocab()
     configs = sd15_configs(len(vocab)) if configs is None else configs
     xl = "text_encoder_2" in configs
@@ -70,9 +71,9 @@ def random_sd(workdir: str, configs: dict | None = None, *, seed: int = 0, dtype
         if c in configs:
             configs[c] = dict(configs[c], vocab_size=len(vocab), bos_token_id=vocab["<|startoftext|>"],
                               eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"])
-    params = sdm.random_sd_params(configs, np.random.default_rng(seed))
-    mods = sdm.module_inits(configs)
-    sched = dict(sdm.SDXL_SCHEDULER if xl else sdm.SD_V1_SCHEDULER)
+    params = sd_tiny.random_sd_params(configs, np.random.default_rng(seed))
+    mods = sd_tiny.module_inits(configs)
+    sched = dict(sd_tiny.SDXL_SCHEDULER if xl else sd_tiny.SD_V1_SCHEDULER)
     schedule = Schedule(beta_schedule=sched["beta_schedule"], num_train_timesteps=sched["num_train_timesteps"],
                         beta_start=sched["beta_start"], beta_end=sched["beta_end"])
     unet, vae = mods["unet"][0], mods["vae"][0]
@@ -103,10 +104,10 @@ def build_sd(s: Settings, workdir: str):
         return sdm.load_stable_diffusion(s.sd_path, dtype=s.dtype, attention=s.attention)
     if s.sd_size == "tiny":
         fw = "pt" if importlib.util.find_spec("torch") is not None else "flax"
-        path = sdm.write_tiny_sd(os.path.join(workdir, "tiny-sd"), seed=s.seed, framework=fw)
+        path = sd_tiny.write_tiny_sd(os.path.join(workdir, "tiny-sd"), seed=s.seed, framework=fw)
         return sdm.load_stable_diffusion(path, dtype=s.dtype, attention=s.attention)
     if s.sd_size == "xl":
-        vocab = len(sdm.write_tiny_tokenizer(os.path.join(workdir, "tokenizer")).get_vocab())
+        vocab = len(sd_tiny.write_tiny_tokenizer(os.path.join(workdir, "tokenizer")).get_vocab())
         return random_sd(workdir, sdxl_configs(vocab), seed=s.seed, dtype=s.dtype, attention=s.attention,
                          source="random SDXL-sized")
     return random_sd(workdir, seed=s.seed, dtype=s.dtype, attention=s.attention)
