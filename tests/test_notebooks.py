@@ -14,7 +14,6 @@ import ast
 import importlib
 import json
 import math
-import os
 import pathlib
 import re
 import tomllib
