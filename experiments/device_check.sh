@@ -13,7 +13,9 @@
 #      Flax SDXL pipeline is not a like-for-like reference, see the pipeline part's notes).
 #   3. SD-1.5 size, bfloat16: AMG with the gate closed (pixel detector on unet-text; SSCD through the
 #      VAE, every step and behind the screen) against CFG in the same run.
-# Each writes OUT/<name>/bench.json + bench.md; OUT/device_check.log has everything printed.
+# Each writes OUT/<name>/bench.json + bench.md; OUT/device_check.log has everything printed. A stage
+# that reaches its limit gets SIGTERM (SIGKILL 20 s later, should a compile hold it): the bench has
+# written every row it finished by then (the amg part row by row), marked with why it stopped.
 # A smoke run on a CPU (tiny SD, minutes): DEVICE_CHECK_EXTRA="--quick --steps 2 --batch 2 --repeats 1" bash
 # experiments/device_check.sh /tmp/device_check
 set -uo pipefail
@@ -32,7 +34,7 @@ bench() {   # bench NAME LIMIT_S ARGS...
     echo "== $name: amg bench $* (limit ${limit} s)" | tee -a "$log"
     local t0=$SECONDS
     # shellcheck disable=SC2086  # DEVICE_CHECK_EXTRA: extra options, word-split (e.g. "--quick" for a CPU smoke run)
-    PYTHONUNBUFFERED=1 timeout "$limit" "$PYTHON" -m amg_jax.apps.cli bench --out "$OUT/$name" "$@" \
+    PYTHONUNBUFFERED=1 timeout -k 20 "$limit" "$PYTHON" -m amg_jax.apps.cli bench --out "$OUT/$name" "$@" \
         ${DEVICE_CHECK_EXTRA:-} 2>&1 | tee -a "$log"
     local rc=${PIPESTATUS[0]}
     echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$log"

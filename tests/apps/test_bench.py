@@ -250,3 +250,65 @@ def test_sd_open_rows_setting():
     assert bench.sd_open_rows(bench.settings()) is True                 # tiny SD, full setting
     on_cpu = jax.devices()[0].platform == "cpu"
     assert bench.sd_open_rows(bench.settings(sd_size="1.5")) is (not on_cpu)
+
+
+def _fake_row(i: int) -> dict:
+    return dict(group="g", name=f"row {i}", seconds=0.1 * (i + 1), ratio=1.0 + i, reference=i == 0, first_call_s=0.2)
+
+
+def test_a_part_stopped_midway_keeps_the_rows_it_finished(tmp_path, monkeypatch):
+    """Each row a part records is on disk at once; a part that fails keeps its finished rows beside
+    the error, and the next part still runs (fake parts: no model is built)."""
+    out = tmp_path / "out"
+    seen = {}
+
+    def failing(env):
+        env.record(_fake_row(0))
+        seen["on_disk"] = json.loads((out / "bench.json").read_text())["parts"]["amg"]
+        env.record(_fake_row(1))
+        raise ValueError("the detector ran out of memory")
+
+    def fine(env):
+        return {"title": "t", "rows": [env.record(dict(name="x", ms=1.0, ratio=0.5, seconds=0.001, first_call_s=0.01,
+                                                       reference=True))],
+                "met": True, "headline": "ok"}
+
+    monkeypatch.setitem(bench.PART_FUNCTIONS, "amg", failing)
+    monkeypatch.setitem(bench.PART_FUNCTIONS, "search", fine)
+    report = bench.main(out, tiny=True, parts=["amg", "search"], echo=lambda *_: None)
+    assert seen["on_disk"]["incomplete"] is True and [r["name"] for r in seen["on_disk"]["rows"]] == ["row 0"]
+    amg = report["parts"]["amg"]
+    assert amg["error"] == "ValueError: the detector ran out of memory" and "incomplete" not in amg
+    assert [r["name"] for r in amg["rows"]] == ["row 0", "row 1"]
+    assert report["parts"]["search"]["rows"][0]["name"] == "x" and "error" not in report["parts"]["search"]
+    assert json.loads((out / "bench.json").read_text()) == report
+    md = (out / "bench.md").read_text()
+    assert "**failed**: ValueError: the detector ran out of memory" in md and "| g | row 1 |" in md
+
+
+def test_sigterm_writes_the_rows_so_far_and_exits_143(tmp_path, monkeypatch):
+    """A SIGTERM (what ``timeout`` sends the device check's stages) mid-part: the rows finished are
+    written with the reason, the run exits 143, and the previous SIGTERM handler is back."""
+    import os
+    import signal
+    import time
+
+    def slow(env):
+        env.record(_fake_row(0))
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(200):         # the handler raises at the next bytecode; never reached 10 s later
+            time.sleep(0.05)
+        env.record(_fake_row(1))
+        return {"title": "t", "rows": env.rows_done, "met": None, "headline": "-"}
+
+    monkeypatch.setitem(bench.PART_FUNCTIONS, "amg", slow)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as e:
+        bench.main(tmp_path / "out", tiny=True, parts=["amg", "search"], echo=lambda *_: None)
+    assert e.value.code == 143 and signal.getsignal(signal.SIGTERM) is before
+    report = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert list(report["parts"]) == ["amg"]
+    amg = report["parts"]["amg"]
+    assert amg["error"] == f"interrupted by signal {int(signal.SIGTERM)} after 1 row"
+    assert [r["name"] for r in amg["rows"]] == ["row 0"]
+    assert "**stopped**: interrupted by signal" in (tmp_path / "out" / "bench.md").read_text()

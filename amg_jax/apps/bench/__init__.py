@@ -55,12 +55,12 @@ from amg_jax.apps.bench.models import (_Shared, build_sd, diffusers_pipeline, ra
                                        torch_pipeline)
 from amg_jax.apps.bench.pipeline import part_pipeline, pipeline_target
 from amg_jax.apps.bench.report import _COLUMNS, markdown
-from amg_jax.apps.bench.runner import PART_FUNCTIONS, main
+from amg_jax.apps.bench.runner import PART_FUNCTIONS, BenchInterrupted, main
 from amg_jax.apps.bench.search import part_search, random_bank
 from amg_jax.apps.bench.config import (DEVICE_COUNTS, FORMAT, FORMAT_VERSION, PARTS, SD_SIZES, TARGETS, Settings,
                                          machine, parse_parts, peak_memory_bytes, settings, timed, xla_gflops)
 
-__all__ = ["DEVICE_COUNTS", "FORMAT", "FORMAT_VERSION", "PARTS", "PART_FUNCTIONS", "SD_SIZES", "SPE_ONLY", "TARGETS",
+__all__ = ["BenchInterrupted", "DEVICE_COUNTS", "FORMAT", "FORMAT_VERSION", "PARTS", "PART_FUNCTIONS", "SD_SIZES", "SPE_ONLY", "TARGETS",
            "Settings", "_COLUMNS", "_Shared", "_components", "build_sd", "diffusers_pipeline", "flop_bound", "machine",
            "main", "markdown", "out_of_reach", "parse_parts", "part_amg", "part_devices", "part_pipeline",
            "part_search", "peak_memory_bytes", "random_bank", "random_sd", "sd15_configs", "sd_open_rows", "settings",

@@ -42,12 +42,12 @@ def _amg_rows(env: _Shared, group: str, den, cfg_guidance, variants: list, keys,
     """Time plain CFG, then each (name, guidance) of ``variants``; rows carry ratio = time / CFG's."""
     rows = []
     t_cfg, _ = timed(lambda: sample(den, cfg_guidance, steps_cfg, keys, cond).x0, repeats)
-    rows.append(dict(group=group, name="plain CFG", ratio=1.0, reference=True, **t_cfg))
+    rows.append(env.record(dict(group=group, name="plain CFG", ratio=1.0, reference=True, **t_cfg)))
     env.echo(f"[amg] {group}: plain CFG {t_cfg['seconds']:.3f} s")
     for name, g in variants:
         t, res = timed(lambda g=g: sample(den, g, steps_cfg, keys, cond), repeats)
         row = dict(group=group, name=name, ratio=t["seconds"] / t_cfg["seconds"], **t, **_gate_stats(res.trace))
-        rows.append(row)
+        rows.append(env.record(row))
         env.echo(f"[amg] {group}: {name} {t['seconds']:.3f} s = {row['ratio']:.2f}x CFG"
                  + (f" (gate open {row['gate_open']:.0%} of sample-steps)" if "gate_open" in row else ""))
     return rows
@@ -134,8 +134,8 @@ def _components(env: _Shared, group: str, den, detector, cond, cfg_step_s: float
     rows = []
     for name, fn, args in parts:
         tm, _ = timed(lambda fn=fn, args=args: fn(*args), env.s.repeats)
-        rows.append(dict(group=group, name=name, kind="component", ratio=tm["seconds"] / cfg_step_s,
-                         gflops=xla_gflops(fn, *args), **tm))
+        rows.append(env.record(dict(group=group, name=name, kind="component", ratio=tm["seconds"] / cfg_step_s,
+                                    gflops=xla_gflops(fn, *args), **tm)))
     env.echo(f"[amg] {group}: one CFG loop step {cfg_step_s * 1e3:.2f} ms; "
              + ", ".join(f"{r['name'].split(': ', 1)[1]} {r['seconds'] * 1e3:.2f} ms" for r in rows))
     return rows

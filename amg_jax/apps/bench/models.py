@@ -173,6 +173,16 @@ class _Shared:
 
     def __init__(self, s: Settings, workdir: str, echo, sd=None):
         self.s, self.workdir, self.echo, self.given_sd = s, workdir, echo, sd
+        self.rows_done: list = []      # the running part's rows so far (``record``)
+        self.on_row = None             # the runner's callback: rewrite the files with them
+
+    def record(self, row: dict) -> dict:
+        """Keep ``row`` of the running part and have the runner write it out at once, so a part
+        stopped midway (a ``timeout``, an error) keeps the rows it finished."""
+        self.rows_done.append(row)
+        if self.on_row is not None:
+            self.on_row()
+        return row
 
     @functools.cached_property
     def sd(self):

@@ -70,11 +70,16 @@ def markdown(report: dict) -> str:
     for name, part in report["parts"].items():
         out += [f"## {name}: {part.get('title', '')}", ""]
         if "error" in part:
-            out += [f"**failed**: {part['error']}", ""]
-            continue
-        verdict = "" if name == "devices" else f" — **{_met_text(part.get('met'))}**"
-        out += [f"Target: {TARGETS[name]}{verdict}. Measured: {part.get('headline', '')}.", "",
-                f"Ratio: {RATIO_MEANING[name]}.", ""]
+            state = ("incomplete" if part.get("incomplete") else
+                     "stopped" if part["error"].startswith("interrupted") else "failed")
+            out += [f"**{state}**: {part['error']}", ""]
+            if not part.get("rows"):
+                continue
+            out += [f"The {len(part['rows'])} rows it finished (ratio: {RATIO_MEANING[name]}):", ""]
+        else:
+            verdict = "" if name == "devices" else f" — **{_met_text(part.get('met'))}**"
+            out += [f"Target: {TARGETS[name]}{verdict}. Measured: {part.get('headline', '')}.", "",
+                    f"Ratio: {RATIO_MEANING[name]}.", ""]
         cols = _COLUMNS[name]
         out.append("| " + " | ".join(c[0] for c in cols) + " |")
         out.append("|" + "---|" * len(cols))

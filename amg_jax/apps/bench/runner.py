@@ -4,8 +4,10 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from typing import Any, Callable
 
@@ -23,7 +25,21 @@ from amg_jax.jsonio import write_atomic, write_json
 PART_FUNCTIONS = {"pipeline": part_pipeline, "kernels": part_kernels, "amg": part_amg, "search": part_search, "devices": part_devices}
 
 
-# ----------------------------------------------------------------------------- report
+class BenchInterrupted(BaseException):
+    """SIGTERM (``timeout``, a scheduler) during a run: the running part's finished rows are written,
+    then the run ends with exit status 143. A BaseException, so no part's ``except Exception`` eats it."""
+
+
+def _raise_interrupted(signum, frame):
+    raise BenchInterrupted(f"interrupted by signal {signum}")
+
+
+def _on_sigterm():
+    """Install ``_raise_interrupted`` for SIGTERM (main thread only; signals go there); returns
+    the previous handler to restore, or None where none was installed."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_interrupted)
 
 
 
@@ -43,8 +59,9 @@ def main(out_dir, *, quick: bool = False, parts=None, echo: Callable[[str], Any]
     dtype / attention: the SD networks' dtype and attention implementation ("auto" | "xla" | "cudnn").
     echo:    progress lines (``print``; ``lambda *_: None`` for silence).
     Everything is validated (ValueError naming the bad part / value) before any work. A part
-    that fails is recorded with its error and the others still run; the files are rewritten
-    after each part, so an interrupted run keeps what it finished.
+    that fails is recorded with its error and the rows it finished, and the others still run;
+    the files are rewritten after each part and each row a part records (``env.record``), so a
+    run stopped by SIGTERM (``timeout``; exit status 143) or killed keeps what it finished.
     """
     names = parse_parts(parts)
     if sd is not None and not hasattr(sd, "unet_params"):
@@ -62,26 +79,55 @@ def main(out_dir, *, quick: bool = False, parts=None, echo: Callable[[str], Any]
     if (quick or tiny) and sd_size != "tiny" and sd_path is None:
         echo(f"[bench] note: quick / tiny runs use the tiny SD (sd_size={sd_size!r} ignored)")
     json_path, md_path = os.path.join(out_dir, "bench.json"), os.path.join(out_dir, "bench.md")
-    with tempfile.TemporaryDirectory(prefix="amg-bench-") as work:
-        env = _Shared(s, work, echo, sd)
-        for name in names:
-            echo(f"[bench] part {name} ...")
-            t0 = time.perf_counter()
-            try:
-                part = PART_FUNCTIONS[name](env)
-            except Exception as e:     # noqa: BLE001  record it, keep the other parts
-                part = {"title": name, "error": f"{type(e).__name__}: {e}", "rows": [], "met": None}
-                echo(f"[bench] part {name} failed: {part['error']}")
-            part["wall_s"] = time.perf_counter() - t0
-            part["peak_memory_bytes"] = peak_memory_bytes()
-            report["parts"][name] = part
-            clean = _clean(report)
-            write_json(json_path, clean)
-            write_atomic(md_path, lambda f: f.write(markdown(clean)))
-            if "error" not in part:
-                verdict = "" if name == "devices" else f"target {_met_text(part['met'])}: "
-                echo(f"[bench] {name}: {verdict}{part['headline']} ({part['wall_s']:.1f} s)")
+
+    def write():
+        clean = _clean(report)
+        write_json(json_path, clean)
+        write_atomic(md_path, lambda f: f.write(markdown(clean)))
+
+    def stopped(name: str, t0: float, error: str) -> dict:
+        """The part that stopped midway: its error and the rows it finished (``env.record``)."""
+        return {"title": name, "error": error, "rows": list(env.rows_done), "met": None,
+                "wall_s": time.perf_counter() - t0}
+
+    previous = _on_sigterm()
+    try:
+        with tempfile.TemporaryDirectory(prefix="amg-bench-") as work:
+            env = _Shared(s, work, echo, sd)
+            for name in names:
+                echo(f"[bench] part {name} ...")
+                t0 = time.perf_counter()
+                env.rows_done = []
+
+                def partial(name=name, t0=t0):
+                    report["parts"][name] = dict(stopped(name, t0, "incomplete: the part is still running"),
+                                                 incomplete=True)
+                    write()
+
+                env.on_row = partial
+                try:
+                    part = PART_FUNCTIONS[name](env)
+                except BenchInterrupted as e:
+                    n = len(env.rows_done)
+                    report["parts"][name] = stopped(name, t0, f"{e} after {n} row{'' if n == 1 else 's'}")
+                    write()
+                    echo(f"[bench] part {name} {e}; the rows it finished are in {json_path}")
+                    raise SystemExit(128 + signal.SIGTERM) from None
+                except Exception as e:     # noqa: BLE001  record it with the rows it finished, keep the other parts
+                    part = stopped(name, t0, f"{type(e).__name__}: {e}")
+                    echo(f"[bench] part {name} failed: {part['error']}")
+                env.on_row = None
+                part["wall_s"] = time.perf_counter() - t0
+                part["peak_memory_bytes"] = peak_memory_bytes()
+                report["parts"][name] = part
+                write()
+                if "error" not in part:
+                    verdict = "" if name == "devices" else f"target {_met_text(part['met'])}: "
+                    echo(f"[bench] {name}: {verdict}{part['headline']} ({part['wall_s']:.1f} s)")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return _clean(report)
 
 
-__all__ = ["PART_FUNCTIONS", "main"]
+__all__ = ["BenchInterrupted", "PART_FUNCTIONS", "main"]
