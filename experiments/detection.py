@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -207,6 +208,23 @@ def screen_study(spec, bed, den, bench, scale, sampler, copies, peaks, mcfg, cfg
     return out
 
 
+BENCH_SCREEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench", "cpu_screen", "bench.json")
+
+
+def bench_screen_costs(path: str = BENCH_SCREEN) -> dict:
+    """AMG behind the screen against CFG with SSCD through the VAE, as ``amg bench --parts amg`` measured
+    it (``path``: its bench.json; the last SSCD group, ResNet-50 where it ran): {} without the file."""
+    if not os.path.isfile(path):
+        return {}
+    rows = json.load(open(path))["parts"]["amg"]["rows"]
+    groups = [r["group"] for r in rows if "through the VAE" in r["group"]]
+    pick = {r["name"]: r["ratio"] for r in rows if groups and r["group"] == groups[-1]}
+    clean = next((v for k, v in pick.items() if k.startswith("AMG + screen, prompts that do not copy")), None)
+    copy = next((v for k, v in pick.items() if k.startswith("AMG + screen, prompts that copy")), None)
+    return {} if clean is None else {"cost_vs_cfg_noncopying_sscd_vae": clean, "cost_vs_cfg_copying_sscd_vae": copy,
+                                     "sscd_vae_cost_from": f"{os.path.relpath(path)} ({groups[-1]})"}
+
+
 def summary(results: dict, cfg: dict) -> dict:
     """The headline figures: the screen model's detectors and screen, the other models beside."""
     main = next((r for r in results.values() if "screen" in r), next(iter(results.values())))
@@ -228,7 +246,8 @@ def summary(results: dict, cfg: dict) -> dict:
                          "copied_cfg": st["copied_cfg"], "recall_calibration": s["recall_calibration"],
                          "cost_every_step_vs_cfg_noncopying": st.get("cost_every_step_vs_cfg_noncopying"),
                          "cost_every_step_vs_cfg_copying": st.get("cost_every_step_vs_cfg_copying"),
-                         "detector": "the model's pixel bank detector (nl2-bank); the SSCD-through-VAE cost is amg bench's"}
+                         "detector": "the model's pixel bank detector (nl2-bank); the SSCD-through-VAE cost is amg bench's",
+                         **bench_screen_costs()}
         out["screens"] = {n: {k: v for k, v in r.items() if k != "settings"} for n, r in st["screens"].items()}
     out["models"] = {n: {k: {f: v[f] for f in ("auc_sample", "auc_prompt", "tpr_at_1pct_fpr")}
                          for k, v in r["detectors"].items()} for n, r in results.items()}
