@@ -52,10 +52,8 @@ optimiser state are replicated, and the update is one ``jax.jit`` with the state
 from __future__ import annotations
 
 import dataclasses
-import gc
 import hashlib
 import json
-import logging
 import math
 import os
 import time
@@ -73,6 +71,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from amg_jax.checks import is_int
+from amg_jax.failed_reads import quiet_failed_reads
 from amg_jax.jsonio import json_safe, read_json, write_json
 from amg_jax.schedules import Schedule
 
@@ -563,6 +562,7 @@ def _restore(mngr, workdir: str, step: int, items: dict) -> dict:
     raise CheckpointUnreadable describing the problem."""
     problem = _check_files(workdir, step)
     if problem is None:
+        quiet_failed_reads()
         args = {name: (ocp.args.JsonRestore() if target is None else ocp.args.StandardRestore(target))
                 for name, target in items.items()}
         try:
@@ -570,7 +570,7 @@ def _restore(mngr, workdir: str, step: int, items: dict) -> dict:
             out = {name: restored[name] for name in items}
         except Exception as err:   # orbax / tensorstore raise many types for damaged files
             problem = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
-            _quiet_failed_reads()
+            quiet_failed_reads(collect=True)
         else:
             prog = out.get("progress")
             if prog is not None and (not isinstance(prog, dict) or prog.get("step") != step
@@ -579,25 +579,6 @@ def _restore(mngr, workdir: str, step: int, items: dict) -> dict:
             else:
                 return out
     raise CheckpointUnreadable(problem)
-
-
-class _FailedReadFilter(logging.Filter):
-    """Drops asyncio's 'exception was never retrieved' records for tensorstore read errors: when
-    one array of a damaged checkpoint fails, orbax reports it and leaves its sibling reads'
-    errors unretrieved; ``_restore`` already reports the checkpoint as unreadable."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not ("never retrieved" in record.getMessage() and exc is not None
-                    and "tensorstore_spec" in str(exc))
-
-
-def _quiet_failed_reads() -> None:
-    """Install ``_FailedReadFilter`` on the asyncio logger (once), then collect what is done."""
-    log = logging.getLogger("asyncio")
-    if not any(isinstance(f, _FailedReadFilter) for f in log.filters):
-        log.addFilter(_FailedReadFilter())
-    gc.collect()
 
 
 def _unreadable_message(mngr, workdir: str, step: int, problem: str, items: dict, hint: str) -> str:

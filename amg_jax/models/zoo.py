@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 
 from amg_jax.data import testbed as tb
 from amg_jax.data.bank import bank_from_testbed
+from amg_jax.failed_reads import quiet_failed_reads
 from amg_jax.index import load_bank, save_bank
 from amg_jax.jsonio import read_json, write_json
 from amg_jax.models.base import Denoiser
@@ -187,12 +188,15 @@ def load_model(path: str) -> LoadedModel:
         raise FileNotFoundError(f"{path} has no {PARAMS}/ (the model's weights)")
     target = jax.eval_shape(model.init, jax.random.key(0))
     ck = ocp.StandardCheckpointer()
+    quiet_failed_reads()
     try:
         params = ck.restore(ppath, target)
     except (ValueError, KeyError) as e:
+        quiet_failed_reads(collect=True)
         msg = str(e).splitlines()[0][:300]
         raise ValueError(f"{ppath}: the weights do not match the card's UNet config or are damaged ({msg})") from None
     except Exception as e:    # noqa: BLE001  orbax / tensorstore raise many types for damaged files
+        quiet_failed_reads(collect=True)
         msg = str(e).splitlines()[0][:300]
         raise ValueError(f"{ppath}: the weights are unreadable (truncated or damaged?): "
                          f"{type(e).__name__}: {msg}") from None
