@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -39,7 +38,7 @@ from amg_jax.evaluation.detection import auc, calibrate_threshold, detection_rep
 from amg_jax.evaluation.protocol import prepare_bench
 from amg_jax.guidance import CFG
 from amg_jax.guidance.screen import Anisotropy, ScreenedGuidance, get_screen
-from amg_jax.jsonio import write_json
+from amg_jax.jsonio import read_json, write_json
 from amg_jax.apps.screens import model_screen_path, write_screen
 from amg_jax.samplers import SamplerConfig
 
@@ -213,16 +212,17 @@ BENCH_SCREEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results
 
 def bench_screen_costs(path: str = BENCH_SCREEN) -> dict:
     """AMG behind the screen against CFG with SSCD through the VAE, as ``amg bench --parts amg`` measured
-    it (``path``: its bench.json; the last SSCD group, ResNet-50 where it ran): {} without the file."""
+    it (``path``: its bench.json; the part's own screen ratios, from its last SSCD group, ResNet-50
+    where it ran): {} without the file or without screen rows."""
     if not os.path.isfile(path):
         return {}
-    rows = json.load(open(path))["parts"]["amg"]["rows"]
-    groups = [r["group"] for r in rows if "through the VAE" in r["group"]]
-    pick = {r["name"]: r["ratio"] for r in rows if groups and r["group"] == groups[-1]}
-    clean = next((v for k, v in pick.items() if k.startswith("AMG + screen, prompts that do not copy")), None)
-    copy = next((v for k, v in pick.items() if k.startswith("AMG + screen, prompts that copy")), None)
-    return {} if clean is None else {"cost_vs_cfg_noncopying_sscd_vae": clean, "cost_vs_cfg_copying_sscd_vae": copy,
-                                     "sscd_vae_cost_from": f"{os.path.relpath(path)} ({groups[-1]})"}
+    part = read_json(path, "bench file")["parts"]["amg"]
+    if part.get("screen_ratio_noncopying") is None:
+        return {}
+    g = part["groups"][-1]          # the group the part's screen ratios come from
+    return {"cost_vs_cfg_noncopying_sscd_vae": part["screen_ratio_noncopying"],
+            "cost_vs_cfg_copying_sscd_vae": part["screen_ratio_copying"],
+            "sscd_vae_cost_from": f"{os.path.relpath(path)} ({g['model']} + {g['detector']} through the VAE)"}
 
 
 def summary(results: dict, cfg: dict) -> dict:
